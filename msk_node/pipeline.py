@@ -1,0 +1,211 @@
+"""The main job as plain functions: study folder in, one DICOM-SEG per selected series out.
+
+Each step is a function the MONAI Deploy operators wrap one to one, and that tests,
+training and evaluation call directly. A series that fails at any step is recorded
+with its reason and the other series go on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from msk_node import __version__
+from msk_node.detect import Detection
+from msk_node.dicom_input import SkippedFile, StudyFiles, read_study_folder
+from msk_node.intensity import normalise_volume
+from msk_node.labels import LabelMap
+from msk_node.models import ModelSet
+from msk_node.postprocess import merge_labels, postprocess_label
+from msk_node.selection import SelectedSeries, SeriesRule, load_rules, select_series
+from msk_node.volume import SeriesVolume, series_to_volume
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("load", "detect", "encode", "decode", "postprocess", "write")
+
+
+@dataclass
+class StageTimes:
+    """Wall time per pipeline stage, summed over series."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+
+@dataclass
+class SeriesJob:
+    """One selected series on its way through the pipeline."""
+
+    selected: SelectedSeries
+    volume: SeriesVolume | None = None
+    normalised: np.ndarray | None = None
+    detections: list[Detection] = field(default_factory=list)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    label_volume: np.ndarray | None = None
+    output: Path | None = None
+    outcome: str = "pending"
+    reason: str = ""
+
+    @property
+    def series_instance_uid(self) -> str:
+        return self.selected.series.series_instance_uid
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome in ("failed", "nothing found")
+
+    def fail(self, outcome: str, reason: str) -> None:
+        self.outcome, self.reason = outcome, reason
+        logger.warning("series %s: %s: %s", self.series_instance_uid, outcome, reason)
+
+
+def load_and_select(input_dir: Path, rules: list[SeriesRule] | None = None) -> tuple[list[SeriesJob], list[SkippedFile]]:
+    """Read a study folder and make a job per selected series; everything else is skipped with a reason."""
+    study: StudyFiles = read_study_folder(Path(input_dir))
+    selected, skipped_series = select_series(study.series, rules if rules is not None else load_rules())
+    for item in skipped_series:
+        logger.info("not segmented: %s: %s", item.path, item.reason)
+    return [SeriesJob(s) for s in selected], study.skipped + skipped_series
+
+
+def build_volume(job: SeriesJob) -> None:
+    """Stack the series in patient space and normalise it for the models."""
+    try:
+        job.volume = series_to_volume(job.selected.series.datasets)
+    except ValueError as error:
+        job.fail("failed", f"no volume: {error}")
+        return
+    job.normalised = normalise_volume(job.volume.array)
+
+
+def detect_anatomy(job: SeriesJob, models: ModelSet) -> None:
+    labels = models.label_map.for_anatomy(job.selected.anatomy)
+    job.detections = models.detector.detect(job.normalised, labels)
+    if not job.detections:
+        job.fail("nothing found", f"the detector found no {job.selected.anatomy} anatomy")
+
+
+def segment_boxes(job: SeriesJob, models: ModelSet, times: StageTimes) -> None:
+    """Encode each slice that has boxes once, decode all its boxes in one batch, threshold at 0.5."""
+    by_slice: dict[int, list[Detection]] = defaultdict(list)
+    for detection in job.detections:
+        by_slice[detection.slice_index].append(detection)
+    normalised = job.normalised
+    shape = normalised.shape
+    masks: dict[str, np.ndarray] = {}
+    for index in sorted(by_slice):
+        with times.stage("encode"):
+            embedding = models.segmenter.encode(normalised[index])
+        with times.stage("decode"):
+            boxes = np.array([d.box for d in by_slice[index]], dtype=np.float32)
+            probabilities = models.segmenter.decode(embedding, boxes)
+            for detection, probability in zip(by_slice[index], probabilities):
+                mask = masks.setdefault(detection.label, np.zeros(shape, dtype=bool))
+                mask[index] |= probability > 0.5
+    job.masks = masks
+
+
+def postprocess(job: SeriesJob, label_map: LabelMap) -> None:
+    spacing = job.volume.pixel_spacing
+    cleaned = {name: postprocess_label(mask, label_map.by_name(name), spacing) for name, mask in job.masks.items()}
+    cleaned = {name: mask for name, mask in cleaned.items() if mask.any()}
+    if not cleaned:
+        job.fail("nothing found", "every segment was empty after post-processing")
+        return
+    job.label_volume = merge_labels(cleaned, label_map)
+    job.masks, job.normalised = {}, None
+
+
+def write_seg(job: SeriesJob, models: ModelSet, output_dir: Path, series_number: int) -> None:
+    from msk_node.seg_writer import AlgorithmInfo, build_segmentation, write_segmentation
+
+    provenance = models.provenance()
+    algorithm = AlgorithmInfo(
+        name=f"msk-node {provenance['detector']} + {provenance['segmenter']}",
+        version=__version__,
+        weights_sha256=f"detector:{provenance['detector_sha256']};segmenter:{provenance['segmenter_sha256']}",
+    )
+    seg = build_segmentation(job.volume.datasets, job.label_volume, models.label_map, algorithm,
+                             series_number=series_number,
+                             series_description=f"msk-node {job.selected.anatomy} segmentation")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    job.output = write_segmentation(seg, output_dir / f"seg-{job.series_instance_uid}.dcm")
+    job.outcome = "segmented"
+
+
+def run_job(job: SeriesJob, models: ModelSet, output_dir: Path, times: StageTimes, series_number: int) -> None:
+    """Run every step on one series; a step's failure ends this series only."""
+    with times.stage("load"):
+        build_volume(job)
+    if job.failed:
+        return
+    with times.stage("detect"):
+        detect_anatomy(job, models)
+    if job.failed:
+        return
+    segment_boxes(job, models, times)
+    with times.stage("postprocess"):
+        postprocess(job, models.label_map)
+    if job.failed:
+        return
+    with times.stage("write"):
+        try:
+            write_seg(job, models, output_dir, series_number)
+        except ValueError as error:
+            job.fail("failed", f"SEG not written: {error}")
+
+
+def study_report(jobs: list[SeriesJob], skipped: list[SkippedFile], models: ModelSet | None) -> dict:
+    """A JSON-ready account of what happened to every series and every skipped file."""
+    series = []
+    for job in jobs:
+        entry = {
+            "series_instance_uid": job.series_instance_uid,
+            "description": job.selected.series.description,
+            "anatomy": job.selected.anatomy,
+            "rule": job.selected.rule.name,
+            "instances": len(job.selected.series),
+            "outcome": job.outcome,
+        }
+        if job.reason:
+            entry["reason"] = job.reason
+        if job.output is not None:
+            entry["seg"] = job.output.name
+        if job.label_volume is not None:
+            present = np.unique(job.label_volume)
+            entry["labels"] = [models.label_map.by_value(int(v)).name for v in present if v]
+        series.append(entry)
+    report = {"software": f"msk-node {__version__}", "series": series,
+              "skipped": [{"source": s.path, "reason": s.reason} for s in skipped]}
+    if models is not None:
+        report["models"] = models.provenance()
+    return report
+
+
+def process_study(input_dir: Path, output_dir: Path, models: ModelSet,
+                  rules: list[SeriesRule] | None = None, times: StageTimes | None = None) -> dict:
+    """Segment every selected series of the study in ``input_dir``; write SEGs and ``report.json``."""
+    times = times if times is not None else StageTimes()
+    output_dir = Path(output_dir)
+    with times.stage("load"):
+        jobs, skipped = load_and_select(input_dir, rules)
+    for number, job in enumerate(jobs, start=1):
+        run_job(job, models, output_dir, times, series_number=9000 + number)
+    report = study_report(jobs, skipped, models)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return report

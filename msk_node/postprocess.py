@@ -1,0 +1,81 @@
+"""Post-processing of per-label probabilities, as in the AutoLabel recipe.
+
+Per label and slice: threshold at 0.5, drop small components, morphological closing,
+Gaussian smoothing with the same kernel and re-threshold; then across slices drop
+3D fragments; finally one label per voxel by priority. Kernel sizes are given in mm
+in the label map and turned into pixels with the slice's real spacing.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from skimage.morphology import disk
+
+from msk_node.labels import LabelMap, LabelSpec
+
+THRESHOLD = 0.5
+#: 3D components smaller than this share of the label's largest component are dropped.
+MIN_FRAGMENT_SHARE = 0.02
+
+
+def clean_slice(mask: np.ndarray, spec: LabelSpec, pixel_spacing: tuple[float, float]) -> np.ndarray:
+    """Small-component removal, closing and smoothing of one binary slice."""
+    pixel_area = pixel_spacing[0] * pixel_spacing[1]
+    mask = remove_small_components(mask, max(1, int(round(spec.min_area_mm2 / pixel_area))))
+    radius = int(round(spec.smoothing_mm / 2.0 / min(pixel_spacing)))
+    if radius < 1 or not mask.any():
+        return mask
+    footprint = disk(radius)
+    # Pad so closing does not erode structures touching the image border.
+    padded = np.pad(mask, radius + 1)
+    closed = ndimage.binary_closing(padded, structure=footprint)[radius + 1:-radius - 1, radius + 1:-radius - 1]
+    smoothed = ndimage.gaussian_filter(closed.astype(np.float32), sigma=radius / 2.0)
+    return smoothed > THRESHOLD
+
+
+def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
+    """Remove connected components (full connectivity) smaller than ``min_size`` elements."""
+    labelled, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim))
+    if count == 0:
+        return mask.astype(bool)
+    sizes = np.bincount(labelled.ravel())
+    keep = sizes >= min_size
+    keep[0] = False
+    return keep[labelled]
+
+
+def drop_3d_fragments(mask: np.ndarray) -> np.ndarray:
+    """Drop 3D components smaller than :data:`MIN_FRAGMENT_SHARE` of the largest one."""
+    labelled, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labelled.ravel())
+    sizes[0] = 0
+    keep = sizes >= MIN_FRAGMENT_SHARE * sizes.max()
+    keep[0] = False
+    return keep[labelled]
+
+
+def postprocess_label(
+    probabilities: np.ndarray, spec: LabelSpec, pixel_spacing: tuple[float, float]
+) -> np.ndarray:
+    """Binary 3D mask ``[slice, row, col]`` of one label from its probability volume."""
+    binary = probabilities > THRESHOLD
+    cleaned = np.stack([clean_slice(s, spec, pixel_spacing) for s in binary])
+    return drop_3d_fragments(cleaned)
+
+
+def merge_labels(masks: dict[str, np.ndarray], label_map: LabelMap) -> np.ndarray:
+    """One label value per voxel: where labels overlap, the higher ``priority`` wins.
+
+    Ties in priority go to the label listed later in the label map, so the result
+    never depends on dictionary order.
+    """
+    if not masks:
+        raise ValueError("masks: nothing to merge")
+    shape = next(iter(masks.values())).shape
+    merged = np.zeros(shape, dtype=np.uint8)
+    order = sorted(masks, key=lambda name: (label_map.by_name(name).priority, label_map.names.index(name)))
+    for name in order:
+        merged[masks[name]] = label_map.by_name(name).value
+    return merged

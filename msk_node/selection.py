@@ -1,0 +1,144 @@
+"""Choose the series of a study to segment, by rules kept in a YAML file.
+
+The rules play the role of MONAI Deploy's series-selector rules, but speak the
+language of MSK protocols: plane from the geometry, body part, sequence names.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from msk_node.dicom_input import Series, SkippedFile
+
+PLANES = ("sagittal", "coronal", "axial")
+_RULE_KEYS = {
+    "name", "anatomy", "modality", "plane", "min_slices", "exclude_description", "body_part", "description",
+}
+
+
+@dataclass(frozen=True)
+class SeriesRule:
+    name: str
+    anatomy: str
+    modality: tuple[str, ...] = ()
+    plane: str | None = None
+    min_slices: int = 1
+    exclude_description: tuple[str, ...] = ()
+    body_part: tuple[str, ...] = ()
+    description: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SelectedSeries:
+    series: Series
+    rule: SeriesRule
+
+    @property
+    def anatomy(self) -> str:
+        return self.rule.anatomy
+
+
+def default_rules_path() -> Path:
+    return Path(str(resources.files("msk_node") / "config" / "series_rules.yaml"))
+
+
+def load_rules(path: str | Path | None = None) -> list[SeriesRule]:
+    """Load and validate series rules; errors name the rule and the key."""
+    path = Path(path) if path is not None else default_rules_path()
+    document = yaml.safe_load(path.read_text())
+    if not isinstance(document, dict) or not isinstance(document.get("rules"), list):
+        raise ValueError(f"{path.name}: expected a mapping with a 'rules' list")
+    rules = []
+    for index, entry in enumerate(document["rules"]):
+        where = f"{path.name}: rules[{index}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected a mapping")
+        unknown = set(entry) - _RULE_KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}")
+        for key in ("name", "anatomy"):
+            if not isinstance(entry.get(key), str):
+                raise ValueError(f"{where}: '{key}' is required and must be a string")
+        plane = entry.get("plane")
+        if plane is not None and plane not in PLANES:
+            raise ValueError(f"{where}: 'plane' must be one of {PLANES}, got {plane!r}")
+        min_slices = entry.get("min_slices", 1)
+        if not isinstance(min_slices, int) or min_slices < 1:
+            raise ValueError(f"{where}: 'min_slices' must be a positive integer")
+        lists = {}
+        for key in ("modality", "exclude_description", "body_part", "description"):
+            value = entry.get(key, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{where}: '{key}' must be a list of strings")
+            if key.endswith("description"):
+                for pattern in value:
+                    try:
+                        re.compile(pattern)
+                    except re.error as error:
+                        raise ValueError(f"{where}: '{key}' has a bad pattern {pattern!r}: {error}") from error
+            lists[key] = tuple(value)
+        rules.append(SeriesRule(name=entry["name"], anatomy=entry["anatomy"], plane=plane,
+                                min_slices=min_slices, **lists))
+    return rules
+
+
+def imaging_plane(series: Series) -> str | None:
+    """Plane named by the dominant axis of the slice normal, or None without geometry."""
+    orientation = series.first.get("ImageOrientationPatient")
+    if orientation is None or len(orientation) != 6:
+        return None
+    row, column = np.reshape([float(v) for v in orientation], (2, 3))
+    normal = np.abs(np.cross(row, column))
+    return PLANES[int(np.argmax(normal))]
+
+
+def rejection_reason(series: Series, rule: SeriesRule) -> str | None:
+    """Why ``rule`` does not take ``series``; None when it does."""
+    if rule.modality and series.modality.upper() not in {m.upper() for m in rule.modality}:
+        return f"modality {series.modality or 'absent'} is not {'/'.join(rule.modality)}"
+    plane = imaging_plane(series)
+    if plane is None:
+        return "no ImageOrientationPatient"
+    if rule.plane and plane != rule.plane:
+        return f"{plane} plane, rule wants {rule.plane}"
+    if len(series) < rule.min_slices:
+        return f"{len(series)} slice(s), fewer than the {rule.min_slices} needed for a volume"
+    description = series.description
+    if any(re.search(p, description, re.IGNORECASE) for p in rule.exclude_description):
+        return f"description {description!r} is excluded"
+    body_part = str(series.first.get("BodyPartExamined", "") or "").strip().upper()
+    if body_part and rule.body_part:
+        if body_part not in {b.upper() for b in rule.body_part}:
+            return f"body part {body_part} is not {'/'.join(rule.body_part)}"
+        return None
+    if rule.description and not any(re.search(p, description, re.IGNORECASE) for p in rule.description):
+        return f"description {description!r} names no {rule.anatomy} sequence"
+    return None
+
+
+def select_series(
+    series_list: list[Series], rules: list[SeriesRule]
+) -> tuple[list[SelectedSeries], list[SkippedFile]]:
+    """Apply ``rules`` to every series; each series is selected by its first matching rule.
+
+    Returns the selected series and, for every other series, the reason given by the
+    most specific rule it failed (the first one).
+    """
+    selected, skipped = [], []
+    for series in series_list:
+        reasons = []
+        for rule in rules:
+            reason = rejection_reason(series, rule)
+            if reason is None:
+                selected.append(SelectedSeries(series, rule))
+                break
+            reasons.append(f"{rule.name}: {reason}")
+        else:
+            skipped.append(SkippedFile(f"series {series.series_instance_uid} ({series.description!r})",
+                                       "no selection rule matched (" + "; ".join(reasons) + ")"))
+    return selected, skipped

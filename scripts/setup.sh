@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create .venv with the pinned msk-node stack; with --test also install the
+# Debian tools the test suite checks our output with (dcmtk, dicom3tools).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+with_test_tools=0
+[[ "${1:-}" == "--test" ]] && with_test_tools=1
+
+if [[ $with_test_tools == 1 ]] && ! command -v dciodvfy >/dev/null || [[ $with_test_tools == 1 ]] && ! command -v storescu >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools dcmtk >/dev/null
+fi
+
+if [[ ! -f .venv/.msk-node-installed ]] || [[ packaging/requirements.txt -nt .venv/.msk-node-installed ]] || [[ pyproject.toml -nt .venv/.msk-node-installed ]]; then
+    python3 -m venv .venv
+    .venv/bin/python -m pip install -q pip==26.3
+    .venv/bin/python -m pip install -q -r packaging/requirements.txt -c packaging/constraints.txt
+    # sam2 ships only as an sdist: build it against the torch above, without its CUDA extension.
+    SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install -q --no-build-isolation sam2==1.1.0 -c packaging/constraints.txt
+    # ultralytics pulls the GUI OpenCV into the same cv2 folder; make the headless build win.
+    .venv/bin/python -m pip install -q --force-reinstall --no-deps opencv-python-headless==5.0.0.93
+    .venv/bin/python -m pip install -q --no-deps -e .
+    touch .venv/.msk-node-installed
+fi

@@ -1,0 +1,1 @@
+"""msk-node research framework: datasets, detector and segmenter training, export to the node."""

@@ -1,0 +1,31 @@
+"""``msk-train``: the research framework's command line."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="msk-train", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    detector = commands.add_parser("detector", help="train the YOLO anatomy detector on phantoms")
+    detector.add_argument("config", type=Path)
+    detector.add_argument("--run-dir", type=Path, default=Path("runs/detector"))
+    detector.add_argument("--export", type=Path, help="node model folder to write (e.g. models/detector)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    if args.command == "detector":
+        from training.detector import export_detector, load_detector_config, train_detector
+
+        config = load_detector_config(args.config)
+        best = train_detector(config, args.run_dir)
+        print(f"trained: {best}")
+        if args.export:
+            print(f"exported: {export_detector(best, config, args.config, args.export)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
