@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,7 @@ class LabelMap:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[LabelSpec]:
         return iter(self.labels)
 
     @property

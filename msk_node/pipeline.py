@@ -147,26 +147,34 @@ def write_seg(job: SeriesJob, models: ModelSet, output_dir: Path, series_number:
     job.outcome = "segmented"
 
 
-def run_job(job: SeriesJob, models: ModelSet, output_dir: Path, times: StageTimes, series_number: int) -> None:
-    """Run every step on one series; a step's failure ends this series only."""
-    with times.stage("load"):
-        build_volume(job)
-    if job.failed:
-        return
-    with times.stage("detect"):
-        detect_anatomy(job, models)
-    if job.failed:
-        return
-    segment_boxes(job, models, times)
-    with times.stage("postprocess"):
-        postprocess(job, models.label_map)
-    if job.failed:
-        return
-    with times.stage("write"):
-        try:
-            write_seg(job, models, output_dir, series_number)
-        except ValueError as error:
-            job.fail("failed", f"SEG not written: {error}")
+@dataclass
+class StudyWork:
+    """A study's jobs, the files and series left out, and the time spent per stage."""
+
+    output_dir: Path
+    jobs: list[SeriesJob] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
+    times: StageTimes = field(default_factory=StageTimes)
+    report: dict | None = None
+
+    def active_jobs(self) -> list[SeriesJob]:
+        return [job for job in self.jobs if not job.failed]
+
+
+def write_outputs(work: StudyWork, models: ModelSet) -> dict:
+    """Write a SEG for every series still in play, then ``report.json`` for the whole study."""
+    with work.times.stage("write"):
+        for number, job in enumerate(work.jobs, start=1):
+            if job.failed:
+                continue
+            try:
+                write_seg(job, models, work.output_dir, series_number=9000 + number)
+            except ValueError as error:
+                job.fail("failed", f"SEG not written: {error}")
+        work.report = study_report(work.jobs, work.skipped, models)
+        work.output_dir.mkdir(parents=True, exist_ok=True)
+        (work.output_dir / "report.json").write_text(json.dumps(work.report, indent=2))
+    return work.report
 
 
 def study_report(jobs: list[SeriesJob], skipped: list[SkippedFile], models: ModelSet | None) -> dict:
@@ -196,16 +204,42 @@ def study_report(jobs: list[SeriesJob], skipped: list[SkippedFile], models: Mode
     return report
 
 
+def load_study(work: StudyWork, input_dir: Path, rules: list[SeriesRule] | None = None) -> None:
+    with work.times.stage("load"):
+        work.jobs, work.skipped = load_and_select(input_dir, rules)
+
+
+def build_volumes(work: StudyWork) -> None:
+    with work.times.stage("load"):
+        for job in work.active_jobs():
+            build_volume(job)
+
+
+def detect_all(work: StudyWork, models: ModelSet) -> None:
+    with work.times.stage("detect"):
+        for job in work.active_jobs():
+            detect_anatomy(job, models)
+
+
+def segment_all(work: StudyWork, models: ModelSet) -> None:
+    for job in work.active_jobs():
+        segment_boxes(job, models, work.times)
+
+
+def postprocess_all(work: StudyWork, label_map: LabelMap) -> None:
+    with work.times.stage("postprocess"):
+        for job in work.active_jobs():
+            postprocess(job, label_map)
+
+
 def process_study(input_dir: Path, output_dir: Path, models: ModelSet,
-                  rules: list[SeriesRule] | None = None, times: StageTimes | None = None) -> dict:
-    """Segment every selected series of the study in ``input_dir``; write SEGs and ``report.json``."""
-    times = times if times is not None else StageTimes()
-    output_dir = Path(output_dir)
-    with times.stage("load"):
-        jobs, skipped = load_and_select(input_dir, rules)
-    for number, job in enumerate(jobs, start=1):
-        run_job(job, models, output_dir, times, series_number=9000 + number)
-    report = study_report(jobs, skipped, models)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
-    return report
+                  rules: list[SeriesRule] | None = None) -> StudyWork:
+    """Run the whole main job in-process, in the order the application's operators run it."""
+    work = StudyWork(output_dir=Path(output_dir))
+    load_study(work, input_dir, rules)
+    build_volumes(work)
+    detect_all(work, models)
+    segment_all(work, models)
+    postprocess_all(work, models.label_map)
+    write_outputs(work, models)
+    return work

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 with_test_tools=0
 [[ "${1:-}" == "--test" ]] && with_test_tools=1
 
-if [[ $with_test_tools == 1 ]] && ! command -v dciodvfy >/dev/null || [[ $with_test_tools == 1 ]] && ! command -v storescu >/dev/null; then
+if [[ $with_test_tools == 1 ]] && { ! command -v dciodvfy >/dev/null || ! command -v storescu >/dev/null; }; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools dcmtk >/dev/null
 fi
@@ -20,6 +20,6 @@ if [[ ! -f .venv/.msk-node-installed ]] || [[ packaging/requirements.txt -nt .ve
     SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install -q --no-build-isolation sam2==1.1.0 -c packaging/constraints.txt
     # ultralytics pulls the GUI OpenCV into the same cv2 folder; make the headless build win.
     .venv/bin/python -m pip install -q --force-reinstall --no-deps opencv-python-headless==5.0.0.93
-    .venv/bin/python -m pip install -q --no-deps -e .
+    .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
     touch .venv/.msk-node-installed
 fi

@@ -1,0 +1,7 @@
+import logging
+
+from app.app import MskSegmentationApp
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    MskSegmentationApp().run()

@@ -1,0 +1,69 @@
+"""``msk-node bench``: wall time per stage and throughput, and Dice on phantoms, as JSON."""
+from __future__ import annotations
+
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from msk_node.metrics import dice_per_label
+from msk_node.models import load_models
+from msk_node.pipeline import STAGES, StudyWork, process_study
+from msk_node.volume import labels_on_volume_grid
+
+PHANTOM_KINDS = ("knee", "thigh", "spine")
+
+
+def _summarise(work: StudyWork, wall: float) -> dict:
+    slices = sum(len(job.selected.series) for job in work.jobs if job.volume is not None)
+    stages = {stage: round(work.times.seconds.get(stage, 0.0), 3) for stage in STAGES}
+    encoded = max(1, sum(len({d.slice_index for d in job.detections}) for job in work.jobs))
+    return {
+        "slices": slices,
+        "slices_encoded": encoded,
+        "wall_s": round(wall, 3),
+        "stages_s": stages,
+        "slices_per_s": round(slices / wall, 3) if wall else None,
+        "encoder_s_per_slice": round(stages["encode"] / encoded, 3),
+        "outcomes": [job.outcome for job in work.jobs],
+    }
+
+
+def bench_phantom(kind: str, models, work_dir: Path, seed: int = 7) -> dict:
+    from msk_node.phantoms import write_phantom
+
+    case = write_phantom(kind, work_dir / kind, seed=seed)
+    start = time.perf_counter()
+    work = process_study(case / "dicom", work_dir / f"{kind}-out", models)
+    result = _summarise(work, time.perf_counter() - start)
+    job = work.jobs[0]
+    if job.label_volume is not None:
+        truth = labels_on_volume_grid(case / "truth_labels.nii.gz", job.volume.volume)
+        names = {spec.name: spec.value for spec in models.label_map.for_anatomy(kind).labels}
+        result["dice"] = {k: round(v, 4) for k, v in dice_per_label(job.label_volume, truth, names).items()}
+    return result
+
+
+def run_benchmark(models_dir: Path, real_knee: Path | None, work_dir: Path | None = None) -> dict:
+    """Benchmark the default pipeline on one phantom per kind and, if given, the real knee DESS."""
+    load_start = time.perf_counter()
+    models = load_models(models_dir)
+    report = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()},
+        "models": models.provenance(),
+        "model_load_s": round(time.perf_counter() - load_start, 3),
+        "phantoms": {},
+    }
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=work_dir) as scratch:
+        for kind in PHANTOM_KINDS:
+            report["phantoms"][kind] = bench_phantom(kind, models, Path(scratch))
+        if real_knee is not None:
+            start = time.perf_counter()
+            work = process_study(real_knee, Path(scratch) / "real-out", models)
+            report["real_knee"] = _summarise(work, time.perf_counter() - start)
+            report["real_knee"]["labels"] = [e.get("labels", []) for e in work.report["series"]]
+    return report
