@@ -34,7 +34,7 @@ from highdicom.sr import CodedConcept
 from msk_node.codes import anatomy_codes
 
 #: The label map shipped with the repository.
-DEFAULT_LABEL_MAP_PATH = Path(__file__).resolve().parent.parent / "models" / "label_map.yaml"
+DEFAULT_LABEL_MAP_PATH = Path(__file__).resolve().parent.parent / "models" / "detector" / "label_map.yaml"
 
 _REQUIRED_KEYS = ("name", "value", "class_id", "anatomy", "colour", "smoothing_mm", "priority", "min_area_mm2")
 _OPTIONAL_KEYS = ("category", "type")

@@ -135,8 +135,8 @@ def write_seg(job: SeriesJob, models: ModelSet, output_dir: Path, series_number:
 
     provenance = models.provenance()
     algorithm = AlgorithmInfo(
-        name=f"msk-node {provenance['detector']} + {provenance['segmenter']}",
-        version=__version__,
+        name=f"msk-node {provenance['segmenter_family']}",
+        version=f"{__version__} (detector {provenance['detector_version']}, segmenter {provenance['segmenter_version']})",
         weights_sha256=f"detector:{provenance['detector_sha256']};segmenter:{provenance['segmenter_sha256']}",
     )
     seg = build_segmentation(job.volume.datasets, job.label_volume, models.label_map, algorithm,

@@ -176,7 +176,9 @@ def build_segmentation(
 
     if device_serial_number is None:
         device_serial_number = (platform.node() or "unknown")[:_MAX_LO_LENGTH]
-    seg = hd.seg.Segmentation(
+    # highdicom copies the patient and study attributes from the first source, so the
+    # filled-in empty type-2 elements are carried into the SEG as empty elements too.
+    return hd.seg.Segmentation(
         source_images=[with_type2_patient_attributes(ds) for ds in source_images],
         pixel_array=segment_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -193,11 +195,6 @@ def build_segmentation(
         omit_empty_frames=False,
         series_description=series_description,
     )
-    # highdicom sets absent values to None; make sure each type-2 element exists.
-    for keyword in TYPE2_PATIENT_STUDY_ATTRIBUTES:
-        if keyword not in seg:
-            setattr(seg, keyword, None)
-    return seg
 
 
 def segment_number_map(seg: Dataset) -> dict[str, int]:
