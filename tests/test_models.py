@@ -1,0 +1,59 @@
+"""Model folders are verified against their manifests before anything runs."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from msk_node.models import ModelError, verify_models
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+@pytest.fixture
+def models_copy(tmp_path):
+    target = tmp_path / "models"
+    shutil.copytree(MODELS, target)
+    return target
+
+
+def test_shipped_models_verify():
+    detector, segmenter = verify_models(MODELS)
+    assert detector.entries["family"] == "yolo"
+    assert segmenter.entries["family"] == "litemedsam"
+    assert (MODELS / "detector" / "detector.pt").stat().st_size < 10 * 1024 * 1024
+
+
+def test_corrupted_detector_weights_are_refused_with_the_file_named(models_copy):
+    weights = models_copy / "detector" / "detector.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="detector.pt are corrupted or replaced"):
+        verify_models(models_copy)
+
+
+def test_missing_weights_are_refused(models_copy):
+    (models_copy / "detector" / "detector.pt").unlink()
+    with pytest.raises(ModelError, match="weights file missing"):
+        verify_models(models_copy)
+
+
+def test_unknown_manifest_key_is_named(models_copy):
+    manifest = models_copy / "segmenter" / "manifest.yaml"
+    entries = yaml.safe_load(manifest.read_text())
+    entries["wieghts"] = "x.pth"
+    manifest.write_text(yaml.safe_dump(entries))
+    with pytest.raises(ModelError, match=r"unknown key\(s\) \['wieghts'\]"):
+        verify_models(models_copy)
+
+
+def test_other_families_need_their_own_weights(models_copy):
+    manifest = models_copy / "segmenter" / "manifest.yaml"
+    entries = yaml.safe_load(manifest.read_text())
+    entries["family"] = "sam2"
+    manifest.write_text(yaml.safe_dump(entries))
+    with pytest.raises(ModelError, match="only litemedsam has bundled weights"):
+        verify_models(models_copy)
