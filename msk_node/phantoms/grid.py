@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -50,17 +50,10 @@ class SeriesGrid:
         slice_thickness: float | None = None,
     ) -> SeriesGrid:
         """Grid whose central voxel position is ``centre`` (patient coordinates, mm)."""
-        grid = cls(size, tuple(float(v) for v in orientation), pixel_spacing, slice_spacing,  # type: ignore[arg-type]
+        grid = cls(size, tuple(float(v) for v in orientation), pixel_spacing, slice_spacing,
                    slice_thickness or slice_spacing, (0.0, 0.0, 0.0))
-        n, rows, cols = size
-        half = (
-            (cols - 1) / 2 * pixel_spacing[1] * grid.row_dir
-            + (rows - 1) / 2 * pixel_spacing[0] * grid.col_dir
-            + (n - 1) / 2 * slice_spacing * grid.normal
-        )
-        origin = np.round(np.asarray(centre, dtype=float) - half, POSITION_DECIMALS)
-        return cls(grid.size, grid.orientation, pixel_spacing, slice_spacing, grid.slice_thickness,
-                   tuple(float(v) for v in origin))  # type: ignore[arg-type]
+        origin = np.round(np.asarray(centre, dtype=float) - grid.centre, POSITION_DECIMALS)
+        return replace(grid, origin=tuple(float(v) for v in origin))
 
     @property
     def row_dir(self) -> npt.NDArray[np.float64]:
@@ -76,6 +69,17 @@ class SeriesGrid:
     def normal(self) -> npt.NDArray[np.float64]:
         """Slice normal, row direction x column direction; slices advance along it."""
         return np.cross(self.row_dir, self.col_dir)
+
+    @property
+    def centre(self) -> npt.NDArray[np.float64]:
+        """Patient position of the grid centre (the central voxel position)."""
+        n, rows, cols = self.size
+        return (
+            np.asarray(self.origin)
+            + (cols - 1) / 2 * self.pixel_spacing[1] * self.row_dir
+            + (rows - 1) / 2 * self.pixel_spacing[0] * self.col_dir
+            + (n - 1) / 2 * self.slice_spacing * self.normal
+        )
 
     def slice_position(self, k: int) -> npt.NDArray[np.float64]:
         """ImagePositionPatient of slice ``k``, rounded like the stored value."""

@@ -110,11 +110,3 @@ class Pose:
         p[i] = (c * pi + s * pj).astype(pi.dtype, copy=False)
         p[j] = (-s * pi + c * pj).astype(pj.dtype, copy=False)
         return p[0], p[1], p[2]
-
-    def to_patient(self, point: tuple[float, float, float]) -> tuple[float, float, float]:
-        """Map one model point to patient coordinates."""
-        q = list(point)
-        i, j = [(1, 2), (2, 0), (0, 1)][self.axis]
-        c, s = np.cos(np.radians(self.angle_deg)), np.sin(np.radians(self.angle_deg))
-        q[i], q[j] = c * point[i] - s * point[j], s * point[i] + c * point[j]
-        return tuple(float(q[n] + self.translation[n]) for n in range(3))  # type: ignore[return-value]
