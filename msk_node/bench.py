@@ -46,6 +46,29 @@ def bench_phantom(kind: str, models, work_dir: Path, seed: int = 7) -> dict:
     return result
 
 
+def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Sustained dense matmul rate of this machine at ``dtype``: the peak the encoder is compared with."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def encoder_gflop(segmenter) -> float | None:
+    """FLOPs of one encoder pass on a 256 x 256 slice, counted by torch (LiteMedSAM only)."""
+    if getattr(segmenter, "family", "") != "litemedsam":
+        return None
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        segmenter.model.image_encoder(torch.zeros(1, 3, 256, 256))
+    return counter.get_total_flops() / 1e9
+
+
 def run_benchmark(models_dir: Path, real_knee: Path | None, work_dir: Path | None = None) -> dict:
     """Benchmark the default pipeline on one phantom per kind and, if given, the real knee DESS."""
     load_start = time.perf_counter()
@@ -56,6 +79,11 @@ def run_benchmark(models_dir: Path, real_knee: Path | None, work_dir: Path | Non
         "model_load_s": round(time.perf_counter() - load_start, 3),
         "phantoms": {},
     }
+    gflop = encoder_gflop(models.segmenter)
+    precision = getattr(models.segmenter, "precision", "fp32")
+    peak = matmul_gflops(torch.bfloat16 if precision == "bf16" else torch.float32)
+    report["encoder"] = {"precision": precision, "gflop_per_slice": round(gflop, 2) if gflop else None,
+                         "matmul_peak_gflops": round(peak, 1)}
     if work_dir is not None:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work_dir) as scratch:
@@ -66,4 +94,8 @@ def run_benchmark(models_dir: Path, real_knee: Path | None, work_dir: Path | Non
             work = process_study(real_knee, Path(scratch) / "real-out", models)
             report["real_knee"] = _summarise(work, time.perf_counter() - start)
             report["real_knee"]["labels"] = [e.get("labels", []) for e in work.report["series"]]
+    if gflop:
+        for result in [*report["phantoms"].values(), report.get("real_knee")]:
+            if result and result["encoder_s_per_slice"]:
+                result["encoder_pct_of_peak"] = round(100 * gflop / result["encoder_s_per_slice"] / peak, 1)
     return report

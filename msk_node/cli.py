@@ -43,6 +43,29 @@ def _demo(args: argparse.Namespace) -> None:
             print(f"  segments: {', '.join(series['labels'])}")
 
 
+def _overlay(args: argparse.Namespace) -> None:
+    import highdicom as hd
+
+    from msk_node.dicom_input import read_study_folder
+    from msk_node.intensity import normalise_volume
+    from msk_node.labels import load_label_map
+    from msk_node.overlay import render_overlays
+    from msk_node.seg_writer import label_volume_from_seg
+    from msk_node.volume import series_to_volume
+
+    seg = hd.seg.segread(args.seg)
+    referenced = str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+    study = read_study_folder(args.series)
+    matches = [s for s in study.series if s.series_instance_uid == referenced]
+    if not matches:
+        raise SystemExit(f"no series {referenced} (the SEG's source) under {args.series}")
+    volume = series_to_volume(matches[0].datasets)
+    label_map = load_label_map(args.models / "detector" / "label_map.yaml")
+    labels = label_volume_from_seg(seg, [ds.SOPInstanceUID for ds in volume.datasets], label_map)
+    paths = render_overlays(normalise_volume(volume.array), labels, label_map, args.out, every=args.every)
+    print(f"wrote {len(paths)} overlays to {args.out}")
+
+
 def _bench(args: argparse.Namespace) -> None:
     from msk_node.bench import run_benchmark
 
@@ -72,6 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("-m", "--models", type=Path, default=DEFAULT_MODELS)
     demo.set_defaults(handler=_demo)
 
+    overlay = commands.add_parser("overlay", help="draw a SEG's outlines on its source slices (PNG)")
+    overlay.add_argument("--series", type=Path, required=True, help="folder holding the SEG's source series")
+    overlay.add_argument("--seg", type=Path, required=True)
+    overlay.add_argument("--out", type=Path, required=True)
+    overlay.add_argument("--every", type=int, default=10, help="draw every Nth labelled slice")
+    overlay.add_argument("-m", "--models", type=Path, default=DEFAULT_MODELS)
+    overlay.set_defaults(handler=_overlay)
+
     bench = commands.add_parser("bench", help="time every pipeline stage; prints JSON")
     bench.add_argument("--real-knee", type=Path, help="folder with the real knee DESS series")
     bench.add_argument("--work", type=Path, default=Path("runs/bench"))
@@ -80,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
     args.handler(args)
     return 0
 

@@ -129,3 +129,32 @@ def anatomic_region(name: str) -> Code | None:
         type is specific on its own or the label is unknown.
     """
     return _ANATOMIC_REGION.get(name)
+
+
+# Measurement concepts written into TID 1500 reports. Cartilage thickness and T1rho
+# have no code in DICOM or the SNOMED subset pydicom lists; they use this private
+# scheme (declared in every report's CodingSchemeIdentificationSequence).
+MSK_NODE_SCHEME = "99MSKNODE"
+CARTILAGE_THICKNESS = Code("CARTILAGE_THICKNESS", MSK_NODE_SCHEME, "Cartilage thickness")
+T1RHO_RELAXATION_TIME = Code("T1RHO", MSK_NODE_SCHEME, "T1rho relaxation time")
+T2_RELAXATION_TIME: Code = codes.DCM.T2
+DISC_HEIGHT: Code = codes.DCM.Height
+VOLUME: Code = codes.SCT.Volume
+MEAN: Code = codes.SCT.Mean
+STANDARD_DEVIATION: Code = codes.SCT.StandardDeviation
+CUBIC_CENTIMETER: Code = codes.UCUM.CubicCentimeter
+MILLISECOND: Code = codes.UCUM.Millisecond
+#: DICOM CID 42 qualifier written instead of a number when a measurement is not available.
+MEASUREMENT_FAILURE = Code("114006", "DCM", "Measurement failure")
+#: Procedure reported in every measurement report.
+MAGNETIC_RESONANCE_IMAGING = Code("113091000", "SCT", "Magnetic resonance imaging")
+
+#: Disc levels (names as the biomarkers give them) to their SNOMED CT level concepts.
+DISC_LEVELS: dict[str, Code] = {
+    "T12-L1": codes.SCT.LevelOfT12L1IntervertebralDisc,
+    "L1-L2": codes.SCT.LevelOfL1L2IntervertebralDisc,
+    "L2-L3": codes.SCT.LevelOfL2L3IntervertebralDisc,
+    "L3-L4": codes.SCT.LevelOfL3L4IntervertebralDisc,
+    "L4-L5": codes.SCT.LevelOfL4L5IntervertebralDisc,
+    "L5-S1": codes.SCT.LevelOfL5S1IntervertebralDisc,
+}

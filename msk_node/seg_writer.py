@@ -300,3 +300,15 @@ def _validate(
     if not isinstance(series_number, int) or isinstance(series_number, bool) or series_number < 1:
         raise ValueError(f"series_number: must be a positive integer, got {series_number!r}")
     return present
+
+
+def label_volume_from_seg(seg: hd.seg.Segmentation, source_uids: Sequence[str], label_map: LabelMap) -> np.ndarray:
+    """Read a SEG back as a label volume ``[k, row, col]`` on its sources, in the order of ``source_uids``.
+
+    Where segments overlap (not the case for SEGs we write) the later segment wins.
+    """
+    stacked = seg.get_pixels_by_source_instance([str(uid) for uid in source_uids])
+    volume = np.zeros(stacked.shape[:3], dtype=np.uint8)
+    for name, number in segment_number_map(seg).items():
+        volume[stacked[..., number - 1] > 0] = label_map.by_name(name).value
+    return volume

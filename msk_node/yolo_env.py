@@ -33,6 +33,8 @@ def import_yolo():
     from ultralytics import YOLO
     from ultralytics.utils import SETTINGS
 
-    SETTINGS.update({"sync": False, "raytune": False, "hub": False, "wandb": False, "mlflow": False,
-                     "tensorboard": False, "comet": False, "clearml": False, "dvc": False, "neptune": False})
+    # Integrations that would log or upload; the set of keys differs between releases.
+    offline = {"sync": False, "raytune": False, "wandb": False, "mlflow": False, "tensorboard": False,
+               "comet": False, "clearml": False, "dvc": False, "neptune": False}
+    SETTINGS.update({key: value for key, value in offline.items() if key in SETTINGS})
     return YOLO

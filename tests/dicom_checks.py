@@ -145,3 +145,25 @@ def make_mr_series(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def assert_frames_on_sources(seg: Dataset, sources: Sequence[Dataset]) -> None:
+    """Every SEG frame references one source instance and lies exactly at its position;
+    every segment covers every source instance."""
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    frames_per_segment: dict[int, set[str]] = {}
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        (source,) = frame.DerivationImageSequence[0].SourceImageSequence
+        referenced = by_uid[str(source.ReferencedSOPInstanceUID)]
+        frame_position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        assert frame_position == [float(v) for v in referenced.ImagePositionPatient]
+        number = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        frames_per_segment.setdefault(number, set()).add(str(source.ReferencedSOPInstanceUID))
+    assert frames_per_segment and all(uids == set(by_uid) for uids in frames_per_segment.values())
+
+
+def seg_label_volume(seg, sources: Sequence[Dataset], label_map) -> np.ndarray:
+    """Label volume in source order, rebuilt from the stored segments only."""
+    from msk_node.seg_writer import label_volume_from_seg
+
+    return label_volume_from_seg(seg, [ds.SOPInstanceUID for ds in sources], label_map)

@@ -9,7 +9,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from tests.dicom_checks import dciodvfy_errors, make_mr_series
+from tests.dicom_checks import assert_frames_on_sources, dciodvfy_errors, make_mr_series, seg_label_volume
 
 from msk_node.codes import ALGORITHM_FAMILY, anatomic_region
 from msk_node.labels import DEFAULT_LABEL_MAP_PATH, LabelMap, load_label_map
@@ -57,16 +57,6 @@ def _l_shapes(n: int, rows: int, cols: int, values: list[int]) -> np.ndarray:
     return volume
 
 
-def _volume_from_seg(seg: hd.seg.Segmentation, sources: list[pydicom.Dataset], label_map: LabelMap) -> np.ndarray:
-    """Label volume in source order, rebuilt from the stored segments only."""
-    uids = [str(ds.SOPInstanceUID) for ds in sources]
-    stacked = seg.get_pixels_by_source_instance(uids)
-    volume = np.zeros(stacked.shape[:3], dtype=np.uint8)
-    for name, number in segment_number_map(seg).items():
-        volume[stacked[..., number - 1] > 0] = label_map.by_name(name).value
-    return volume
-
-
 @pytest.mark.parametrize("orientation", list(ORIENTATIONS))
 def test_seg_is_valid_and_round_trips_exactly(tmp_path: Path, label_map: LabelMap, orientation: str) -> None:
     sources = _read(make_mr_series(tmp_path / "mr", iop=ORIENTATIONS[orientation]))
@@ -102,21 +92,12 @@ def test_seg_is_valid_and_round_trips_exactly(tmp_path: Path, label_map: LabelMa
         assert hd.color.CIELabColor.from_dicom_value(item.RecommendedDisplayCIELabValue).to_rgb() == spec.colour
 
     # Every frame lies exactly on the source instance it references.
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
-    frames_per_segment: dict[int, set[str]] = {}
-    for frame in seg.PerFrameFunctionalGroupsSequence:
-        (source,) = frame.DerivationImageSequence[0].SourceImageSequence
-        referenced = by_uid[str(source.ReferencedSOPInstanceUID)]
-        frame_position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
-        assert frame_position == [float(v) for v in referenced.ImagePositionPatient]
-        number = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        frames_per_segment.setdefault(number, set()).add(str(source.ReferencedSOPInstanceUID))
-    assert all(uids == set(by_uid) for uids in frames_per_segment.values())
+    assert_frames_on_sources(seg, sources)
     orientation_values = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
     assert np.allclose([float(v) for v in orientation_values], ORIENTATIONS[orientation])
 
     # Pixels come back in source order with no flip or shift.
-    np.testing.assert_array_equal(_volume_from_seg(seg, sources, label_map), volume)
+    np.testing.assert_array_equal(seg_label_volume(seg, sources, label_map), volume)
 
 
 def test_segments_only_for_labels_present_in_label_map_order(tmp_path: Path, label_map: LabelMap) -> None:
@@ -127,7 +108,7 @@ def test_segments_only_for_labels_present_in_label_map_order(tmp_path: Path, lab
     seg = build_segmentation(sources, volume, label_map, ALGORITHM, series_number=42, series_description="test")
     assert segment_number_map(seg) == {"quadriceps": 1, "intervertebral_disc": 2}
     assert seg.SeriesNumber == 42 and seg.SeriesDescription == "test"
-    np.testing.assert_array_equal(_volume_from_seg(seg, sources, label_map), volume)
+    np.testing.assert_array_equal(seg_label_volume(seg, sources, label_map), volume)
 
 
 def test_sources_without_patient_identity(tmp_path: Path, label_map: LabelMap) -> None:

@@ -1,0 +1,139 @@
+"""The main job end to end on phantoms: detector boxes + LiteMedSAM against exact truth."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+from pydicom.uid import JPEG2000Lossless
+
+from msk_node.metrics import dice_per_label
+from msk_node.models import load_models
+from msk_node.phantoms import write_phantom
+from msk_node.pipeline import process_study
+from msk_node.volume import labels_on_volume_grid
+from tests.dicom_checks import assert_frames_on_sources, dciodvfy_errors, make_mr_series, seg_label_volume
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / "models"
+BONES = {"knee": ["femur", "tibia", "patella"], "thigh": ["femoral_cortex", "femoral_marrow"],
+         "spine": ["vertebral_body"]}
+MUSCLES = {"thigh": ["quadriceps", "hamstrings", "adductors", "sartorius", "gracilis"]}
+#: Phantom seeds never used to train the default detector.
+TEST_SEED = 424242
+
+
+@pytest.fixture(scope="module")
+def models():
+    return load_models(MODELS)
+
+
+@pytest.mark.parametrize("kind", ["knee", "thigh", "spine"])
+def test_default_pipeline_reaches_the_dice_targets_on_phantoms(tmp_path, models, kind):
+    case = write_phantom(kind, tmp_path / "case", seed=TEST_SEED)
+    work = process_study(case / "dicom", tmp_path / "out", models)
+
+    (job,) = work.jobs
+    assert job.outcome == "segmented", job.reason
+    truth = labels_on_volume_grid(case / "truth_labels.nii.gz", job.volume.volume)
+    names = {spec.name: spec.value for spec in models.label_map.for_anatomy(kind).labels}
+    dice = dice_per_label(job.label_volume, truth, names)
+    print(kind, {k: round(v, 3) for k, v in dice.items()})
+    for bone in BONES[kind]:
+        assert dice[bone] >= 0.85, (bone, dice[bone])
+    for muscle in MUSCLES.get(kind, []):
+        assert dice[muscle] >= 0.80, (muscle, dice[muscle])
+
+    # The SEG is valid, and reads back onto exactly the source slices with the same labels.
+    assert dciodvfy_errors(job.output) == []
+    seg = hd.seg.segread(job.output)
+    assert_frames_on_sources(seg, job.volume.datasets)
+    assert (seg_label_volume(seg, job.volume.datasets, models.label_map) == job.label_volume).all()
+
+
+def test_bad_input_is_reported_and_the_rest_of_the_study_is_processed(tmp_path, models):
+    """A corrupt file, a CT series, a single-slice series and JPEG 2000 pixel data in one study."""
+    study = tmp_path / "study"
+    case = write_phantom("knee", tmp_path / "case", seed=TEST_SEED + 1, n_slices=24)
+    knee_files = sorted((case / "dicom").rglob("*.dcm"))
+    (study / "knee").mkdir(parents=True)
+    for path in knee_files:
+        ds = pydicom.dcmread(path)
+        ds.compress(JPEG2000Lossless)
+        ds.save_as(study / "knee" / path.name)
+    corrupt = study / "knee" / knee_files[3].name
+    corrupt.write_bytes(corrupt.read_bytes()[:2000])
+    for path in make_mr_series(study / "ct", n=10):
+        ds = pydicom.dcmread(path)
+        ds.Modality = "CT"
+        ds.save_as(path)
+    make_mr_series(study / "single", n=1)
+
+    work = process_study(study, tmp_path / "out", models)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+
+    (knee,) = [s for s in report["series"] if s["anatomy"] == "knee"]
+    assert knee["outcome"] == "segmented" and knee["instances"] == len(knee_files) - 1
+    assert {"femur", "tibia"} <= set(knee["labels"])
+    reasons = {Path(s["source"]).name if "/" in s["source"] else s["source"]: s["reason"]
+               for s in report["skipped"]}
+    assert "not a readable DICOM file" in reasons[corrupt.name] or "cannot be decoded" in reasons[corrupt.name]
+    joined = " ".join(reasons.values())
+    assert "modality CT is not MR" in joined
+    assert "1 slice(s)" in joined
+    assert dciodvfy_errors(work.jobs[0].output) == []
+
+
+def test_application_entry_point_reads_the_map_paths_from_the_environment(tmp_path):
+    case = write_phantom("spine", tmp_path / "case", seed=TEST_SEED + 2)
+    env = {**os.environ, "HOLOSCAN_INPUT_PATH": str(case / "dicom"),
+           "HOLOSCAN_OUTPUT_PATH": str(tmp_path / "out"), "HOLOSCAN_MODEL_PATH": str(MODELS)}
+    result = subprocess.run([sys.executable, "-m", "app"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    (series,) = report["series"]
+    assert series["outcome"] == "segmented"
+    assert set(series["labels"]) == {"vertebral_body", "intervertebral_disc"}
+    assert dciodvfy_errors(tmp_path / "out" / series["seg"]) == []
+
+
+def test_application_refuses_corrupted_models_at_start_up(tmp_path):
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(MODELS, models)
+    weights = models / "detector" / "detector.pt"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    case = make_mr_series(tmp_path / "in", n=10)
+    result = subprocess.run([sys.executable, "-m", "app", "-i", str(case[0].parent), "-o", str(tmp_path / "out"),
+                             "-m", str(models)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "detector.pt are corrupted or replaced" in result.stderr
+
+
+REAL_KNEE = Path(os.environ.get("MSK_NODE_REAL_KNEE", REPO.parent / "shared" / "data" / "knee-mri-ge-3t"))
+
+
+@pytest.mark.skipif(not (REAL_KNEE / "dess-echo1").is_dir(), reason=f"real knee data not found at {REAL_KNEE}")
+def test_real_knee_dess_without_patient_id_gives_a_valid_aligned_seg(tmp_path, models):
+    work = process_study(REAL_KNEE, tmp_path / "out", models)
+
+    (job,) = work.jobs  # the DESS; the four CubeQuant spin-lock series are not segmentation targets
+    assert "DESS" in job.selected.series.description
+    assert job.outcome == "segmented", job.reason
+    assert len(job.volume.datasets) == 80 and "PatientID" not in job.volume.datasets[0]
+    skipped = " ".join(s["reason"] for s in work.report["skipped"])
+    assert skipped.count("is excluded") == 4
+    assert dciodvfy_errors(job.output) == []
+    seg = hd.seg.segread(job.output)
+    assert seg.PatientID == ""
+    assert_frames_on_sources(seg, job.volume.datasets)
+    assert (seg_label_volume(seg, job.volume.datasets, models.label_map) == job.label_volume).all()
+    found = set(work.report["series"][0]["labels"])
+    assert {"femur", "tibia"} <= found, found
