@@ -45,6 +45,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _overlay(args: argparse.Namespace) -> None:
     import highdicom as hd
+    import numpy as np
 
     from msk_node.dicom_input import read_study_folder
     from msk_node.intensity import normalise_volume
@@ -61,7 +62,8 @@ def _overlay(args: argparse.Namespace) -> None:
         raise SystemExit(f"no series {referenced} (the SEG's source) under {args.series}")
     volume = series_to_volume(matches[0].datasets)
     label_map = load_label_map(args.models / "detector" / "label_map.yaml")
-    labels = label_volume_from_seg(seg, [ds.SOPInstanceUID for ds in volume.datasets], label_map)
+    labels = np.zeros(volume.array.shape, dtype=np.uint8)
+    labels[volume.present] = label_volume_from_seg(seg, [ds.SOPInstanceUID for ds in volume.datasets], label_map)
     paths = render_overlays(normalise_volume(volume.array), labels, label_map, args.out, every=args.every)
     print(f"wrote {len(paths)} overlays to {args.out}")
 
@@ -70,6 +72,47 @@ def _bench(args: argparse.Namespace) -> None:
     from msk_node.bench import run_benchmark
 
     print(json.dumps(run_benchmark(args.models, args.real_knee, args.work), indent=2))
+
+
+def _node_config(path: Path):
+    from msk_node.service import ConfigError, NodeConfig
+
+    try:
+        return NodeConfig.load(path)
+    except (ConfigError, FileNotFoundError) as error:
+        raise SystemExit(f"msk-node: {error}") from None
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from msk_node.service import Node
+
+    Node(_node_config(args.config)).run_forever()
+
+
+def _status(args: argparse.Namespace) -> None:
+    from msk_node.service import status
+
+    rows = status(_node_config(args.config))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    header = ("id", "study uid", "state", "attempts", "reason")
+    table = [tuple(str(row[key]) for key in ("id", "study_uid", "state", "attempts")) + (row["reason"] or "",)
+             for row in rows]
+    widths = [max([len(header[i])] + [len(line[i]) for line in table]) for i in range(4)]
+    for line in [header, *table]:
+        print("  ".join(value.ljust(width) for value, width in zip(line[:4], widths)) + "  " + line[4])
+
+
+def _retry(args: argparse.Namespace) -> None:
+    from msk_node.service import retry
+
+    config = _node_config(args.config)
+    try:
+        state = retry(config, args.job)
+    except (KeyError, ValueError) as error:
+        raise SystemExit(f"msk-node retry: {error.args[0] if error.args else error}") from None
+    print(f"job {args.job}: {state}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +151,20 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--work", type=Path, default=Path("runs/bench"))
     bench.add_argument("-m", "--models", type=Path, default=DEFAULT_MODELS)
     bench.set_defaults(handler=_bench)
+
+    serve = commands.add_parser("serve", help="run the PACS node: DICOM listener, job queue, result delivery")
+    serve.add_argument("--config", type=Path, required=True, help="node YAML (see node.example.yaml)")
+    serve.set_defaults(handler=_serve)
+
+    status = commands.add_parser("status", help="list the node's jobs: id, study, state, attempts, reason")
+    status.add_argument("--config", type=Path, required=True)
+    status.add_argument("--json", action="store_true", help="print every field as JSON")
+    status.set_defaults(handler=_status)
+
+    retry = commands.add_parser("retry", help="requeue a dead or failed job, or deliver a pending one now")
+    retry.add_argument("job", type=int, help="job id (from msk-node status)")
+    retry.add_argument("--config", type=Path, required=True)
+    retry.set_defaults(handler=_retry)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

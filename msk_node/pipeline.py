@@ -90,6 +90,9 @@ def build_volume(job: SeriesJob) -> None:
         job.fail("failed", f"no volume: {error}")
         return
     job.normalised = normalise_volume(job.volume.array)
+    if job.volume.missing:
+        logger.warning("series %s: %d slice(s) missing from the series (volume slices %s); they stay blank",
+                       job.series_instance_uid, len(job.volume.missing), job.volume.missing)
 
 
 def detect_anatomy(job: SeriesJob, models: ModelSet) -> None:
@@ -139,7 +142,8 @@ def write_seg(job: SeriesJob, models: ModelSet, output_dir: Path, series_number:
         version=f"{__version__} (detector {provenance['detector_version']}, segmenter {provenance['segmenter_version']})",
         weights_sha256=f"detector:{provenance['detector_sha256']};segmenter:{provenance['segmenter_sha256']}",
     )
-    seg = build_segmentation(job.volume.datasets, job.label_volume, models.label_map, algorithm,
+    present = job.volume.present
+    seg = build_segmentation(job.volume.datasets, job.label_volume[present], models.label_map, algorithm,
                              series_number=series_number,
                              series_description=f"msk-node {job.selected.anatomy} segmentation")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -193,6 +197,8 @@ def study_report(jobs: list[SeriesJob], skipped: list[SkippedFile], models: Mode
             entry["reason"] = job.reason
         if job.output is not None:
             entry["seg"] = job.output.name
+        if job.volume is not None and job.volume.missing:
+            entry["missing_slices"] = job.volume.missing
         if job.label_volume is not None:
             present = np.unique(job.label_volume)
             entry["labels"] = [models.label_map.by_value(int(v)).name for v in present if v]

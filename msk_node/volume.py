@@ -19,10 +19,28 @@ GEOMETRY_ATTRIBUTES = ("ImagePositionPatient", "ImageOrientationPatient", "Pixel
 
 @dataclass
 class SeriesVolume:
-    """A volume plus the source instances in volume order (``datasets[k]`` is slice ``k``)."""
+    """A volume plus its source instances in volume order.
+
+    ``slices[k]`` is the instance of slice ``k``, or None where the series has a gap
+    (an instance that was missing or unreadable); such slices are blank in ``array``.
+    """
 
     volume: Volume
-    datasets: list[pydicom.Dataset]
+    slices: list[pydicom.Dataset | None]
+
+    @property
+    def datasets(self) -> list[pydicom.Dataset]:
+        """The instances that exist, in volume order."""
+        return [ds for ds in self.slices if ds is not None]
+
+    @property
+    def present(self) -> np.ndarray:
+        """Boolean per slice: True where a source instance exists."""
+        return np.array([ds is not None for ds in self.slices])
+
+    @property
+    def missing(self) -> list[int]:
+        return [k for k, ds in enumerate(self.slices) if ds is None]
 
     @property
     def array(self) -> np.ndarray:
@@ -49,13 +67,14 @@ def series_to_volume(datasets: list[pydicom.Dataset]) -> SeriesVolume:
     Returns
     -------
     SeriesVolume
-        Slices sorted along the slice normal (right-handed), pixel values as float32.
+        Slices in highdicom's right-handed volume order, pixel values as float32.
+        Gaps of whole slices (a lost or corrupt instance) become blank slices.
 
     Raises
     ------
     ValueError
         If geometry attributes are missing, frames differ in size or orientation,
-        or the slices are not regularly spaced along their normal.
+        or the slices do not lie on a regular grid along their normal.
     """
     if len(datasets) == 0:
         raise ValueError("datasets: no instances")
@@ -73,18 +92,24 @@ def series_to_volume(datasets: list[pydicom.Dataset]) -> SeriesVolume:
         raise ValueError("datasets: slices have different ImageOrientationPatient")
 
     if len(datasets) == 1:
-        ordered = list(datasets)
+        slices: list[pydicom.Dataset | None] = list(datasets)
         spacing = float(datasets[0].get("SpacingBetweenSlices", datasets[0].get("SliceThickness", 1.0)))
     else:
-        spacing, indices = get_series_volume_positions(datasets, atol=0.01 * _nominal_spacing(datasets))
+        spacing, indices = get_series_volume_positions(
+            datasets, atol=0.01 * _nominal_spacing(datasets), allow_missing_positions=True
+        )
         if spacing is None or indices is None:
             raise ValueError(
-                "datasets: slices are not a regular volume (duplicate, missing or non-parallel positions)"
+                "datasets: slices are not a regular volume (duplicate or non-parallel positions, or uneven spacing)"
             )
-        ordered = [ds for _, ds in sorted(zip(indices, datasets), key=lambda pair: pair[0])]
+        slices = [None] * (max(indices) + 1)
+        for index, ds in zip(indices, datasets):
+            slices[index] = ds
 
-    first = ordered[0]
-    array = np.stack([_stored_to_float(ds) for ds in ordered])
+    first = slices[0]
+    rows, columns = int(first.Rows), int(first.Columns)
+    array = np.stack([_stored_to_float(ds) if ds is not None else np.zeros((rows, columns), np.float32)
+                      for ds in slices])
     volume = Volume.from_attributes(
         array=array,
         image_position=[float(v) for v in first.ImagePositionPatient],
@@ -94,14 +119,15 @@ def series_to_volume(datasets: list[pydicom.Dataset]) -> SeriesVolume:
         coordinate_system="PATIENT",
         frame_of_reference_uid=first.get("FrameOfReferenceUID"),
     )
-    return SeriesVolume(volume=volume, datasets=ordered)
+    return SeriesVolume(volume=volume, slices=slices)
 
 
 def _nominal_spacing(datasets: list[pydicom.Dataset]) -> float:
+    """Smallest step between neighbouring slices, the grid a gap is measured against."""
     normal = np.cross(*np.reshape([float(v) for v in datasets[0].ImageOrientationPatient], (2, 3)))
     positions = sorted(float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient])) for ds in datasets)
     steps = np.diff(positions)
-    return float(np.median(steps)) if len(steps) else 1.0
+    return float(np.min(steps)) if len(steps) else 1.0
 
 
 def _stored_to_float(ds: pydicom.Dataset) -> np.ndarray:

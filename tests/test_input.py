@@ -84,3 +84,17 @@ def test_rules_file_errors_name_the_key(tmp_path):
     bad.write_text("rules:\n  - name: x\n    anatomy: knee\n    plain: sagittal\n")
     with pytest.raises(ValueError, match=r"rules\[0\]: unknown key\(s\) \['plain'\]"):
         load_rules(bad)
+
+
+def test_a_missing_slice_leaves_a_blank_gap_at_its_place(tmp_path):
+    paths = make_mr_series(tmp_path / "s", n=6)
+    datasets = [pydicom.dcmread(p) for i, p in enumerate(paths) if i != 2]
+    volume = series_to_volume(datasets)
+    assert len(volume.slices) == 6 and len(volume.missing) == 1
+    gap = volume.missing[0]
+    assert not volume.array[gap].any()
+    expected = np.asarray(pydicom.dcmread(paths[2]).ImagePositionPatient, dtype=float)
+    np.testing.assert_allclose((volume.volume.affine @ [gap, 0, 0, 1])[:3], expected, atol=1e-4)
+    for k, ds in enumerate(volume.slices):
+        if ds is not None:
+            np.testing.assert_array_equal(volume.array[k], ds.pixel_array)

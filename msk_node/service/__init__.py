@@ -1,0 +1,21 @@
+"""The PACS node service: DICOM listener, durable spool, job store, scheduler, senders.
+
+No MONAI Deploy import: the application runs as a subprocess per study.
+"""
+from msk_node.service.config import ConfigError, Destination, NodeConfig, TlsConfig
+from msk_node.service.jobs import Job, JobStore
+from msk_node.service.node import Node, retry, status
+from msk_node.service.spool import Spool
+
+__all__ = [
+    "ConfigError",
+    "Destination",
+    "Job",
+    "JobStore",
+    "Node",
+    "NodeConfig",
+    "Spool",
+    "TlsConfig",
+    "retry",
+    "status",
+]

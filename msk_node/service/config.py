@@ -1,0 +1,377 @@
+"""Node configuration: one YAML file, validated when it is loaded.
+
+Every error names the key it is about (``destinations[1].port``) and the rule it
+breaks, so a bad configuration stops the node at start-up instead of at the first study.
+"""
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: The models shipped with the repository (``<repo>/models``).
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+LATE_INSTANCE_POLICIES = ("reprocess", "ignore")
+DESTINATION_TYPES = ("cstore", "stow", "folder")
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+
+
+class ConfigError(ValueError):
+    """A configuration value breaks a rule; the message names the key."""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS for the listener.
+
+    Parameters
+    ----------
+    cert : pathlib.Path
+        PEM certificate of the node.
+    key : pathlib.Path
+        PEM private key of the node.
+    ca : pathlib.Path, optional
+        PEM bundle of the CAs whose client certificates are accepted; when given,
+        calling peers must present a certificate signed by one of them.
+    """
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where results go.
+
+    Parameters
+    ----------
+    type : str
+        ``"cstore"`` (DICOM C-STORE SCU), ``"stow"`` (DICOMweb STOW-RS) or ``"folder"``
+        (the embedded local store: ``<path>/<StudyInstanceUID>/<SOPInstanceUID>.dcm``).
+    ae_title, host, port : str, str, int
+        The C-STORE peer (``cstore`` only).
+    url : str
+        DICOMweb root, e.g. ``http://pacs:8042/dicom-web``; instances are posted to
+        ``<url>/studies`` (``stow`` only).
+    path : pathlib.Path
+        Folder of the local store (``folder`` only).
+    """
+
+    type: str
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
+    url: str = ""
+    path: Path | None = None
+
+    @property
+    def key(self) -> str:
+        """Stable name of the destination, used to record deliveries."""
+        if self.type == "cstore":
+            return f"cstore:{self.ae_title}@{self.host}:{self.port}"
+        if self.type == "stow":
+            return f"stow:{self.url}"
+        return f"folder:{self.path}"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Validated node configuration (see ``node.example.yaml`` for every key).
+
+    Parameters
+    ----------
+    ae_title : str
+        The node's AE title; associations must call it.
+    port : int
+        Listening port; 0 picks a free port (tests).
+    spool_dir : pathlib.Path
+        Durable spool: received studies, job folders and the job database.
+    host : str
+        Address to listen on.
+    allowed_calling_aes : tuple of str
+        Calling AE titles that may associate; empty allows all.
+    stable_after_s : float
+        A study is complete after this many seconds without a new instance.
+    stable_after_s_by_ae : dict of str to float
+        Per calling-AE override of ``stable_after_s``.
+    late_instance_policy : str
+        ``"reprocess"``: a new instance for a processed study opens a new job;
+        ``"ignore"``: it is spooled but not processed.
+    job_timeout_s : float
+        The application is killed after this many seconds; the attempt fails.
+    max_attempts : int
+        Attempts before a job is dead (dead letter).
+    retry_backoff_s : float
+        Wait before the second attempt; doubles after each failure.
+    max_retry_backoff_s : float
+        Upper bound of the wait between attempts (also between delivery tries).
+    models_dir : pathlib.Path
+        Passed to the application as ``-m``.
+    app_command : tuple of str
+        Command that runs the application; ``-i IN -o OUT -m MODELS`` are appended.
+    destinations : tuple of Destination
+        Where results are sent.
+    tls : TlsConfig, optional
+        TLS for the listener.
+    poll_interval_s : float
+        How often the scheduler looks for work.
+    max_associations : int
+        Concurrent associations the listener accepts.
+    db_path : pathlib.Path
+        SQLite job store; default ``<spool_dir>/node.sqlite``.
+    """
+
+    ae_title: str
+    port: int
+    spool_dir: Path
+    host: str = "127.0.0.1"
+    allowed_calling_aes: tuple[str, ...] = ()
+    stable_after_s: float = 30.0
+    stable_after_s_by_ae: dict[str, float] = field(default_factory=dict)
+    late_instance_policy: str = "reprocess"
+    job_timeout_s: float = 3600.0
+    max_attempts: int = 3
+    retry_backoff_s: float = 10.0
+    max_retry_backoff_s: float = 600.0
+    models_dir: Path = DEFAULT_MODELS_DIR
+    app_command: tuple[str, ...] = (sys.executable, "-m", "app")
+    destinations: tuple[Destination, ...] = ()
+    tls: TlsConfig | None = None
+    poll_interval_s: float = 1.0
+    max_associations: int = 10
+    db_path: Path | None = None
+
+    @property
+    def database(self) -> Path:
+        """Path of the SQLite job store."""
+        return self.db_path if self.db_path is not None else self.spool_dir / "node.sqlite"
+
+    def stable_after(self, calling_ae: str | None) -> float:
+        """Inactivity timeout for studies sent by ``calling_ae``."""
+        if calling_ae is not None and calling_ae in self.stable_after_s_by_ae:
+            return self.stable_after_s_by_ae[calling_ae]
+        return self.stable_after_s
+
+    def backoff(self, failures: int) -> float:
+        """Wait after the ``failures``-th consecutive failure (1, 2, ...): exponential, capped."""
+        exponent = max(failures - 1, 0)
+        if exponent > 60:
+            return self.max_retry_backoff_s
+        return min(self.retry_backoff_s * 2.0 ** exponent, self.max_retry_backoff_s)
+
+    @classmethod
+    def from_mapping(cls, document: Mapping[str, Any], base_dir: Path | None = None) -> NodeConfig:
+        """Validate a parsed YAML document.
+
+        Parameters
+        ----------
+        document : mapping
+            The parsed configuration.
+        base_dir : pathlib.Path, optional
+            Relative paths are resolved against this folder (the config file's folder);
+            default: the current directory.
+
+        Returns
+        -------
+        NodeConfig
+
+        Raises
+        ------
+        ConfigError
+            If a key is missing, unknown or breaks its rule; the message names the key.
+        """
+        return _parse(document, Path(base_dir) if base_dir is not None else Path.cwd())
+
+    @classmethod
+    def load(cls, path: str | Path) -> NodeConfig:
+        """Read and validate a YAML configuration file.
+
+        Parameters
+        ----------
+        path : str or pathlib.Path
+            The YAML file. Relative paths inside it are relative to its folder.
+
+        Returns
+        -------
+        NodeConfig
+
+        Raises
+        ------
+        ConfigError
+            If the file is not a YAML mapping or a key breaks its rule.
+        FileNotFoundError
+            If the file does not exist.
+        """
+        path = Path(path)
+        try:
+            document = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+        try:
+            return cls.from_mapping(document, path.resolve().parent)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
+
+
+_TOP_KEYS = {
+    "ae_title", "host", "port", "allowed_calling_aes", "spool_dir", "stable_after_s", "stable_after_s_by_ae",
+    "late_instance_policy", "job_timeout_s", "max_attempts", "retry_backoff_s", "max_retry_backoff_s",
+    "models_dir", "app_command", "destinations", "tls", "poll_interval_s", "max_associations", "db_path",
+}
+_DESTINATION_KEYS = {"cstore": {"type", "ae_title", "host", "port"}, "stow": {"type", "url"},
+                     "folder": {"type", "path"}}
+
+
+def _parse(document: Any, base: Path) -> NodeConfig:
+    if not isinstance(document, Mapping):
+        raise ConfigError(f"the configuration must be a mapping of keys to values, got {type(document).__name__}")
+    unknown = sorted(set(map(str, document)) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(repr(k) for k in unknown)}; known: {', '.join(sorted(_TOP_KEYS))}")
+    for required in ("ae_title", "port", "spool_dir"):
+        if document.get(required) is None:
+            raise ConfigError(f"'{required}' is required")
+    get = document.get
+    kwargs: dict[str, Any] = {
+        "ae_title": _ae_title(get("ae_title"), "ae_title"),
+        "port": _port(get("port"), "port", allow_zero=True),
+        "spool_dir": _path(get("spool_dir"), "spool_dir", base),
+    }
+    if get("host") is not None:
+        kwargs["host"] = _string(get("host"), "host")
+    if get("allowed_calling_aes") is not None:
+        values = get("allowed_calling_aes")
+        if not isinstance(values, list):
+            raise ConfigError(f"'allowed_calling_aes' must be a list of AE titles, got {values!r}")
+        kwargs["allowed_calling_aes"] = tuple(_ae_title(v, f"allowed_calling_aes[{i}]") for i, v in enumerate(values))
+    for key in ("stable_after_s", "job_timeout_s", "retry_backoff_s", "max_retry_backoff_s", "poll_interval_s"):
+        if get(key) is not None:
+            kwargs[key] = _seconds(get(key), key, allow_zero=key in ("stable_after_s", "retry_backoff_s"))
+    if get("stable_after_s_by_ae") is not None:
+        by_ae = get("stable_after_s_by_ae")
+        if not isinstance(by_ae, Mapping):
+            raise ConfigError(f"'stable_after_s_by_ae' must map calling AE titles to seconds, got {by_ae!r}")
+        kwargs["stable_after_s_by_ae"] = {
+            _ae_title(ae, "stable_after_s_by_ae"): _seconds(s, f"stable_after_s_by_ae.{ae}", allow_zero=True)
+            for ae, s in by_ae.items()}
+    if get("late_instance_policy") is not None:
+        policy = get("late_instance_policy")
+        if policy not in LATE_INSTANCE_POLICIES:
+            raise ConfigError(f"'late_instance_policy' must be one of {', '.join(LATE_INSTANCE_POLICIES)}, got {policy!r}")
+        kwargs["late_instance_policy"] = policy
+    for key in ("max_attempts", "max_associations"):
+        if get(key) is not None:
+            kwargs[key] = _positive_int(get(key), key)
+    if get("models_dir") is not None:
+        kwargs["models_dir"] = _path(get("models_dir"), "models_dir", base)
+    if get("db_path") is not None:
+        kwargs["db_path"] = _path(get("db_path"), "db_path", base)
+    if get("app_command") is not None:
+        command = get("app_command")
+        if not isinstance(command, list) or not command or not all(isinstance(c, str) and c for c in command):
+            raise ConfigError(f"'app_command' must be a non-empty list of strings, got {command!r}")
+        kwargs["app_command"] = tuple(command)
+    if get("destinations") is not None:
+        destinations = get("destinations")
+        if not isinstance(destinations, list):
+            raise ConfigError(f"'destinations' must be a list, got {destinations!r}")
+        parsed = tuple(_destination(d, f"destinations[{i}]", base) for i, d in enumerate(destinations))
+        keys = [d.key for d in parsed]
+        for i, key in enumerate(keys):
+            if key in keys[:i]:
+                raise ConfigError(f"'destinations[{i}]' repeats destination {key}")
+        kwargs["destinations"] = parsed
+    if get("tls") is not None:
+        kwargs["tls"] = _tls(get("tls"), base)
+    if kwargs.get("max_retry_backoff_s", 600.0) < kwargs.get("retry_backoff_s", 10.0):
+        raise ConfigError("'max_retry_backoff_s' must not be smaller than 'retry_backoff_s'")
+    return NodeConfig(**kwargs)
+
+
+def _string(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"'{key}' must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _ae_title(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not _AE_TITLE.match(value) or not value.strip():
+        raise ConfigError(f"'{key}' must be an AE title: 1-16 printable ASCII characters, no backslash, got {value!r}")
+    return value.strip()
+
+
+def _port(value: Any, key: str, allow_zero: bool = False) -> int:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 65535:
+        raise ConfigError(f"'{key}' must be an integer {low}-65535, got {value!r}")
+    return value
+
+
+def _positive_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"'{key}' must be a positive integer, got {value!r}")
+    return value
+
+
+def _seconds(value: Any, key: str, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"'{key}' must be a number of seconds, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"'{key}' must be {'>= 0' if allow_zero else '> 0'} seconds, got {value!r}")
+    return float(value)
+
+
+def _path(value: Any, key: str, base: Path) -> Path:
+    path = Path(_string(value, key)).expanduser()
+    return path if path.is_absolute() else (base / path)
+
+
+def _destination(value: Any, key: str, base: Path) -> Destination:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"'{key}' must be a mapping with a 'type', got {value!r}")
+    kind = value.get("type")
+    if kind not in DESTINATION_TYPES:
+        raise ConfigError(f"'{key}.type' must be one of {', '.join(DESTINATION_TYPES)}, got {kind!r}")
+    unknown = sorted(set(map(str, value)) - _DESTINATION_KEYS[kind])
+    if unknown:
+        raise ConfigError(f"'{key}' of type {kind} has unknown key(s) {', '.join(repr(k) for k in unknown)}")
+    for required in sorted(_DESTINATION_KEYS[kind] - {"type"}):
+        if value.get(required) is None:
+            raise ConfigError(f"'{key}.{required}' is required for a {kind} destination")
+    if kind == "cstore":
+        return Destination("cstore", ae_title=_ae_title(value["ae_title"], f"{key}.ae_title"),
+                           host=_string(value["host"], f"{key}.host"), port=_port(value["port"], f"{key}.port"))
+    if kind == "stow":
+        url = _string(value["url"], f"{key}.url").rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"'{key}.url' must be an http(s) URL, got {url!r}")
+        return Destination("stow", url=url)
+    return Destination("folder", path=_path(value["path"], f"{key}.path", base))
+
+
+def _tls(value: Any, base: Path) -> TlsConfig:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"'tls' must be a mapping with 'cert', 'key' and optionally 'ca', got {value!r}")
+    unknown = sorted(set(map(str, value)) - {"cert", "key", "ca"})
+    if unknown:
+        raise ConfigError(f"'tls' has unknown key(s) {', '.join(repr(k) for k in unknown)}")
+    paths: dict[str, Path | None] = {}
+    for name in ("cert", "key", "ca"):
+        if value.get(name) is None:
+            if name != "ca":
+                raise ConfigError(f"'tls.{name}' is required")
+            paths[name] = None
+            continue
+        path = _path(value[name], f"tls.{name}", base)
+        if not path.is_file():
+            raise ConfigError(f"'tls.{name}' must name an existing file, got {str(path)!r}")
+        paths[name] = path
+    return TlsConfig(cert=paths["cert"], key=paths["key"], ca=paths["ca"])

@@ -1,0 +1,440 @@
+"""The durable job store: studies, jobs and per-instance deliveries in SQLite.
+
+States of a job::
+
+    received -> stable -> running -> delivering -> delivered
+                  ^          |            |
+                  |          v            v (destination down: stays delivering, retried)
+                  +------ failed -----> dead (after max_attempts; reason kept)
+
+* ``received``: instances are arriving; the study becomes ``stable`` after its
+  inactivity timeout.
+* ``running``: the application runs; a job found ``running`` at start-up (the node was
+  killed) goes back to ``stable`` (or ``dead`` when it has used all its attempts).
+* ``delivering``: results exist; every (destination, SOP Instance UID) pair is recorded
+  in ``deliveries`` as soon as the peer confirms it, so a restart never sends it twice.
+
+The database runs in WAL mode with one connection per thread.
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+STATES = ("received", "stable", "running", "delivering", "delivered", "failed", "dead")
+#: Job states in which a new instance is part of the pending run.
+OPEN_STATES = ("received", "stable", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    uid TEXT PRIMARY KEY,
+    calling_ae TEXT NOT NULL,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    instance_count INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL REFERENCES studies(uid),
+    received REAL NOT NULL,
+    times_received INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS instances_by_study ON instances(study_uid);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid TEXT NOT NULL REFERENCES studies(uid),
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    delivery_tries INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL,
+    reason TEXT NOT NULL DEFAULT '',
+    output_dir TEXT,
+    input_instances INTEGER,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    started REAL,
+    finished REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
+CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs(study_uid);
+CREATE TABLE IF NOT EXISTS deliveries (
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    destination TEXT NOT NULL,
+    sop_uid TEXT NOT NULL,
+    state TEXT NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (job_id, destination, sop_uid)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of the ``jobs`` table."""
+
+    id: int
+    study_uid: str
+    state: str
+    attempts: int
+    delivery_tries: int
+    next_attempt: float | None
+    reason: str
+    output_dir: str | None
+    input_instances: int | None
+    created: float
+    updated: float
+    started: float | None
+    finished: float | None
+
+
+@dataclass(frozen=True)
+class Received:
+    """What recording one instance did.
+
+    Attributes
+    ----------
+    duplicate : bool
+        The SOP Instance UID was already stored (the file was replaced).
+    job_id : int or None
+        The job the instance belongs to; ``None`` when it was ignored by the
+        late-instance policy.
+    opened : bool
+        A new job was created for it.
+    """
+
+    duplicate: bool
+    job_id: int | None
+    opened: bool
+
+
+class JobStore:
+    """SQLite store shared by the listener threads, the scheduler and the CLI.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        Database file (created with its schema if missing).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: dict[int, tuple[threading.Thread, sqlite3.Connection]] = {}
+        self._connection().executescript(_SCHEMA)
+
+    # -- connections ---------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=FULL")
+            connection.execute("PRAGMA foreign_keys=ON")
+            self._local.connection = connection
+            with self._lock:
+                for ident, (thread, old) in list(self._connections.items()):
+                    if not thread.is_alive():  # association threads come and go
+                        old.close()
+                        del self._connections[ident]
+                self._connections[threading.get_ident()] = (threading.current_thread(), connection)
+        return connection
+
+    class _Transaction:
+        def __init__(self, connection: sqlite3.Connection) -> None:
+            self.connection = connection
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.connection.execute("BEGIN IMMEDIATE")
+            return self.connection
+
+        def __exit__(self, kind, value, traceback) -> None:
+            self.connection.execute("COMMIT" if kind is None else "ROLLBACK")
+
+    def _transaction(self) -> JobStore._Transaction:
+        return JobStore._Transaction(self._connection())
+
+    def close(self) -> None:
+        """Close every connection this store opened."""
+        with self._lock:
+            for _, connection in self._connections.values():
+                connection.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    # -- ingest --------------------------------------------------------------------
+
+    def record_instance(self, study_uid: str, sop_uid: str, calling_ae: str, late_instance_policy: str,
+                        now: float | None = None) -> Received:
+        """Record a stored instance and open, re-open or extend its study's job.
+
+        Parameters
+        ----------
+        study_uid, sop_uid : str
+            UIDs of the instance (already on disk).
+        calling_ae : str
+            AE title of the sender; selects the study's inactivity timeout.
+        late_instance_policy : str
+            ``"reprocess"``: a new instance for a study whose last job already ran
+            (running, delivering, delivered or dead) opens a new job; ``"ignore"``: it
+            does not. A re-sent instance the study already has never opens a job.
+        now : float, optional
+            Time stamp (``time.time()``).
+
+        Returns
+        -------
+        Received
+        """
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            known = db.execute("SELECT study_uid FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
+            duplicate = known is not None
+            db.execute(
+                "INSERT INTO studies (uid, calling_ae, first_received, last_received) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(uid) DO UPDATE SET calling_ae = excluded.calling_ae, last_received = excluded.last_received",
+                (study_uid, calling_ae, now, now))
+            if duplicate:
+                db.execute("UPDATE instances SET received = ?, times_received = times_received + 1, study_uid = ? "
+                           "WHERE sop_uid = ?", (now, study_uid, sop_uid))
+            else:
+                db.execute("INSERT INTO instances (sop_uid, study_uid, received) VALUES (?, ?, ?)",
+                           (sop_uid, study_uid, now))
+            db.execute("UPDATE studies SET instance_count = (SELECT COUNT(*) FROM instances WHERE study_uid = ?) "
+                       "WHERE uid = ?", (study_uid, study_uid))
+            latest = db.execute("SELECT id, state FROM jobs WHERE study_uid = ? ORDER BY id DESC LIMIT 1",
+                                (study_uid,)).fetchone()
+            if latest is None:
+                return Received(duplicate, self._insert_job(db, study_uid, now), True)
+            job_id, state = int(latest["id"]), latest["state"]
+            if state == "stable":  # still arriving: wait for the study to settle again
+                self._set(db, job_id, now, state="received")
+                return Received(duplicate, job_id, False)
+            if state in OPEN_STATES:
+                return Received(duplicate, job_id, False)
+            if duplicate or late_instance_policy == "ignore":
+                return Received(duplicate, None, False)
+            return Received(duplicate, self._insert_job(db, study_uid, now), True)
+
+    @staticmethod
+    def _insert_job(db: sqlite3.Connection, study_uid: str, now: float) -> int:
+        cursor = db.execute("INSERT INTO jobs (study_uid, state, created, updated) VALUES (?, 'received', ?, ?)",
+                            (study_uid, now, now))
+        return int(cursor.lastrowid)
+
+    @staticmethod
+    def _set(db: sqlite3.Connection, job_id: int, now: float, **values: object) -> None:
+        columns = ", ".join(f"{name} = ?" for name in values)
+        db.execute(f"UPDATE jobs SET {columns}, updated = ? WHERE id = ?", (*values.values(), now, job_id))
+
+    # -- scheduler -----------------------------------------------------------------
+
+    def recover(self, max_attempts: int, now: float | None = None) -> list[int]:
+        """After a restart: jobs left ``running`` go back to ``stable`` (or ``dead``).
+
+        Parameters
+        ----------
+        max_attempts : int
+            A job that was interrupted on its last allowed attempt becomes ``dead``.
+
+        Returns
+        -------
+        list of int
+            Ids of the recovered jobs.
+        """
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            rows = db.execute("SELECT id, attempts FROM jobs WHERE state = 'running'").fetchall()
+            for row in rows:
+                if row["attempts"] >= max_attempts:
+                    self._set(db, row["id"], now, state="dead", finished=now,
+                              reason=f"interrupted by a node restart on attempt {row['attempts']} of {max_attempts}")
+                else:
+                    self._set(db, row["id"], now, state="stable", next_attempt=None,
+                              reason="interrupted by a node restart; will run again")
+        return [int(row["id"]) for row in rows]
+
+    def received_jobs(self) -> list[tuple[Job, str, float]]:
+        """Jobs still receiving, with their study's calling AE and last receive time."""
+        rows = self._connection().execute(
+            "SELECT jobs.*, studies.calling_ae AS calling_ae, studies.last_received AS last_received "
+            "FROM jobs JOIN studies ON studies.uid = jobs.study_uid WHERE jobs.state = 'received' ORDER BY jobs.id"
+        ).fetchall()
+        return [(_job(row), row["calling_ae"], float(row["last_received"])) for row in rows]
+
+    def mark_stable(self, job_id: int, last_received: float, now: float | None = None) -> bool:
+        """``received`` -> ``stable`` unless an instance arrived after ``last_received``."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET state = 'stable', updated = ? WHERE id = ? AND state = 'received' AND "
+                "(SELECT last_received FROM studies WHERE uid = jobs.study_uid) <= ?", (now, job_id, last_received))
+            return cursor.rowcount == 1
+
+    def next_due(self, now: float | None = None) -> Job | None:
+        """The next job to work on: a due delivery first, then the oldest runnable job."""
+        now = time.time() if now is None else now
+        row = self._connection().execute(
+            "SELECT * FROM jobs WHERE (state = 'delivering' AND COALESCE(next_attempt, 0) <= ?) "
+            "OR state = 'stable' OR (state = 'failed' AND COALESCE(next_attempt, 0) <= ?) "
+            "ORDER BY CASE state WHEN 'delivering' THEN 0 ELSE 1 END, id LIMIT 1", (now, now)).fetchone()
+        return _job(row) if row is not None else None
+
+    def start_attempt(self, job_id: int, output_dir: str, now: float | None = None) -> Job | None:
+        """``stable``/``failed`` -> ``running``, counting the attempt; ``None`` if the job moved meanwhile."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, started = ?, updated = ?, "
+                "output_dir = ?, next_attempt = NULL WHERE id = ? AND state IN ('stable', 'failed')",
+                (now, now, output_dir, job_id))
+            if cursor.rowcount != 1:
+                return None
+            return _job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    def set_input_instances(self, job_id: int, count: int) -> None:
+        """Record how many instances the attempt's input snapshot holds."""
+        with self._transaction() as db:
+            self._set(db, job_id, time.time(), input_instances=count)
+
+    def finish_attempt(self, job_id: int, ok: bool, reason: str, max_attempts: int, backoff_s: float,
+                       now: float | None = None) -> str:
+        """End a ``running`` attempt.
+
+        Parameters
+        ----------
+        ok : bool
+            The application succeeded: the job goes to ``delivering``.
+        reason : str
+            Why it failed (kept on the job and shown by ``status``).
+        max_attempts : int
+            A failed job with this many attempts becomes ``dead``.
+        backoff_s : float
+            Otherwise it is ``failed`` and runs again after this many seconds.
+
+        Returns
+        -------
+        str
+            The new state.
+        """
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            row = db.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if ok:
+                state, values = "delivering", {"reason": reason, "next_attempt": None, "delivery_tries": 0}
+            elif row["attempts"] >= max_attempts:
+                state, values = "dead", {"reason": reason, "finished": now, "next_attempt": None}
+            else:
+                state, values = "failed", {"reason": reason, "next_attempt": now + backoff_s}
+            self._set(db, job_id, now, state=state, **values)
+            return state
+
+    def interrupt_attempt(self, job_id: int, now: float | None = None) -> None:
+        """A graceful stop interrupted the run: back to ``stable``, the attempt not counted."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET state = 'stable', attempts = MAX(attempts - 1, 0), reason = ?, updated = ? "
+                       "WHERE id = ? AND state = 'running'",
+                       ("interrupted by a node stop; will run again", now, job_id))
+
+    # -- deliveries ----------------------------------------------------------------
+
+    def delivered(self, job_id: int, destination: str) -> set[str]:
+        """SOP Instance UIDs of the job already confirmed by ``destination``."""
+        rows = self._connection().execute(
+            "SELECT sop_uid FROM deliveries WHERE job_id = ? AND destination = ? AND state = 'delivered'",
+            (job_id, destination)).fetchall()
+        return {row["sop_uid"] for row in rows}
+
+    def record_delivery(self, job_id: int, destination: str, sop_uid: str, now: float | None = None) -> None:
+        """Record that ``destination`` confirmed one result instance (never sent again)."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            db.execute("INSERT INTO deliveries (job_id, destination, sop_uid, state, updated) "
+                       "VALUES (?, ?, ?, 'delivered', ?) ON CONFLICT(job_id, destination, sop_uid) "
+                       "DO UPDATE SET state = 'delivered', updated = excluded.updated",
+                       (job_id, destination, sop_uid, now))
+
+    def finish_delivery(self, job_id: int, complete: bool, reason: str, backoff_s: float,
+                        now: float | None = None) -> str:
+        """All results confirmed (``delivered``), or try the missing ones again after ``backoff_s``."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            if complete:
+                self._set(db, job_id, now, state="delivered", reason=reason, finished=now, next_attempt=None)
+                return "delivered"
+            db.execute("UPDATE jobs SET delivery_tries = delivery_tries + 1, reason = ?, next_attempt = ?, "
+                       "updated = ? WHERE id = ? AND state = 'delivering'", (reason, now + backoff_s, now, job_id))
+            return "delivering"
+
+    # -- operators -----------------------------------------------------------------
+
+    def job(self, job_id: int) -> Job | None:
+        """One job by id."""
+        row = self._connection().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row) if row is not None else None
+
+    def jobs(self, study_uid: str | None = None) -> list[Job]:
+        """All jobs (of one study), oldest first."""
+        if study_uid is None:
+            rows = self._connection().execute("SELECT * FROM jobs ORDER BY id").fetchall()
+        else:
+            rows = self._connection().execute("SELECT * FROM jobs WHERE study_uid = ? ORDER BY id",
+                                              (study_uid,)).fetchall()
+        return [_job(row) for row in rows]
+
+    def status_rows(self) -> list[dict]:
+        """Jobs joined with their study and delivery counts, for ``msk-node status``."""
+        rows = self._connection().execute(
+            "SELECT jobs.*, studies.calling_ae AS calling_ae, studies.instance_count AS instances, "
+            "(SELECT COUNT(*) FROM deliveries WHERE deliveries.job_id = jobs.id AND deliveries.state = 'delivered') "
+            "AS deliveries FROM jobs JOIN studies ON studies.uid = jobs.study_uid ORDER BY jobs.id").fetchall()
+        return [dict(row) for row in rows]
+
+    def study(self, study_uid: str) -> dict | None:
+        """The study row as a dict."""
+        row = self._connection().execute("SELECT * FROM studies WHERE uid = ?", (study_uid,)).fetchone()
+        return dict(row) if row is not None else None
+
+    def requeue(self, job_id: int, now: float | None = None) -> str:
+        """Operator retry: a ``dead`` or ``failed`` job runs again with a fresh attempt count; a
+        ``delivering`` job tries its destinations now.
+
+        Returns
+        -------
+        str
+            The job's new state.
+
+        Raises
+        ------
+        KeyError
+            If there is no job ``job_id``.
+        ValueError
+            If the job is in a state that cannot be retried (received, stable, running, delivered).
+        """
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"no job {job_id}")
+            state = row["state"]
+            if state in ("dead", "failed"):
+                self._set(db, job_id, now, state="stable", attempts=0, next_attempt=None, finished=None,
+                          reason=f"requeued by the operator (was {state})")
+                return "stable"
+            if state == "delivering":
+                self._set(db, job_id, now, next_attempt=None)
+                return "delivering"
+            raise ValueError(f"job {job_id} is {state}; only dead, failed or delivering jobs can be retried")
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(**{name: row[name] for name in Job.__dataclass_fields__})

@@ -1,0 +1,154 @@
+"""The node: listener + scheduler over one spool and one job store; status and retry."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from pynetdicom.transport import ThreadedAssociationServer
+
+from msk_node.service.config import NodeConfig
+from msk_node.service.jobs import JobStore
+from msk_node.service.listener import start_listener
+from msk_node.service.spool import Spool
+from msk_node.service.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+
+class Node:
+    """The PACS node service.
+
+    Parameters
+    ----------
+    config : NodeConfig
+
+    Note
+    ----
+    Start-up recovers from a crash first: partial spool writes are removed and jobs
+    left ``running`` go back to ``stable`` (see :meth:`JobStore.recover`). Only one
+    node may use a spool at a time.
+    """
+
+    def __init__(self, config: NodeConfig) -> None:
+        if not isinstance(config, NodeConfig):
+            raise TypeError(f"config must be a NodeConfig, got {type(config).__name__}")
+        self.config = config
+        self.spool: Spool | None = None
+        self.store: JobStore | None = None
+        self.worker: Worker | None = None
+        self.server: ThreadedAssociationServer | None = None
+        self._stopped = threading.Event()
+
+    @property
+    def port(self) -> int:
+        """The port the listener is bound to (the real one when the config says 0)."""
+        if self.server is None:
+            raise RuntimeError("the node is not started")
+        return int(self.server.server_address[1])
+
+    def start(self) -> Node:
+        """Recover, then start the listener and the scheduler; returns ``self``."""
+        if self.server is not None:
+            raise RuntimeError("the node is already started")
+        self._stopped.clear()
+        self.spool = Spool(self.config.spool_dir)
+        removed = self.spool.clean_tmp()
+        self.store = JobStore(self.config.database)
+        recovered = self.store.recover(self.config.max_attempts)
+        if removed or recovered:
+            logger.info("recovered: %d partial write(s) removed, job(s) %s interrupted", removed,
+                        ", ".join(map(str, recovered)) or "none")
+        self.worker = Worker(self.config, self.spool, self.store)
+        try:
+            self.server = start_listener(self.config, self.spool, self.store)
+        except BaseException:
+            self.store.close()
+            raise
+        self.worker.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting associations, stop the scheduler (a running job goes back to
+        ``stable``) and close the store. Safe to call twice."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        self._stopped.set()
+        logger.info("node %s stopped", self.config.ae_title)
+
+    def run_forever(self) -> None:
+        """Start and serve until SIGINT or SIGTERM (main thread only), then stop."""
+        self.start()
+        previous = {}
+
+        def request_stop(signum, frame) -> None:
+            logger.info("signal %d: stopping", signum)
+            self._stopped.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, request_stop)
+        try:
+            while not self._stopped.wait(1.0):
+                pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.stop()
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def status(config: NodeConfig) -> list[dict]:
+    """Every job with its study, state, attempts, reason and delivered-instance count.
+
+    Reads the job store without a running node (safe while one runs).
+
+    Returns
+    -------
+    list of dict
+        Keys: ``id``, ``study_uid``, ``state``, ``attempts``, ``reason``, ``calling_ae``,
+        ``instances``, ``input_instances``, ``deliveries``, ``next_attempt``, ``created``,
+        ``updated``, ``started``, ``finished``, ``output_dir``, ``delivery_tries``.
+    """
+    if not config.database.exists():
+        return []
+    store = JobStore(config.database)
+    try:
+        return store.status_rows()
+    finally:
+        store.close()
+
+
+def retry(config: NodeConfig, job_id: int) -> str:
+    """Requeue a dead or failed job (fresh attempts), or deliver a ``delivering`` job now.
+
+    Returns
+    -------
+    str
+        The job's new state.
+
+    Raises
+    ------
+    KeyError
+        If there is no such job.
+    ValueError
+        If the job cannot be retried in its state.
+    """
+    if not config.database.exists():
+        raise KeyError(f"no job {job_id} (no job store at {config.database})")
+    store = JobStore(config.database)
+    try:
+        return store.requeue(int(job_id))
+    finally:
+        store.close()

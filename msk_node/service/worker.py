@@ -1,0 +1,274 @@
+"""The scheduler: studies become stable, jobs run one at a time, results go out once.
+
+The application runs as a subprocess (``app_command -i IN -o OUT -m MODELS``) with a
+timeout, so a crash, a hang or an out-of-memory kill fails one attempt and the node goes
+on. Failed attempts are retried with exponential backoff up to ``max_attempts``; then
+the job is ``dead`` and its reason stays visible in ``msk-node status``. Results are
+delivered per instance per destination, each confirmation recorded at once, so a restart
+sends only what was not confirmed; a destination that is down keeps the job in
+``delivering`` and is tried again with backoff.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sqlite3
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from msk_node.service.config import NodeConfig
+from msk_node.service.delivery import DeliveryError, read_results, send
+from msk_node.service.jobs import Job, JobStore
+from msk_node.service.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+_WAIT_STEP_S = 0.2
+
+
+def failure_reason(log_path: Path, returncode: int | None) -> str:
+    """A one-line reason from the application's exit status and the end of its log.
+
+    The last exception line after the last ``Traceback`` is preferred; otherwise the
+    last non-empty line.
+    """
+    head = "killed by signal %d" % -returncode if returncode is not None and returncode < 0 \
+        else f"exit code {returncode}"
+    try:
+        with open(log_path, "rb") as handle:
+            handle.seek(0, 2)
+            size = handle.tell()
+            handle.seek(max(size - 20000, 0))
+            lines = handle.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return head
+    lines = [line.rstrip() for line in lines if line.strip()]
+    detail = ""
+    tracebacks = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if tracebacks:
+        candidates = [line for line in lines[tracebacks[-1] + 1:]
+                      if not line[0].isspace() and not line.startswith("[")]
+        detail = candidates[-1] if candidates else ""
+    if not detail and lines:
+        detail = lines[-1]
+    return f"{head}: {detail[:300]}" if detail else head
+
+
+def success_summary(output_dir: Path, n_results: int) -> str:
+    """``"2 result(s); series: segmented 2; 1 file(s) skipped"`` from ``report.json`` if present."""
+    text = f"{n_results} result(s)"
+    try:
+        report = json.loads((output_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return text
+    if not isinstance(report, dict):
+        return text
+    outcomes = Counter(str(s.get("outcome", "?")) for s in report.get("series", []) if isinstance(s, dict))
+    if outcomes:
+        text += "; series: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
+    skipped = report.get("skipped", [])
+    if isinstance(skipped, list) and skipped:
+        text += f"; {len(skipped)} input(s) skipped"
+    return text
+
+
+class Worker:
+    """The scheduler thread.
+
+    Parameters
+    ----------
+    config : NodeConfig
+    spool : Spool
+    store : JobStore
+    """
+
+    def __init__(self, config: NodeConfig, spool: Spool, store: JobStore) -> None:
+        self.config = config
+        self.spool = spool
+        self.store = store
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the scheduler thread."""
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError("the worker is already running")
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="msk-node-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the current step; a running application is killed and its job
+        goes back to ``stable`` without counting the attempt."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("worker did not stop within %.0f s", timeout)
+            self._thread = None
+
+    def wake(self) -> None:
+        """Look for work now instead of at the next poll."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        logger.info("worker started")
+        while not self._stop.is_set():
+            try:
+                busy = self.step()
+            except (sqlite3.Error, OSError) as error:
+                logger.error("worker step failed: %s", error)
+                busy = False
+            except Exception:  # noqa: BLE001 - the scheduler must outlive a bug; the traceback is logged
+                logger.exception("worker step failed unexpectedly")
+                busy = False
+            if not busy:
+                self._wake.wait(self.config.poll_interval_s)
+                self._wake.clear()
+        logger.info("worker stopped")
+
+    def step(self, now: float | None = None) -> bool:
+        """One scheduling pass: mark settled studies stable, then run or deliver one job.
+
+        Returns
+        -------
+        bool
+            True if a job was worked on.
+        """
+        self.promote_stable(now)
+        job = self.store.next_due(now)
+        if job is None or self._stop.is_set():
+            return False
+        if job.state == "delivering":
+            self.deliver(job)
+        else:
+            self.run(job)
+        return True
+
+    def promote_stable(self, now: float | None = None) -> list[int]:
+        """``received`` -> ``stable`` for studies idle for their (per-AE) timeout."""
+        now = time.time() if now is None else now
+        promoted = []
+        for job, calling_ae, last_received in self.store.received_jobs():
+            if now - last_received >= self.config.stable_after(calling_ae):
+                if self.store.mark_stable(job.id, last_received, now):
+                    study = self.store.study(job.study_uid) or {}
+                    logger.info("job %d: study %s stable with %s instance(s)", job.id, job.study_uid,
+                                study.get("instance_count", "?"))
+                    promoted.append(job.id)
+        return promoted
+
+    def run(self, job: Job) -> str:
+        """Run the application once for ``job`` and record the outcome.
+
+        Returns
+        -------
+        str
+            The job's new state (``delivering``/``delivered``, ``failed``, ``dead``, or
+            ``stable`` when a stop interrupted it).
+        """
+        folder = self.spool.new_attempt_dir(job.id)
+        input_dir, output_dir, log_path = folder / "input", folder / "output", folder / "app.log"
+        started = self.store.start_attempt(job.id, str(output_dir))
+        if started is None:  # moved meanwhile (operator)
+            folder.rmdir()
+            return job.state
+        count = self.spool.snapshot_study(job.study_uid, input_dir)
+        self.store.set_input_instances(job.id, count)
+        output_dir.mkdir()
+        logger.info("job %d: attempt %d of %d on study %s (%d instance(s))", job.id, started.attempts,
+                    self.config.max_attempts, job.study_uid, count)
+        command = [*self.config.app_command, "-i", str(input_dir), "-o", str(output_dir),
+                   "-m", str(self.config.models_dir)]
+        begin = time.monotonic()
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       cwd=folder)
+            returncode, timed_out = self._wait(process, begin)
+        shutil.rmtree(input_dir, ignore_errors=True)
+        if returncode is None and not timed_out:  # stopped by Node.stop()
+            self.store.interrupt_attempt(job.id)
+            logger.info("job %d: interrupted by stop; back to stable", job.id)
+            return "stable"
+        elapsed = time.monotonic() - begin
+        if timed_out:
+            ok, reason = False, f"timed out after {self.config.job_timeout_s:g} s"
+        elif returncode != 0:
+            ok, reason = False, failure_reason(log_path, returncode)
+        else:
+            results, problems = read_results(output_dir)
+            ok, reason = True, success_summary(output_dir, len(results))
+            if problems:
+                reason += "; " + "; ".join(problems[:3])
+        state = self.store.finish_attempt(job.id, ok, reason, self.config.max_attempts,
+                                          self.config.backoff(started.attempts))
+        if ok:
+            logger.info("job %d: application finished in %.1f s: %s", job.id, elapsed, reason)
+            return self.deliver(self.store.job(job.id))
+        if state == "dead":
+            logger.error("job %d: attempt %d of %d failed after %.1f s; job is dead: %s", job.id, started.attempts,
+                         self.config.max_attempts, elapsed, reason)
+        else:
+            logger.warning("job %d: attempt %d of %d failed after %.1f s; next attempt in %.1f s: %s", job.id,
+                           started.attempts, self.config.max_attempts, elapsed,
+                           self.config.backoff(started.attempts), reason)
+        return state
+
+    def _wait(self, process: subprocess.Popen, begin: float) -> tuple[int | None, bool]:
+        while True:
+            try:
+                return process.wait(timeout=_WAIT_STEP_S), False
+            except subprocess.TimeoutExpired:
+                pass
+            timed_out = time.monotonic() - begin > self.config.job_timeout_s
+            if timed_out or self._stop.is_set():
+                process.kill()
+                process.wait()
+                return None, timed_out
+
+    def deliver(self, job: Job) -> str:
+        """Send the job's results to every destination not yet confirmed.
+
+        Returns
+        -------
+        str
+            ``delivered`` when every destination confirmed every result, else
+            ``delivering`` (tried again after a backoff).
+        """
+        output_dir = Path(job.output_dir or "")
+        results, problems = read_results(output_dir)
+        errors = []
+        sent = 0
+        for destination in self.config.destinations:
+            confirmed = self.store.delivered(job.id, destination.key)
+            pending = [r for r in results if r.sop_uid not in confirmed]
+
+            def confirm(sop_uid: str, key: str = destination.key) -> None:
+                nonlocal sent
+                self.store.record_delivery(job.id, key, sop_uid)
+                sent += 1
+
+            try:
+                send(destination, pending, confirm, self.config.ae_title)
+            except DeliveryError as error:
+                errors.append(f"{destination.key}: {error}")
+        summary = success_summary(output_dir, len(results))
+        if problems:
+            summary += "; " + "; ".join(problems[:3])
+        if not self.config.destinations:
+            summary += "; no destinations configured"
+        if errors:
+            reason = "delivery pending: " + "; ".join(errors)
+            self.store.finish_delivery(job.id, False, reason, self.config.backoff(job.delivery_tries + 1))
+            logger.warning("job %d: %d result(s) sent, %s", job.id, sent, reason)
+            return "delivering"
+        self.store.finish_delivery(job.id, True, summary, 0.0)
+        logger.info("job %d: delivered (%d instance(s) sent now) to %d destination(s)", job.id, sent,
+                    len(self.config.destinations))
+        return "delivered"

@@ -1,0 +1,595 @@
+"""The PACS node service against real peers on localhost: dcmtk storescu/echoscu,
+pynetdicom and dcmtk SCPs, a STOW-RS endpoint; a stub application for speed and one
+end-to-end run of the real application."""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+import yaml
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
+from pynetdicom import AE
+
+from msk_node import cli
+from msk_node.service import ConfigError, JobStore, Node, NodeConfig, status
+from msk_node.service.listener import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
+from msk_node.service.spool import Spool
+from tests.dicom_checks import dciodvfy_errors
+from tests.service_helpers import (
+    NODE_AE,
+    StoreSCP,
+    StowServer,
+    echoscu,
+    free_port,
+    make_study,
+    node_config,
+    storescu,
+    stub_app,
+    wait_for,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = Path(os.environ.get("MSK_NODE_MODELS", REPO / "models"))
+
+pytestmark = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk (storescu, echoscu) not on PATH")
+
+
+@pytest.fixture
+def dest():
+    scp = StoreSCP("DEST")
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture
+def nodes():
+    """Start nodes through this list; every one is stopped at the end."""
+    started: list[Node] = []
+
+    def start(config: NodeConfig) -> Node:
+        node = Node(config).start()
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.stop()
+
+
+def jobs_of(config: NodeConfig) -> list[dict]:
+    return status(config)
+
+
+def states(config: NodeConfig) -> list[str]:
+    return [row["state"] for row in status(config)]
+
+
+def spool_files(config: NodeConfig, study_uid: str) -> list[Path]:
+    return sorted((config.spool_dir / "studies" / study_uid).glob("*.dcm"))
+
+
+def study_uid_of(paths: list[Path]) -> str:
+    return str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+# -- configuration -----------------------------------------------------------------------
+
+def test_example_config_documents_and_loads_every_key():
+    config = NodeConfig.load(REPO / "node.example.yaml")
+    assert config.ae_title == "MSKNODE" and config.port == 11112
+    assert [d.type for d in config.destinations] == ["cstore", "stow", "folder"]
+    assert config.stable_after("PACS") == 120 and config.stable_after("OTHER") == 30
+    assert config.spool_dir == REPO / "spool"
+    text = (REPO / "node.example.yaml").read_text()
+    for key in NodeConfig.__dataclass_fields__:
+        assert f"{key}:" in text, key
+    assert config.backoff(1) == 10 and config.backoff(3) == 40 and config.backoff(30) == 600
+
+
+@pytest.mark.parametrize(("change", "key"), [
+    ({"port": "eleven"}, "'port'"),
+    ({"ae_title": "A" * 17}, "'ae_title'"),
+    ({"stable_after_s": -1}, "'stable_after_s'"),
+    ({"late_instance_policy": "sometimes"}, "'late_instance_policy'"),
+    ({"allowed_calling_aes": "SCU"}, "'allowed_calling_aes'"),
+    ({"destinations": [{"type": "cstore", "ae_title": "P", "host": "h"}]}, "'destinations[0].port'"),
+    ({"destinations": [{"type": "ftp"}]}, "'destinations[0].type'"),
+    ({"destinations": [{"type": "stow", "url": "pacs:8042"}]}, "'destinations[0].url'"),
+    ({"tls": {"cert": "missing.pem", "key": "missing.key"}}, "'tls.cert'"),
+    ({"stable_after_s_by_ae": {"PACS": "slow"}}, "'stable_after_s_by_ae.PACS'"),
+    ({"max_attempts": 0}, "'max_attempts'"),
+    ({"colour": "blue"}, "'colour'"),
+])
+def test_config_errors_name_the_key(tmp_path, change, key):
+    document = {"ae_title": "N", "port": 104, "spool_dir": "spool", **change}
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump(document))
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        NodeConfig.load(path)
+    with pytest.raises(ConfigError, match="'spool_dir' is required"):
+        NodeConfig.from_mapping({"ae_title": "N", "port": 104})
+
+
+# -- association -------------------------------------------------------------------------
+
+def test_echo_succeeds_and_unknown_calling_or_called_ae_is_rejected(tmp_path, nodes):
+    config = node_config(tmp_path, None, [], allowed_calling_aes=["SCU", "PACS"])
+    node = nodes(config)
+    ok = echoscu(node.port, calling="SCU")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    stranger = echoscu(node.port, calling="STRANGER")
+    assert stranger.returncode != 0
+    assert "Association Rejected" in stranger.stdout + stranger.stderr
+    wrong_called = echoscu(node.port, calling="SCU", called="SOMEONE")
+    assert wrong_called.returncode != 0
+    assert "Association Rejected" in wrong_called.stdout + wrong_called.stderr
+    # A rejected association stores nothing.
+    study = make_study(tmp_path / "study", n=2)
+    assert storescu(node.port, [study[0].parent], calling="STRANGER").returncode != 0
+    assert jobs_of(config) == []
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A test CA and node/client certificates signed by it (openssl CLI)."""
+    folder.mkdir()
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    run("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=msk-node test CA", "-days", "2")
+    (folder / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name in ("node", "client"):
+        run("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", "ext.cnf")
+    return {name: folder / name for name in ("ca.pem", "node.pem", "node.key", "client.pem", "client.key")}
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not on PATH")
+def test_tls_listener_requires_a_client_certificate_from_the_ca(tmp_path, nodes):
+    certs = _certificates(tmp_path / "certs")
+    config = node_config(tmp_path, None, [], tls={"cert": "certs/node.pem", "key": "certs/node.key",
+                                                   "ca": "certs/ca.pem"})
+    node = nodes(config)
+    echo = [shutil.which("echoscu"), "-aet", "SCU", "-aec", NODE_AE]
+    trusted = subprocess.run([*echo, "+tls", certs["client.key"], certs["client.pem"], "+cf", certs["ca.pem"],
+                              "127.0.0.1", str(node.port)], capture_output=True, text=True, timeout=60)
+    assert trusted.returncode == 0, trusted.stdout + trusted.stderr
+    anonymous = subprocess.run([*echo, "+tla", "+cf", certs["ca.pem"], "127.0.0.1", str(node.port)],
+                               capture_output=True, text=True, timeout=60)
+    assert anonymous.returncode != 0
+    assert echoscu(node.port).returncode != 0  # plain TCP
+
+
+# -- one study, duplicates, late instances --------------------------------------------------
+
+def test_study_becomes_one_job_delivered_once_and_resend_does_not_duplicate(tmp_path, nodes, dest):
+    command, _ = stub_app(tmp_path / "stub")
+    config = node_config(tmp_path, command, [dest.destination()])
+    node = nodes(config)
+    study = make_study(tmp_path / "study", n=5)
+    uid = study_uid_of(study)
+
+    sent = storescu(node.port, [study[0].parent])
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert len(spool_files(config, uid)) == 5  # on disk before storescu heard success
+    assert states(config) == ["received"]
+    wait_for(lambda: states(config) == ["delivered"], 30, what="delivered")
+    (job,) = jobs_of(config)
+    assert (job["instances"], job["input_instances"], job["attempts"], job["deliveries"]) == (5, 5, 1, 1)
+    assert dest.study_uids == [uid]
+    assert "from 5 input(s)" in dest.received[0].ImageComments
+
+    # The same instances again: replaced in the spool, no new job, nothing re-sent.
+    assert storescu(node.port, [study[0].parent]).returncode == 0
+    time.sleep(config.stable_after_s + 1.0)
+    assert states(config) == ["delivered"] and len(dest.received) == 1
+    assert len(spool_files(config, uid)) == 5
+    assert JobStore(config.database).study(uid)["instance_count"] == 5
+
+    # A new instance of the delivered study re-opens it (late_instance_policy: reprocess).
+    late = pydicom.dcmread(study[0])
+    late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    late.save_as(tmp_path / "late.dcm", enforce_file_format=True)
+    assert storescu(node.port, [tmp_path / "late.dcm"]).returncode == 0
+    wait_for(lambda: states(config) == ["delivered", "delivered"], 30, what="second job delivered")
+    assert jobs_of(config)[1]["input_instances"] == 6
+    assert len(dest.received) == 2 and len(spool_files(config, uid)) == 6
+
+
+def test_job_store_late_instance_policy_and_recovery(tmp_path):
+    store = JobStore(tmp_path / "node.sqlite")
+    first = store.record_instance("1.2.3", "1.2.3.1", "SCU", "ignore", now=100.0)
+    assert first.opened and not first.duplicate
+    assert store.record_instance("1.2.3", "1.2.3.1", "SCU", "ignore", now=101.0).duplicate
+    assert store.study("1.2.3")["instance_count"] == 1
+    assert store.mark_stable(first.job_id, last_received=101.0)
+    store.record_instance("1.2.3", "1.2.3.2", "SCU", "ignore", now=102.0)  # still queued: back to received
+    assert store.job(first.job_id).state == "received"
+    assert store.mark_stable(first.job_id, last_received=102.0)
+    assert store.start_attempt(first.job_id, "out").state == "running"
+    ignored = store.record_instance("1.2.3", "1.2.3.3", "SCU", "ignore", now=103.0)
+    assert ignored.job_id is None and len(store.jobs()) == 1
+    reopened = store.record_instance("1.2.3", "1.2.3.4", "SCU", "reprocess", now=104.0)
+    assert reopened.opened and len(store.jobs()) == 2
+
+    assert store.recover(max_attempts=3) == [first.job_id]  # the node was killed mid-run
+    assert store.job(first.job_id).state == "stable" and store.job(first.job_id).attempts == 1
+    store.start_attempt(first.job_id, "out")
+    assert store.recover(max_attempts=2) == [first.job_id]
+    assert store.job(first.job_id).state == "dead" and "interrupted" in store.job(first.job_id).reason
+    with pytest.raises(ValueError, match="received"):
+        store.requeue(reopened.job_id)
+    with pytest.raises(KeyError):
+        store.requeue(99)
+    store.close()
+
+
+def test_studies_become_stable_after_their_calling_aes_timeout(tmp_path):
+    from msk_node.service.worker import Worker
+
+    config = node_config(tmp_path, None, [], stable_after_s=2, stable_after_s_by_ae={"SLOWPACS": 60})
+    store = JobStore(config.database)
+    worker = Worker(config, Spool(config.spool_dir), store)
+    fast = store.record_instance("1.2.1", "1.2.1.1", "MODALITY", "reprocess", now=1000.0)
+    slow = store.record_instance("1.2.2", "1.2.2.1", "SLOWPACS", "reprocess", now=1000.0)
+    assert worker.promote_stable(now=1001.0) == []
+    assert worker.promote_stable(now=1002.5) == [fast.job_id]
+    assert worker.promote_stable(now=1059.0) == []
+    assert worker.promote_stable(now=1060.5) == [slow.job_id]
+    store.close()
+
+
+# -- load --------------------------------------------------------------------------------
+
+def test_four_concurrent_associations_of_three_studies_each(tmp_path, nodes, dest):
+    command, _ = stub_app(tmp_path / "stub")
+    config = node_config(tmp_path, command, [dest.destination()])
+    node = nodes(config)
+    senders = []
+    for s in range(4):
+        studies = [make_study(tmp_path / f"sender{s}" / f"study{k}", n=4 + k) for k in range(3)]
+        senders.append(studies)
+    results: list[subprocess.CompletedProcess] = []
+
+    def send(index, studies):
+        results.append(storescu(node.port, [paths[0].parent for paths in studies], calling=f"SCU{index}"))
+
+    threads = [threading.Thread(target=send, args=item) for item in enumerate(senders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert [r.returncode for r in results] == [0, 0, 0, 0], [r.stderr for r in results]
+
+    expected = {study_uid_of(paths): len(paths) for studies in senders for paths in studies}
+    assert len(expected) == 12
+    wait_for(lambda: states(config) == ["delivered"] * 12, 120, what="12 delivered jobs")
+    rows = jobs_of(config)
+    assert {row["study_uid"]: row["instances"] for row in rows} == expected
+    assert all(row["input_instances"] == row["instances"] for row in rows)
+    assert {uid: len(spool_files(config, uid)) for uid in expected} == expected
+    assert sorted(dest.study_uids) == sorted(expected)  # one result per study, none twice
+
+
+# -- failures ----------------------------------------------------------------------------
+
+def test_crashing_app_is_retried_then_dead_and_the_operator_can_retry_it(tmp_path, nodes, dest, capsys):
+    command, mode = stub_app(tmp_path / "stub", "crash")
+    config_path = tmp_path / "node.yaml"
+    document = {"ae_title": NODE_AE, "port": 0, "spool_dir": "spool", "stable_after_s": 1, "poll_interval_s": 0.1,
+                "retry_backoff_s": 0.3, "max_retry_backoff_s": 1, "max_attempts": 2, "app_command": command,
+                "destinations": [dest.destination()]}
+    config_path.write_text(yaml.safe_dump(document))
+    config = NodeConfig.load(config_path)
+    node = nodes(config)
+    crashing = make_study(tmp_path / "crashing", n=3)
+    assert storescu(node.port, [crashing[0].parent]).returncode == 0
+    wait_for(lambda: states(config) == ["dead"], 60, what="dead job")
+    (job,) = jobs_of(config)
+    assert job["attempts"] == 2
+    assert "exit code 1" in job["reason"] and "stub application crashed on purpose" in job["reason"]
+    assert dest.received == []
+
+    # The node keeps serving.
+    assert echoscu(node.port).returncode == 0
+    mode.write_text("copy")
+    healthy = make_study(tmp_path / "healthy", n=3)
+    assert storescu(node.port, [healthy[0].parent]).returncode == 0
+    wait_for(lambda: states(config) == ["dead", "delivered"], 30, what="second study delivered")
+
+    assert cli.main(["status", "--config", str(config_path)]) == 0
+    table = capsys.readouterr().out
+    assert "dead" in table and "stub application crashed on purpose" in table and study_uid_of(crashing) in table
+    assert cli.main(["retry", str(job["id"]), "--config", str(config_path)]) == 0
+    assert "stable" in capsys.readouterr().out
+    wait_for(lambda: states(config) == ["delivered", "delivered"], 30, what="retried job delivered")
+    assert sorted(dest.study_uids) == sorted([study_uid_of(crashing), study_uid_of(healthy)])
+    with pytest.raises(SystemExit, match="delivered"):
+        cli.main(["retry", str(job["id"]), "--config", str(config_path)])
+
+
+def test_app_that_hangs_is_killed_at_the_job_timeout(tmp_path, nodes, dest):
+    command, _ = stub_app(tmp_path / "stub", "sleep:30")
+    config = node_config(tmp_path, command, [dest.destination()], job_timeout_s=1, max_attempts=1)
+    node = nodes(config)
+    study = make_study(tmp_path / "study", n=2)
+    assert storescu(node.port, [study[0].parent]).returncode == 0
+    wait_for(lambda: states(config) == ["dead"], 30, what="dead job")
+    assert jobs_of(config)[0]["reason"] == "timed out after 1 s"
+
+
+def test_killed_node_resumes_the_job_and_delivers_exactly_once(tmp_path, nodes, dest):
+    command, mode = stub_app(tmp_path / "stub", "sleep:60")
+    config_path = tmp_path / "node.yaml"
+    port = free_port()
+    document = {"ae_title": NODE_AE, "port": port, "spool_dir": "spool", "stable_after_s": 1, "poll_interval_s": 0.1,
+                "retry_backoff_s": 0.2, "app_command": command, "destinations": [dest.destination()]}
+    config_path.write_text(yaml.safe_dump(document))
+    config = NodeConfig.load(config_path)
+    log = open(tmp_path / "serve.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "msk_node.cli", "serve", "--config", str(config_path)],
+                              cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: echoscu(port).returncode == 0, 60, interval=0.5, what="serve to listen")
+        study = make_study(tmp_path / "study", n=4)
+        assert storescu(port, [study[0].parent]).returncode == 0
+        wait_for(lambda: states(config) == ["running"], 30, what="running job")
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)  # the node and the application it runs
+        server.wait(30)
+        log.close()
+    assert states(config) == ["running"]
+
+    mode.write_text("copy")
+    node = nodes(config)
+    wait_for(lambda: states(config) == ["delivered"], 30, what="delivered after restart")
+    assert dest.study_uids == [study_uid_of(study)]
+    (job,) = jobs_of(config)
+    assert job["attempts"] == 2 and job["input_instances"] == 4
+
+    # Another restart sends nothing again.
+    node.stop()
+    nodes(config)
+    time.sleep(1.0)
+    assert len(dest.received) == 1 and states(config) == ["delivered"]
+
+
+def test_stopped_node_returns_the_running_job_to_the_queue(tmp_path, nodes, dest):
+    command, mode = stub_app(tmp_path / "stub", "sleep:60")
+    config = node_config(tmp_path, command, [dest.destination()])
+    node = nodes(config)
+    study = make_study(tmp_path / "study", n=2)
+    assert storescu(node.port, [study[0].parent]).returncode == 0
+    wait_for(lambda: states(config) == ["running"], 30, what="running job")
+    node.stop()
+    (job,) = jobs_of(config)
+    assert (job["state"], job["attempts"]) == ("stable", 0)
+    mode.write_text("copy")
+    nodes(config)
+    wait_for(lambda: states(config) == ["delivered"], 30, what="delivered after restart")
+    assert len(dest.received) == 1
+
+
+def test_destination_down_then_up_gets_the_result_once(tmp_path, nodes):
+    command, _ = stub_app(tmp_path / "stub")
+    port = free_port()
+    destination = {"type": "cstore", "ae_title": "LATE", "host": "127.0.0.1", "port": port}
+    config = node_config(tmp_path, command, [destination])
+    node = nodes(config)
+    study = make_study(tmp_path / "study", n=3)
+    assert storescu(node.port, [study[0].parent]).returncode == 0
+    wait_for(lambda: any(row["delivery_tries"] >= 2 for row in jobs_of(config)), 30, what="failed deliveries")
+    (job,) = jobs_of(config)
+    assert job["state"] == "delivering" and "delivery pending" in job["reason"] and f":{port}" in job["reason"]
+
+    late = StoreSCP("LATE", port=port)
+    try:
+        wait_for(lambda: states(config) == ["delivered"], 30, what="delivered once the destination is up")
+        time.sleep(1.0)
+        assert late.study_uids == [study_uid_of(study)]
+    finally:
+        late.stop()
+
+
+def test_stow_rs_and_folder_destinations(tmp_path, nodes, dest):
+    command, _ = stub_app(tmp_path / "stub")
+    stow = StowServer()
+    try:
+        config = node_config(tmp_path, command, [dest.destination(), {"type": "stow", "url": stow.url},
+                                                 {"type": "folder", "path": "local-store"}])
+        node = nodes(config)
+        study = make_study(tmp_path / "study", n=3)
+        uid = study_uid_of(study)
+        assert storescu(node.port, [study[0].parent]).returncode == 0
+        wait_for(lambda: states(config) == ["delivered"], 30, what="delivered")
+        (sop,) = dest.sop_uids
+        assert stow.requests == ["/dicom-web/studies"] and len(stow.parts) == 1
+        assert str(pydicom.dcmread(io.BytesIO(stow.parts[0])).SOPInstanceUID) == sop
+        assert [p.name for p in (tmp_path / "local-store" / uid).iterdir()] == [f"{sop}.dcm"]
+        assert jobs_of(config)[0]["deliveries"] == 3
+    finally:
+        stow.stop()
+
+
+@pytest.mark.parametrize("client", ["requests", "urllib"])
+def test_stow_rs_sender_with_either_http_client(tmp_path, monkeypatch, client):
+    from msk_node.service.config import Destination
+    from msk_node.service.delivery import DeliveryError, read_results, send_stow
+
+    if client == "urllib":
+        monkeypatch.setitem(sys.modules, "requests", None)  # "import requests" now fails
+    make_study(tmp_path / "results", n=2)
+    results, problems = read_results(tmp_path / "results")
+    assert len(results) == 2 and problems == []
+    stow = StowServer()
+    try:
+        confirmed: list[str] = []
+        send_stow(Destination("stow", url=stow.url), results, confirmed.append)
+        assert confirmed == [r.sop_uid for r in results] and len(stow.parts) == 2
+        with pytest.raises(DeliveryError, match="HTTP 404"):
+            send_stow(Destination("stow", url=stow.url + "/wrong"), results, confirmed.append)
+    finally:
+        stow.stop()
+    with pytest.raises(DeliveryError, match="STOW-RS to"):  # nobody listening
+        send_stow(Destination("stow", url=stow.url), results, confirmed.append)
+
+
+# -- what is stored ------------------------------------------------------------------------
+
+def _send_with_pynetdicom(port: int, datasets: list[pydicom.Dataset]) -> list[int]:
+    ae = AE(ae_title="SCU")
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def _encoded(tmp_path: Path, syntax: str) -> pydicom.Dataset:
+    (path,) = make_study(tmp_path / syntax, n=1, size=64)
+    ds = pydicom.dcmread(path)
+    ds.BitsStored = ds.BitsAllocated = 16
+    ds.HighBit = 15
+    if syntax in (RLELossless, JPEG2000Lossless):
+        ds.compress(syntax)
+    elif syntax in (JPEGBaseline8Bit, JPEGLSLossless, JPEG2000):
+        # The listener stores pixel data as received, so opaque fragments are enough here.
+        ds.PixelData = encapsulate([b"\xff\xd8 fragment of " + syntax.encode() + b"\xff\xd9"])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = syntax
+    else:  # write and read back so the dataset's encoding matches the transfer syntax
+        ds.file_meta.TransferSyntaxUID = syntax
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        ds = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    return ds
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+                                    RLELossless, JPEG2000Lossless, JPEG2000, JPEGBaseline8Bit, JPEGLSLossless])
+def test_instances_are_stored_in_the_transfer_syntax_they_arrived_in(tmp_path, nodes, syntax):
+    config = node_config(tmp_path, None, [], stable_after_s=600)
+    node = nodes(config)
+    ds = _encoded(tmp_path, syntax)
+    assert _send_with_pynetdicom(node.port, [ds]) == [0x0000]
+    (stored,) = spool_files(config, str(ds.StudyInstanceUID))
+    back = pydicom.dcmread(stored)
+    assert back.file_meta.TransferSyntaxUID == syntax
+    assert back.SOPInstanceUID == ds.SOPInstanceUID and back.PixelData == ds.PixelData
+    assert list((config.spool_dir / "tmp").iterdir()) == []
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_store_answers_failure_statuses(tmp_path, nodes, monkeypatch):
+    config = node_config(tmp_path, None, [], stable_after_s=600)
+    node = nodes(config)
+    (path,) = make_study(tmp_path / "s", n=1)
+    bad_uid = pydicom.dcmread(path)
+    bad_uid.StudyInstanceUID = "../../etc"  # would escape the spool as a folder name
+    assert _send_with_pynetdicom(node.port, [bad_uid]) == [CANNOT_UNDERSTAND]
+
+    def disk_full(self, ds):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Spool, "write_instance", disk_full)
+    assert _send_with_pynetdicom(node.port, [pydicom.dcmread(path)]) == [OUT_OF_RESOURCES]
+    assert jobs_of(config) == []
+
+
+def test_corrupt_instance_is_kept_and_the_job_still_runs(tmp_path, nodes, dest):
+    command, _ = stub_app(tmp_path / "stub")
+    config = node_config(tmp_path, command, [dest.destination()])
+    node = nodes(config)
+    study = make_study(tmp_path / "study", n=4)
+    corrupt = pydicom.dcmread(study[1])
+    corrupt.PixelData = corrupt.PixelData[:100]  # truncated pixel data: stored, not decodable
+    assert storescu(node.port, [study[0], study[2], study[3]]).returncode == 0
+    assert _send_with_pynetdicom(node.port, [corrupt]) == [0x0000]
+    wait_for(lambda: states(config) == ["delivered"], 30, what="delivered")
+    (job,) = jobs_of(config)
+    assert job["instances"] == job["input_instances"] == 4
+    assert "from 4 input(s)" in dest.received[0].ImageComments
+    assert "1 input(s) skipped" in job["reason"]
+
+
+def test_info_logs_carry_no_patient_identifiers(tmp_path, nodes, dest, caplog):
+    caplog.set_level(logging.INFO)
+    command, _ = stub_app(tmp_path / "stub")
+    config = node_config(tmp_path, command, [dest.destination()])
+    node = nodes(config)
+    study = make_study(tmp_path / "study", n=3, patient_name="Zebulon^Quixotic", patient_id="PID-98765-XQ")
+    assert storescu(node.port, [study[0].parent]).returncode == 0
+    wait_for(lambda: states(config) == ["delivered"], 30, what="delivered")
+    text = caplog.text
+    assert study_uid_of(study) in text and "delivered" in text
+    for identifier in ("Zebulon", "Quixotic", "PID-98765-XQ"):
+        assert identifier not in text
+
+
+# -- the real application ------------------------------------------------------------------
+
+@pytest.mark.skipif(not (MODELS / "detector" / "manifest.yaml").is_file()
+                    or not (MODELS / "segmenter" / "manifest.yaml").is_file(),
+                    reason=f"default models not found under {MODELS}")
+@pytest.mark.skipif(shutil.which("storescp") is None or shutil.which("dciodvfy") is None,
+                    reason="dcmtk storescp or dicom3tools dciodvfy not on PATH")
+def test_real_application_end_to_end_to_a_dcmtk_storescp(tmp_path, nodes):
+    from msk_node.phantoms import write_phantom
+
+    case = write_phantom("knee", tmp_path / "case", seed=424250, n_slices=16)
+    files = sorted((case / "dicom").rglob("*.dcm"))
+    received = tmp_path / "pacs"
+    received.mkdir()
+    port = free_port()
+    pacs = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(received), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        config = node_config(tmp_path, None, [{"type": "cstore", "ae_title": "PACS", "host": "127.0.0.1",
+                                               "port": port}], models_dir=str(MODELS), job_timeout_s=600)
+        node = nodes(config)
+        sent = storescu(node.port, [case / "dicom"])
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        # One more instance of the series whose pixel data is truncated: the application
+        # skips it (and says so in its report); the series is still complete without it.
+        corrupt = pydicom.dcmread(files[3])
+        corrupt.SOPInstanceUID = corrupt.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        corrupt.PixelData = corrupt.PixelData[:1000]
+        assert _send_with_pynetdicom(node.port, [corrupt]) == [0x0000]
+        wait_for(lambda: states(config)[-1:] in (["delivered"], ["dead"], ["failed"]), 600, interval=1,
+                 what="the real application")
+        (job,) = jobs_of(config)
+        assert job["state"] == "delivered", job["reason"]
+        assert job["input_instances"] == len(files) + 1
+        assert "series: segmented 1" in job["reason"] and "1 input(s) skipped" in job["reason"]
+        (seg,) = received.iterdir()
+        assert pydicom.dcmread(seg).Modality == "SEG"
+        assert dciodvfy_errors(seg) == []
+    finally:
+        pacs.terminate()
+        pacs.wait(30)
