@@ -7,8 +7,8 @@ because its label is empty, is NaN with a ``reason``, never 0.
 Modules
 -------
 cartilage
-    Cartilage thickness: 2D medial axis + Euclidean distance transform per slice, and
-    3D local thickness (largest inscribed sphere), both in mm.
+    Cartilage thickness in mm along the medial axis: per slice with in-plane normals
+    (2D), or along the plate's 3D mid-surface normal (3D); sub-pixel chords.
 relaxometry
     Mono-exponential T1rho/T2 fitting, carrying masks between grids through patient
     coordinates, and mean relaxation times per compartment in ms.
