@@ -135,13 +135,13 @@ def anatomic_region(name: str) -> Code | None:
 # have no code in DICOM or the SNOMED subset pydicom lists; they use this private
 # scheme (declared in every report's CodingSchemeIdentificationSequence).
 MSK_NODE_SCHEME = "99MSKNODE"
-CARTILAGE_THICKNESS = Code("CARTILAGE_THICKNESS", MSK_NODE_SCHEME, "Cartilage thickness")
+CARTILAGE_THICKNESS_2D = Code("CART_THICK_2D", MSK_NODE_SCHEME, "Cartilage thickness, per-slice medial axis")
+CARTILAGE_THICKNESS_3D = Code("CART_THICK_3D", MSK_NODE_SCHEME, "Cartilage thickness, 3D mid-surface normal")
 T1RHO_RELAXATION_TIME = Code("T1RHO", MSK_NODE_SCHEME, "T1rho relaxation time")
 T2_RELAXATION_TIME: Code = codes.DCM.T2
 DISC_HEIGHT: Code = codes.DCM.Height
 VOLUME: Code = codes.SCT.Volume
 MEAN: Code = codes.SCT.Mean
-STANDARD_DEVIATION: Code = codes.SCT.StandardDeviation
 CUBIC_CENTIMETER: Code = codes.UCUM.CubicCentimeter
 MILLISECOND: Code = codes.UCUM.Millisecond
 #: DICOM CID 42 qualifier written instead of a number when a measurement is not available.

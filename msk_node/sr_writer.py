@@ -26,8 +26,8 @@ from msk_node.seg_writer import AlgorithmInfo, segment_number_map, with_type2_pa
 
 #: Measurement names (``Measurement.name``) to their concept and derivation codes.
 CONCEPTS: dict[str, tuple[Code, Code | None]] = {
-    "mean_thickness": (msk_codes.CARTILAGE_THICKNESS, msk_codes.MEAN),
-    "sd_thickness": (msk_codes.CARTILAGE_THICKNESS, msk_codes.STANDARD_DEVIATION),
+    "mean_thickness_2d": (msk_codes.CARTILAGE_THICKNESS_2D, msk_codes.MEAN),
+    "mean_thickness_3d": (msk_codes.CARTILAGE_THICKNESS_3D, msk_codes.MEAN),
     "t1rho_mean": (msk_codes.T1RHO_RELAXATION_TIME, msk_codes.MEAN),
     "t2_mean": (msk_codes.T2_RELAXATION_TIME, msk_codes.MEAN),
     "disc_height": (msk_codes.DISC_HEIGHT, None),

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Create .venv with the pinned msk-node stack; with --test also install the
-# Debian tools the test suite checks our output with (dcmtk, dicom3tools).
+# Debian tools the test suite checks our output with (dcmtk, dicom3tools) and the
+# Orthanc PACS with its DICOMweb and Python plugins (tests/test_orthanc.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 with_test_tools=0
 [[ "${1:-}" == "--test" ]] && with_test_tools=1
 
-if [[ $with_test_tools == 1 ]] && { ! command -v dciodvfy >/dev/null || ! command -v storescu >/dev/null; }; then
+if [[ $with_test_tools == 1 ]] && { ! command -v dciodvfy >/dev/null || ! command -v storescu >/dev/null || ! command -v Orthanc >/dev/null || [[ ! -f /usr/share/orthanc/plugins/libOrthancPython.so ]]; }; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools dcmtk >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools dcmtk orthanc orthanc-dicomweb orthanc-python >/dev/null
 fi
 
 if [[ ! -f .venv/.msk-node-installed ]] || [[ packaging/requirements.txt -nt .venv/.msk-node-installed ]] || [[ pyproject.toml -nt .venv/.msk-node-installed ]]; then

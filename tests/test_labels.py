@@ -47,8 +47,10 @@ def test_default_map_display_and_post_processing_settings(default_map: LabelMap)
     assert len({spec.colour for spec in default_map}) == 17
     assert all(len(spec.colour) == 3 and all(0 <= c <= 255 for c in spec.colour) for spec in default_map)
     p = {spec.name: spec.priority for spec in default_map}
+    # Cartilage and menisci lie on the bone surface, never inside it: a box-prompted
+    # cartilage mask that spills into the condyle must not take bone pixels.
     for thin in ("femoral_cartilage", "tibial_cartilage", "patellar_cartilage", "meniscus"):
-        assert p[thin] > max(p["femur"], p["tibia"], p["patella"])
+        assert p[thin] < min(p["femur"], p["tibia"], p["patella"])
     muscles = ("quadriceps", "hamstrings", "adductors", "sartorius", "gracilis")
     assert p["femoral_marrow"] > p["femoral_cortex"] > max(p[m] for m in muscles)
     assert min(p[m] for m in muscles) > p["subcutaneous_fat"]

@@ -68,9 +68,9 @@ def test_overlaps_go_to_the_label_with_higher_priority(label_map):
     femur[0, 2:8, 2:8] = True
     cartilage = np.zeros_like(femur)
     cartilage[0, 6:9, 2:8] = True
-    assert label_map.by_name("femoral_cartilage").priority > label_map.by_name("femur").priority
+    assert label_map.by_name("femur").priority > label_map.by_name("femoral_cartilage").priority
     for order in (("femur", "femoral_cartilage"), ("femoral_cartilage", "femur")):
         masks = {name: {"femur": femur, "femoral_cartilage": cartilage}[name] for name in order}
         merged = merge_labels(masks, label_map)
-        assert (merged[0, 6:9, 2:8] == label_map.by_name("femoral_cartilage").value).all()
-        assert (merged[0, 2:6, 2:8] == label_map.by_name("femur").value).all()
+        assert (merged[0, 2:8, 2:8] == label_map.by_name("femur").value).all()
+        assert (merged[0, 8, 2:8] == label_map.by_name("femoral_cartilage").value).all()

@@ -1,0 +1,293 @@
+"""Orthanc Python plugin: forward stable MSK MRI studies to the msk-node DICOM node.
+
+Runs inside Orthanc's embedded Python (orthanc-python); it uses only the standard
+library and the ``orthanc`` module. Configure it in the Orthanc configuration:
+
+    "PythonScript": "/path/to/orthanc/msk_forward.py",
+    "UserMetadata": {"MskNodeForwarded": 4242},
+    "MskNode": {
+        "Modality": "msk-node",                    // DicomModalities entry of the node
+        "Modalities": ["MR"],                      // series modalities that can trigger
+        "BodyParts": ["KNEE", "THIGH", "LSPINE"],  // BodyPartExamined values (case-insensitive)
+        "DescriptionPatterns": ["knee", "\\bDESS\\b"],  // regexes (case-insensitive) searched in
+                                                   //   SeriesDescription and ProtocolName
+        "OwnManufacturer": "msk-node",             // Manufacturer of the node's results
+        "OwnModalities": ["SEG", "SR"],            // Modality of the node's results
+        "StoreRetries": 3,                         // resubmissions of a failed store job
+        "StoreRetryDelay": 30                      // seconds before the first; doubled each time
+    }
+
+On every ``STABLE_STUDY`` change the plugin lists the study's series and
+
+* sets aside the node's own results (Modality SEG/SR *and* Manufacturer "msk-node"):
+  they are never sent to the node, and a study that holds nothing else is skipped;
+* looks for a *trigger*: a series of modality MR whose BodyPartExamined is in
+  ``BodyParts`` or whose SeriesDescription/ProtocolName matches a pattern, and that has
+  instances the node has not been sent yet (the count sent is kept per series in the
+  ``MskNodeForwarded`` metadata, or in memory when that metadata is not declared);
+* with a trigger, sends every other series of the study to the node in one
+  asynchronous C-STORE job (``POST /modalities/<Modality>/store``). A job that fails
+  (node down) is resubmitted ``StoreRetries`` times, after ``StoreRetryDelay`` seconds
+  and twice as long each time; after the last failure the error is logged and
+  ``POST /jobs/<id>/resubmit`` sends the study by hand (the series stay marked as
+  sent, so the study is not sent again by itself unless new instances arrive).
+
+A study becomes stable again when the node's SEG/SR arrive in it; its MR series are
+then already marked as sent, so nothing loops back. A study that gets more instances
+later (a late series) is sent again, whole; the node itself does not reprocess
+instances it already has.
+
+Logs (warning level for forwarded/delivered/retrying/error, info level for skipped
+studies: run Orthanc with ``--verbose`` to see those) name Orthanc resource IDs, StudyInstanceUIDs, counts and the rule that matched,
+never patient attributes or descriptions. ``GET /msk-node/decisions`` returns the
+recent decisions as JSON (same content as the log) for monitoring and tests.
+"""
+import collections
+import json
+import re
+import threading
+import time
+
+import orthanc
+
+METADATA = "MskNodeForwarded"
+DEFAULTS = {
+    "Modality": "msk-node",
+    "Modalities": ["MR"],
+    "BodyParts": ["KNEE", "THIGH", "LSPINE", "SPINE", "LUMBAR"],
+    "DescriptionPatterns": ["knee", "thigh", "spine", "lumbar", "\\bDESS\\b", "\\bCUBE\\b"],
+    "OwnManufacturer": "msk-node",
+    "OwnModalities": ["SEG", "SR"],
+    "StoreRetries": 3,
+    "StoreRetryDelay": 30,
+}
+MAX_DECISIONS = 500
+
+_lock = threading.Lock()
+_decisions = collections.deque(maxlen=MAX_DECISIONS)
+_jobs = {}            # Orthanc job ID -> {"study", "study_uid", "sent": {series ID: count}, "failures"}
+_memory_marks = {}    # series ID -> instances sent, when the metadata cannot be written
+_metadata_ok = [True]
+
+
+def _log(level, message):
+    {"info": orthanc.LogInfo, "warning": orthanc.LogWarning, "error": orthanc.LogError}[level]("msk-forward: " + message)
+
+
+def _load_settings():
+    settings = dict(DEFAULTS)
+    try:
+        section = json.loads(orthanc.GetConfiguration()).get("MskNode", {})
+    except Exception as error:  # noqa: BLE001 - never stop Orthanc because of this plugin
+        _log("error", "cannot read the configuration (%s); using the defaults" % error)
+        section = {}
+    if not isinstance(section, dict):
+        _log("error", "the 'MskNode' configuration section is not an object; using the defaults")
+        section = {}
+    for key, value in section.items():
+        if key not in DEFAULTS:
+            _log("warning", "unknown key MskNode.%s ignored" % key)
+            continue
+        expected = type(DEFAULTS[key])
+        if expected is int:
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+        else:
+            valid = isinstance(value, expected) and (expected is not list or all(isinstance(v, str) for v in value))
+        if not valid:
+            kind = {list: "list of strings", str: "string", int: "number >= 0"}[expected]
+            _log("error", "MskNode.%s must be a %s; using the default" % (key, kind))
+            continue
+        settings[key] = value
+    patterns = []
+    for pattern in settings["DescriptionPatterns"]:
+        try:
+            patterns.append(re.compile(pattern, re.IGNORECASE))
+        except re.error as error:
+            _log("error", "MskNode.DescriptionPatterns: %r is not a regular expression (%s); matched literally" % (pattern, error))
+            patterns.append(re.compile(re.escape(pattern), re.IGNORECASE))
+    settings["_patterns"] = patterns
+    settings["_modalities"] = {m.upper() for m in settings["Modalities"]}
+    settings["_body_parts"] = {b.upper().strip() for b in settings["BodyParts"]}
+    settings["_own_modalities"] = {m.upper() for m in settings["OwnModalities"]}
+    return settings
+
+
+SETTINGS = _load_settings()
+
+
+def _get(uri):
+    return json.loads(orthanc.RestApiGet(uri))
+
+
+def _decide(entry):
+    entry["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    with _lock:
+        _decisions.append(entry)
+    fields = " ".join("%s=%s" % (k, entry[k]) for k in ("action", "study", "study_uid", "reason", "job") if entry.get(k))
+    # Orthanc shows warnings by default and info only with --verbose: what the plugin
+    # sends (and what fails) is always visible, the many skipped studies are not.
+    _log("info" if entry["action"] == "skipped" else "warning", fields)
+
+
+def is_own_result(tags, settings=None):
+    """True for a series the node produced (SEG/SR written by msk-node)."""
+    settings = settings or SETTINGS
+    return (tags.get("Modality", "").upper() in settings["_own_modalities"]
+            and tags.get("Manufacturer", "").strip() == settings["OwnManufacturer"])
+
+
+def msk_rule(tags, settings=None):
+    """The rule a series matches (a short text without the description), or None."""
+    settings = settings or SETTINGS
+    if tags.get("Modality", "").upper() not in settings["_modalities"]:
+        return None
+    body_part = tags.get("BodyPartExamined", "").upper().strip()
+    if body_part and body_part in settings["_body_parts"]:
+        return "BodyPartExamined %s" % body_part
+    for pattern in settings["_patterns"]:
+        for key in ("SeriesDescription", "ProtocolName"):
+            if pattern.search(tags.get(key, "")):
+                return "%s matches %r" % (key, pattern.pattern)
+    return None
+
+
+def _sent_count(series_id):
+    if _metadata_ok[0]:
+        try:
+            return int(orthanc.RestApiGet("/series/%s/metadata/%s" % (series_id, METADATA)))
+        except Exception:  # noqa: BLE001 - absent metadata is an error in the REST API
+            pass
+    return _memory_marks.get(series_id, 0)
+
+
+def _mark_sent(series_id, count):
+    _memory_marks[series_id] = count
+    if not _metadata_ok[0]:
+        return
+    try:
+        orthanc.RestApiPut("/series/%s/metadata/%s" % (series_id, METADATA), str(count))
+    except Exception as error:  # noqa: BLE001
+        _metadata_ok[0] = False
+        _log("warning", "cannot write the %s metadata (%s); declare it in UserMetadata. "
+                        "Sent series are remembered in memory only until Orthanc restarts" % (METADATA, error))
+
+
+def _series_tags(series):
+    tags = dict(series.get("MainDicomTags", {}))
+    if "Manufacturer" not in tags and series.get("Instances"):
+        # Manufacturer is not a main DICOM tag of the series in every Orthanc version.
+        try:
+            instance = _get("/instances/%s/simplified-tags" % series["Instances"][0])
+            tags["Manufacturer"] = str(instance.get("Manufacturer", ""))
+        except Exception:  # noqa: BLE001
+            tags["Manufacturer"] = ""
+    return tags
+
+
+def on_stable_study(study_id):
+    study = _get("/studies/%s" % study_id)
+    study_uid = study.get("MainDicomTags", {}).get("StudyInstanceUID", "")
+    entry = {"study": study_id, "study_uid": study_uid}
+    series_list = _get("/studies/%s/series" % study_id)
+    own, others, triggers = [], [], []
+    for series in series_list:
+        tags = _series_tags(series)
+        if is_own_result(tags):
+            own.append(series["ID"])
+            continue
+        others.append(series)
+        rule = msk_rule(tags)
+        count = len(series.get("Instances", []))
+        if rule and count > _sent_count(series["ID"]):
+            triggers.append((series, rule))
+    entry.update({"series": len(series_list), "own_results": len(own)})
+    if not others:
+        entry.update(action="skipped", reason="only msk-node results")
+    elif not triggers:
+        matched = any(msk_rule(_series_tags(s)) for s in others)
+        entry.update(action="skipped", reason="already sent to the node" if matched else "no MSK series")
+    else:
+        body = {"Resources": [s["ID"] for s in others], "Synchronous": False}
+        answer = json.loads(orthanc.RestApiPost("/modalities/%s/store" % SETTINGS["Modality"], json.dumps(body)))
+        job = answer.get("ID", "")
+        sent = {s["ID"]: len(s.get("Instances", [])) for s in others}
+        with _lock:
+            _jobs[job] = {"study": study_id, "study_uid": study_uid, "sent": sent, "failures": 0}
+        for series_id, count in sent.items():
+            _mark_sent(series_id, count)
+        entry.update(action="forwarded", job=job, sent_series=len(others),
+                     sent_instances=sum(len(s.get("Instances", [])) for s in others),
+                     reason="; ".join(sorted({rule for _, rule in triggers})))
+    _decide(entry)
+
+
+def _resubmit(job_id):
+    try:
+        orthanc.RestApiPost("/jobs/%s/resubmit" % job_id, "")
+    except Exception as error:  # noqa: BLE001
+        with _lock:
+            known = _jobs.get(job_id, {})
+        _decide({"action": "error", "study": known.get("study", ""), "study_uid": known.get("study_uid", ""),
+                 "job": job_id, "reason": "cannot resubmit the store job: %s" % error})
+
+
+def on_job_end(job_id, success):
+    with _lock:
+        known = _jobs.get(job_id)
+        if known is None:
+            return
+        if success:
+            del _jobs[job_id]
+        else:
+            known["failures"] += 1
+    entry = {"study": known["study"], "study_uid": known["study_uid"], "job": job_id}
+    if success:
+        _decide(dict(entry, action="delivered"))
+        return
+    details = "store job failed"
+    try:
+        job = _get("/jobs/%s" % job_id)
+        details = "store job failed: %s (%s)" % (job.get("ErrorDescription", ""), job.get("ErrorDetails", "") or "no details")
+    except Exception:  # noqa: BLE001
+        pass
+    failures = known["failures"]
+    if failures <= int(SETTINGS["StoreRetries"]):
+        delay = float(SETTINGS["StoreRetryDelay"]) * 2 ** (failures - 1)
+        _decide(dict(entry, action="retrying", reason="%s; resubmitting in %g s (retry %d of %d)"
+                     % (details, delay, failures, int(SETTINGS["StoreRetries"]))))
+        timer = threading.Timer(delay, _resubmit, args=(job_id,))
+        timer.daemon = True
+        timer.start()
+        return
+    # The job stays known: a resubmission by hand is still logged when it succeeds.
+    _decide(dict(entry, action="error", reason="%s; gave up after %d attempt(s); resubmit with POST /jobs/%s/resubmit"
+                 % (details, failures, job_id)))
+
+
+def on_change(change_type, level, resource_id):
+    try:
+        if change_type == orthanc.ChangeType.STABLE_STUDY:
+            on_stable_study(resource_id)
+        elif change_type == orthanc.ChangeType.JOB_SUCCESS:
+            on_job_end(resource_id, True)
+        elif change_type == orthanc.ChangeType.JOB_FAILURE:
+            on_job_end(resource_id, False)
+        elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
+            _log("info", "forwarding MSK studies to modality %r (modalities %s, body parts %s, %d description pattern(s))"
+                 % (SETTINGS["Modality"], sorted(SETTINGS["_modalities"]), sorted(SETTINGS["_body_parts"]),
+                    len(SETTINGS["_patterns"])))
+    except Exception as error:  # noqa: BLE001 - a failure must not stop the change thread
+        _decide({"action": "error", "study": resource_id, "reason": "%s: %s" % (type(error).__name__, error)})
+
+
+def on_decisions(output, uri, **request):
+    if request.get("method") != "GET":
+        output.SendMethodNotAllowed("GET")
+        return
+    with _lock:
+        body = json.dumps(list(_decisions))
+    output.AnswerBuffer(body, "application/json")
+
+
+orthanc.RegisterOnChangeCallback(on_change)
+orthanc.RegisterRestCallback("/msk-node/decisions", on_decisions)

@@ -1,0 +1,290 @@
+"""The Orthanc integration: orthanc/orthanc.json, the msk_forward.py plugin, orthanc/node.yaml.
+
+Two kinds of tests:
+
+* the plugin's decisions against a fake ``orthanc`` module (fast, run everywhere);
+* Orthanc 1.10.1 (Debian, with the DICOMweb and Python plugins) and the node side by
+  side in a private network namespace (root, ``unshare``): a study C-STOREd into Orthanc
+  is forwarded to the node and its SEG comes back into the same study, once. See
+  tests/orthanc_helpers.py for the driver that runs inside the namespace.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from msk_node.service import NodeConfig
+from tests.orthanc_helpers import ORTHANC_DIR, REPO, run_scenario, skip_reason
+
+MODELS = Path(os.environ.get("MSK_NODE_MODELS", REPO / "models"))
+PLUGIN = ORTHANC_DIR / "msk_forward.py"
+
+needs_orthanc = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
+
+
+# -- configuration files ------------------------------------------------------------------
+
+def test_orthanc_and_node_configs_agree_and_every_key_is_documented():
+    orthanc = json.loads((ORTHANC_DIR / "orthanc.json").read_text())
+    node = NodeConfig.load(ORTHANC_DIR / "node.yaml")
+    aet, host, port = orthanc["DicomModalities"][orthanc["MskNode"]["Modality"]]
+    assert (aet, host, port) == (node.ae_title, node.host, node.port)
+    assert node.allowed_calling_aes == (orthanc["DicomAet"],)
+    (destination,) = node.destinations
+    assert (destination.type, destination.ae_title, destination.host, destination.port) == (
+        "cstore", orthanc["DicomAet"], "127.0.0.1", orthanc["DicomPort"])
+    assert orthanc["RemoteAccessAllowed"] is False and orthanc["DicomAlwaysAllowStore"] is False
+    assert orthanc["DicomWeb"]["Enable"] and orthanc["DicomWeb"]["Root"] == "/dicom-web/"
+    assert Path(orthanc["PythonScript"]).name == PLUGIN.name
+    assert "MskNodeForwarded" in orthanc["UserMetadata"]
+    readme = (ORTHANC_DIR / "README.md").read_text()
+    keys = [*orthanc, *orthanc["DicomWeb"], *orthanc["MskNode"]]
+    missing = [key for key in keys if f"`{key}`" not in readme]
+    assert missing == [], f"orthanc/README.md does not document {missing}"
+
+
+# -- the plugin against a fake orthanc module -------------------------------------------------
+
+class FakeOrthanc:
+    """Just enough of Orthanc's REST API and plugin SDK for msk_forward.py."""
+
+    def __init__(self, config: dict | None = None, metadata_declared: bool = True) -> None:
+        self.config = {"MskNode": {}} if config is None else config
+        self.metadata_declared = metadata_declared
+        self.studies: dict[str, dict] = {}
+        self.series: dict[str, dict] = {}
+        self.metadata: dict[str, str] = {}
+        self.posts: list[tuple[str, dict]] = []
+        self.logs: list[str] = []
+        self.change_callback = None
+        self.rest_callbacks: dict = {}
+
+    def module(self) -> types.ModuleType:
+        fake = types.ModuleType("orthanc")
+        fake.ChangeType = types.SimpleNamespace(STABLE_STUDY=1, JOB_SUCCESS=2, JOB_FAILURE=3, ORTHANC_STARTED=4)
+        fake.GetConfiguration = lambda: json.dumps(self.config)
+        fake.LogInfo = fake.LogWarning = fake.LogError = self.logs.append
+        fake.RestApiGet = self.get
+        fake.RestApiPost = self.post
+        fake.RestApiPut = self.put
+        fake.RegisterOnChangeCallback = lambda callback: setattr(self, "change_callback", callback)
+        fake.RegisterRestCallback = lambda uri, callback: self.rest_callbacks.__setitem__(uri, callback)
+        return fake
+
+    def add_series(self, study: str, series: str, instances: int, **tags: str) -> None:
+        self.studies.setdefault(study, {"ID": study, "MainDicomTags": {"StudyInstanceUID": f"1.2.{len(self.studies)}"},
+                                        "Series": []})
+        if series not in self.studies[study]["Series"]:
+            self.studies[study]["Series"].append(series)
+        self.series[series] = {"ID": series, "MainDicomTags": tags,
+                               "Instances": [f"{series}-{i}" for i in range(instances)]}
+
+    def get(self, uri: str) -> bytes:
+        if match := re.fullmatch(r"/studies/([^/]+)", uri):
+            return json.dumps(self.studies[match[1]]).encode()
+        if match := re.fullmatch(r"/studies/([^/]+)/series", uri):
+            return json.dumps([self.series[s] for s in self.studies[match[1]]["Series"]]).encode()
+        if match := re.fullmatch(r"/series/([^/]+)/metadata/MskNodeForwarded", uri):
+            if match[1] not in self.metadata:
+                raise RuntimeError("Unknown resource")
+            return self.metadata[match[1]].encode()
+        if match := re.fullmatch(r"/jobs/([^/]+)", uri):
+            return json.dumps({"ErrorDescription": "Error in the network protocol", "ErrorDetails": ""}).encode()
+        raise RuntimeError(f"unexpected GET {uri}")
+
+    def post(self, uri: str, body: str) -> bytes:
+        self.posts.append((uri, json.loads(body) if body else {}))
+        return json.dumps({"ID": f"job-{len(self.posts)}"}).encode()
+
+    def put(self, uri: str, body: str) -> None:
+        if not self.metadata_declared:
+            raise RuntimeError("Bad request: unknown metadata")
+        self.metadata[re.fullmatch(r"/series/([^/]+)/metadata/MskNodeForwarded", uri)[1]] = body
+
+    def stable(self, study: str) -> None:
+        self.change_callback(1, 0, study)
+
+    def store_posts(self) -> list[dict]:
+        return [body for uri, body in self.posts if uri.startswith("/modalities/")]
+
+
+def load_plugin(fake: FakeOrthanc, monkeypatch) -> types.ModuleType:
+    monkeypatch.setitem(sys.modules, "orthanc", fake.module())
+    spec = importlib.util.spec_from_file_location("msk_forward_under_test", PLUGIN)
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    return plugin
+
+
+KNEE = {"Modality": "MR", "BodyPartExamined": "KNEE", "SeriesDescription": "Sag PD", "Manufacturer": "ACME"}
+OWN_SEG = {"Modality": "SEG", "SeriesDescription": "msk-node segmentation", "Manufacturer": "msk-node"}
+
+
+@pytest.mark.parametrize(("tags", "expected"), [
+    (KNEE, "BodyPartExamined KNEE"),
+    ({"Modality": "MR", "BodyPartExamined": "lspine"}, "BodyPartExamined LSPINE"),
+    ({"Modality": "MR", "SeriesDescription": "Sag 3D DESS"}, "SeriesDescription matches '\\\\bDESS\\\\b'"),
+    ({"Modality": "MR", "SeriesDescription": "Cor PD FS Knee"}, "SeriesDescription matches 'knee'"),
+    ({"Modality": "MR", "ProtocolName": "CUBE T2 sag"}, "ProtocolName matches '\\\\bCUBE\\\\b'"),
+    ({"Modality": "MR", "SeriesDescription": "Ax T1 lumbar"}, "SeriesDescription matches 'lumbar'"),
+    ({"Modality": "MR", "SeriesDescription": "Ax T2 FLAIR", "BodyPartExamined": "HEAD"}, None),
+    ({"Modality": "MR", "SeriesDescription": "ADDRESSED"}, None),
+    ({"Modality": "CT", "BodyPartExamined": "KNEE", "SeriesDescription": "CT knee"}, None),
+    (OWN_SEG, None),
+])
+def test_msk_filter(monkeypatch, tags, expected):
+    plugin = load_plugin(FakeOrthanc(), monkeypatch)
+    assert plugin.msk_rule(tags) == expected
+
+
+def test_own_results_are_seg_or_sr_of_manufacturer_msk_node(monkeypatch):
+    plugin = load_plugin(FakeOrthanc(), monkeypatch)
+    assert plugin.is_own_result(OWN_SEG)
+    assert plugin.is_own_result({"Modality": "SR", "Manufacturer": "msk-node"})
+    assert not plugin.is_own_result({"Modality": "SEG", "Manufacturer": "Other Vendor"})
+    assert not plugin.is_own_result({"Modality": "MR", "Manufacturer": "msk-node"})
+    assert not plugin.is_own_result({"Modality": "MR", "Manufacturer": "msk-node phantom"})
+
+
+@pytest.mark.parametrize("metadata_declared", [True, False])
+def test_study_is_forwarded_once_then_again_only_for_new_instances(monkeypatch, metadata_declared):
+    fake = FakeOrthanc(metadata_declared=metadata_declared)
+    plugin = load_plugin(fake, monkeypatch)
+    fake.add_series("st1", "knee", 16, **KNEE)
+    fake.add_series("st1", "scout", 3, Modality="MR", SeriesDescription="localizer")
+    fake.stable("st1")
+    (body,) = fake.store_posts()
+    assert body == {"Resources": ["knee", "scout"], "Synchronous": False}
+    assert fake.posts[0][0] == "/modalities/msk-node/store"
+    if metadata_declared:
+        assert fake.metadata == {"knee": "16", "scout": "3"}
+    # The node's SEG arrives: the study is stable again and must not go back to the node.
+    fake.add_series("st1", "seg", 1, **OWN_SEG)
+    fake.stable("st1")
+    assert len(fake.store_posts()) == 1
+    # More images of the knee series arrive later: the study (without the SEG) goes again.
+    fake.add_series("st1", "knee", 20, **KNEE)
+    fake.stable("st1")
+    assert fake.store_posts()[1] == {"Resources": ["knee", "scout"], "Synchronous": False}
+    actions = [(row["action"], row.get("reason")) for row in plugin._decisions]
+    assert actions == [("forwarded", "BodyPartExamined KNEE"), ("skipped", "already sent to the node"),
+                       ("forwarded", "BodyPartExamined KNEE")]
+    assert any("declare it in UserMetadata" in line for line in fake.logs) == (not metadata_declared)
+
+
+def test_non_msk_and_result_only_studies_are_skipped(monkeypatch):
+    fake = FakeOrthanc()
+    plugin = load_plugin(fake, monkeypatch)
+    fake.add_series("ct", "ct1", 50, Modality="CT", BodyPartExamined="KNEE")
+    fake.add_series("brain", "b1", 20, Modality="MR", BodyPartExamined="HEAD", SeriesDescription="Ax T2")
+    fake.add_series("segonly", "s1", 1, **OWN_SEG)
+    for study in ("ct", "brain", "segonly"):
+        fake.stable(study)
+    assert fake.store_posts() == []
+    assert [row["reason"] for row in plugin._decisions] == ["no MSK series", "no MSK series", "only msk-node results"]
+
+
+def test_configuration_section_is_read_and_bad_values_fall_back(monkeypatch):
+    config = {"MskNode": {"Modality": "node2", "BodyParts": ["HIP"], "DescriptionPatterns": ["(unclosed", "hip"],
+                          "OwnManufacturer": 5, "Colour": "blue"}}
+    fake = FakeOrthanc(config)
+    plugin = load_plugin(fake, monkeypatch)
+    assert plugin.SETTINGS["Modality"] == "node2" and plugin.SETTINGS["OwnManufacturer"] == "msk-node"
+    assert plugin.msk_rule({"Modality": "MR", "BodyPartExamined": "HIP"}) == "BodyPartExamined HIP"
+    assert plugin.msk_rule({"Modality": "MR", "BodyPartExamined": "KNEE"}) is None
+    assert plugin.msk_rule({"Modality": "MR", "SeriesDescription": "x (unclosed y"}) is not None
+    text = "\n".join(fake.logs)
+    assert "MskNode.Colour ignored" in text and "MskNode.OwnManufacturer must be" in text
+    assert "not a regular expression" in text
+    fake.add_series("st", "hip", 10, Modality="MR", BodyPartExamined="HIP")
+    fake.stable("st")
+    assert fake.posts[0][0] == "/modalities/node2/store"
+
+
+def test_failed_store_job_is_retried_then_reported(monkeypatch):
+    config = {"MskNode": {"StoreRetries": 1, "StoreRetryDelay": 0}}
+    fake = FakeOrthanc(config)
+    plugin = load_plugin(fake, monkeypatch)
+    timers = []
+    monkeypatch.setattr(plugin.threading, "Timer", lambda delay, fn, args: types.SimpleNamespace(
+        start=lambda: timers.append((delay, fn, args)), daemon=True))
+    fake.add_series("st", "knee", 4, **KNEE)
+    fake.stable("st")
+    fake.change_callback(3, 0, "job-1")                     # JOB_FAILURE
+    ((delay, resubmit, args),) = timers
+    resubmit(*args)
+    assert fake.posts[-1] == ("/jobs/job-1/resubmit", {})
+    fake.change_callback(3, 0, "job-1")                     # fails again: gives up
+    assert [row["action"] for row in plugin._decisions] == ["forwarded", "retrying", "error"]
+    assert "POST /jobs/job-1/resubmit" in plugin._decisions[-1]["reason"]
+    fake.change_callback(2, 0, "job-1")                     # resubmitted by hand: succeeds
+    assert plugin._decisions[-1]["action"] == "delivered"
+    fake.change_callback(2, 0, "someone-elses-job")
+    assert len(plugin._decisions) == 4
+
+
+# -- Orthanc and the node in a private network namespace --------------------------------------
+
+def assert_forwarded_once_and_seg_back(result: dict) -> None:
+    assert "error" not in result, result["error"]
+    (job,) = result["node_jobs"]
+    assert job["state"] == "delivered", job["reason"]
+    assert job["calling_ae"] == "ORTHANC" and job["input_instances"] == result["instances"]
+    assert job["study_uid"] == result["study_uid"]
+    series = result["qido_series"]
+    assert [s["modality"] for s in series].count("MR") == 1 and "SEG" in [s["modality"] for s in series], series
+    results = [s for s in series if s["modality"] != "MR"]
+    assert all(s["modality"] in ("SEG", "SR") and s["manufacturer"] == "msk-node" for s in results), series
+    actions = [row["action"] for row in result["decisions"]]
+    assert actions.count("forwarded") == 1 and actions[-1] == "skipped", result["decisions"]
+    assert result["decisions"][-1]["reason"] == "already sent to the node"
+    assert [job["state"] for job in result["store_jobs"]] == ["Success"]
+    log = "\n".join(result["plugin_log"])
+    assert "action=forwarded" in log and result["study_uid"] in log
+    for identifier in result["patient_identifiers"]:
+        assert identifier not in log
+
+
+@needs_orthanc
+def test_knee_study_goes_through_orthanc_to_the_node_and_its_seg_comes_back_once(tmp_path):
+    result = run_scenario(tmp_path, {"scenario": "forward", "app": "stub", "destination": "cstore"}, timeout=120)
+    assert_forwarded_once_and_seg_back(result)
+    assert result["decisions"][0]["reason"] == "BodyPartExamined KNEE"
+    assert result["times"]["total"] < 60, result["times"]
+
+
+@needs_orthanc
+def test_results_over_stow_rs_and_a_node_that_starts_late(tmp_path):
+    result = run_scenario(tmp_path, {"scenario": "forward", "app": "stub", "destination": "stow", "node_late": True},
+                          timeout=120)
+    assert_forwarded_once_and_seg_back(result)
+    assert [row["action"] for row in result["decisions"]][:2] == ["forwarded", "retrying"]
+
+
+@needs_orthanc
+def test_non_msk_studies_and_result_only_studies_are_not_forwarded(tmp_path):
+    result = run_scenario(tmp_path, {"scenario": "filter"}, timeout=120)
+    assert "error" not in result, result["error"]
+    reasons = {name: [row["reason"] for row in rows] for name, rows in result["decisions"].items()}
+    assert reasons == {"ct_knee": ["no MSK series"], "mr_brain": ["no MSK series"],
+                       "seg_only": ["only msk-node results"]}
+    assert result["node_jobs"] == [] and result["store_jobs"] == []
+
+
+@needs_orthanc
+@pytest.mark.skipif(not (MODELS / "detector" / "manifest.yaml").is_file()
+                    or not (MODELS / "segmenter" / "manifest.yaml").is_file(),
+                    reason=f"default models not found under {MODELS} (models/detector/manifest.yaml missing)")
+def test_real_application_seg_lands_in_the_same_study_in_orthanc(tmp_path):
+    result = run_scenario(tmp_path, {"scenario": "forward", "app": "real", "destination": "cstore",
+                                     "models_dir": str(MODELS), "job_timeout": 150}, timeout=210)
+    assert_forwarded_once_and_seg_back(result)
+    assert "series: segmented 1" in result["node_jobs"][0]["reason"]
