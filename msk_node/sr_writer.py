@@ -111,7 +111,6 @@ def build_measurement_report(
         procedure_reported=msk_codes.MAGNETIC_RESONANCE_IMAGING,
         imaging_measurements=content_groups,
     )
-    _drop_failed_values(report)
     sr = hd.sr.Comprehensive3DSR(
         evidence=[with_type2_patient_attributes(seg)],
         content=report,
@@ -124,6 +123,7 @@ def build_measurement_report(
         series_description=series_description,
     )
     sr.SoftwareVersions = __version__
+    _drop_failed_values(sr.ContentSequence)
     return sr
 
 
@@ -146,24 +146,45 @@ def _measurement(measurement: Measurement, algorithm_id: hd.sr.AlgorithmIdentifi
     )
 
 
-def _drop_failed_values(content: Dataset) -> None:
+def _drop_failed_values(items: Sequence[Dataset]) -> None:
     """Empty the MeasuredValueSequence of items qualified as failed: no number, not a zero."""
-    for item in content.get("ContentSequence", []):
+    for item in items:
         qualifier = item.get("NumericValueQualifierCodeSequence")
         if qualifier and qualifier[0].CodeValue == msk_codes.MEASUREMENT_FAILURE.value:
             item.MeasuredValueSequence = []
-        _drop_failed_values(item)
+        _drop_failed_values(item.get("ContentSequence", []))
 
 
 def read_measurements(sr: Dataset) -> dict[tuple[str, str], float]:
-    """``{(tracking name, concept meaning [+ derivation]): value}`` from a report we wrote; NaN where failed."""
+    """``{(tracking identifier, concept [+ " (derivation)"]): value}`` of a TID 1500 report; NaN where failed.
+
+    Walks the content tree directly, because a NUM item without a measured value (a
+    failed measurement) is valid DICOM but not accepted by highdicom's parsers.
+    """
     values: dict[tuple[str, str], float] = {}
-    document = hd.sr.Comprehensive3DSR.from_dataset(sr)
-    for group in document.content.get_volumetric_roi_measurement_groups():
-        name = group.tracking_identifier
-        for item in group.get_measurements():
-            key = item.name.meaning
-            if item.derivation is not None:
-                key += f" ({item.derivation.meaning})"
-            values[(name, key)] = item.value if item.MeasuredValueSequence else np.nan
+    for group in _items(sr, "Measurement Group"):
+        tracking = next(str(i.TextValue) for i in group.ContentSequence
+                        if i.ValueType == "TEXT" and _meaning(i) == "Tracking Identifier")
+        for item in group.ContentSequence:
+            if item.ValueType != "NUM":
+                continue
+            key = _meaning(item)
+            derivations = [m for m in item.get("ContentSequence", []) if _meaning(m) == "Derivation"]
+            if derivations:
+                key += f" ({derivations[0].ConceptCodeSequence[0].CodeMeaning})"
+            measured = item.get("MeasuredValueSequence", [])
+            values[(tracking, key)] = float(measured[0].NumericValue) if measured else np.nan
     return values
+
+
+def _meaning(item: Dataset) -> str:
+    return str(item.ConceptNameCodeSequence[0].CodeMeaning)
+
+
+def _items(node: Dataset, meaning: str) -> list[Dataset]:
+    found = []
+    for item in node.get("ContentSequence", []):
+        if "ConceptNameCodeSequence" in item and _meaning(item) == meaning:
+            found.append(item)
+        found.extend(_items(item, meaning))
+    return found

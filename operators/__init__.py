@@ -4,6 +4,7 @@ Every operator receives the study's :class:`~msk_node.pipeline.StudyWork` on its
 ``study`` port, applies one pipeline step to each series still in play, and emits it.
 """
 from operators.detection_operator import DetectionOperator
+from operators.measure_operator import MeasureOperator
 from operators.postprocess_operator import PostprocessOperator
 from operators.seg_writer_operator import SegWriterOperator
 from operators.segmentation_operator import SegmentationOperator
@@ -12,6 +13,7 @@ from operators.study_loader_operator import StudyLoaderOperator
 
 __all__ = [
     "DetectionOperator",
+    "MeasureOperator",
     "PostprocessOperator",
     "SegWriterOperator",
     "SegmentationOperator",

@@ -179,7 +179,8 @@ def _series_tags(series):
         try:
             instance = _get("/instances/%s/simplified-tags" % series["Instances"][0])
             tags["Manufacturer"] = str(instance.get("Manufacturer", ""))
-        except Exception:  # noqa: BLE001
+        except Exception as error:  # noqa: BLE001 - treated as not ours, so it is forwarded
+            _log("warning", "cannot read the Manufacturer of series %s: %s" % (series["ID"], error))
             tags["Manufacturer"] = ""
     return tags
 
@@ -189,7 +190,7 @@ def on_stable_study(study_id):
     study_uid = study.get("MainDicomTags", {}).get("StudyInstanceUID", "")
     entry = {"study": study_id, "study_uid": study_uid}
     series_list = _get("/studies/%s/series" % study_id)
-    own, others, triggers = [], [], []
+    own, others, matched, triggers = [], [], [], []
     for series in series_list:
         tags = _series_tags(series)
         if is_own_result(tags):
@@ -197,14 +198,14 @@ def on_stable_study(study_id):
             continue
         others.append(series)
         rule = msk_rule(tags)
-        count = len(series.get("Instances", []))
-        if rule and count > _sent_count(series["ID"]):
-            triggers.append((series, rule))
+        if rule:
+            matched.append(rule)
+            if len(series.get("Instances", [])) > _sent_count(series["ID"]):
+                triggers.append(rule)
     entry.update({"series": len(series_list), "own_results": len(own)})
     if not others:
         entry.update(action="skipped", reason="only msk-node results")
     elif not triggers:
-        matched = any(msk_rule(_series_tags(s)) for s in others)
         entry.update(action="skipped", reason="already sent to the node" if matched else "no MSK series")
     else:
         body = {"Resources": [s["ID"] for s in others], "Synchronous": False}
@@ -217,7 +218,7 @@ def on_stable_study(study_id):
             _mark_sent(series_id, count)
         entry.update(action="forwarded", job=job, sent_series=len(others),
                      sent_instances=sum(len(s.get("Instances", [])) for s in others),
-                     reason="; ".join(sorted({rule for _, rule in triggers})))
+                     reason="; ".join(sorted(set(triggers))))
     _decide(entry)
 
 

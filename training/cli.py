@@ -5,6 +5,8 @@ import argparse
 import logging
 from pathlib import Path
 
+import numpy as np
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="msk-train", description=__doc__)
@@ -13,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     detector.add_argument("config", type=Path)
     detector.add_argument("--run-dir", type=Path, default=Path("runs/detector"))
     detector.add_argument("--export", type=Path, help="node model folder to write (e.g. models/detector)")
+    segmenter = commands.add_parser("segmenter", help="finetune the LiteMedSAM decoder on phantoms (cached embeddings)")
+    segmenter.add_argument("config", type=Path)
+    segmenter.add_argument("--export", type=Path, help="node model folder to write (e.g. models/segmenter)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -24,6 +29,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trained: {best}")
         if args.export:
             print(f"exported: {export_detector(best, config, args.config, args.export)}")
+    if args.command == "segmenter":
+        from training.segmenter import export_segmenter, load_segmenter_config, train_segmenter
+
+        config = load_segmenter_config(args.config)
+        model, losses = train_segmenter(config)
+        window = max(1, len(losses) // 10)
+        print(f"loss: first {np.mean(losses[:window]):.4f}, last {np.mean(losses[-window:]):.4f}")
+        if args.export:
+            print(f"exported: {export_segmenter(model, config, args.config, args.export)}")
     return 0
 
 

