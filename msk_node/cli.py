@@ -32,15 +32,42 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
+    """Start the node with its local store, C-STORE a knee phantom study to it, show the results."""
+    import time
+
+    from pydicom import dcmread
+    from pynetdicom import AE, StoragePresentationContexts
+
     from msk_node.phantoms import write_phantom
+    from msk_node.service import Node, NodeConfig, status
 
     study = write_phantom("knee", args.out / "study", seed=args.seed)
-    report = run_application(study / "dicom", args.out / "output", args.models)
-    for series in report["series"]:
-        where = args.out / "output" / series["seg"] if "seg" in series else series.get("reason", "")
-        print(f"{series['description']}: {series['outcome']} -> {where}")
-        if series.get("labels"):
-            print(f"  segments: {', '.join(series['labels'])}")
+    config = NodeConfig.from_mapping({"ae_title": "MSKNODE", "port": 0, "spool_dir": str((args.out / "spool").resolve()),
+                                      "stable_after_s": 2, "models_dir": str(args.models.resolve())})
+    with Node(config) as node:
+        print(f"node MSKNODE listening on 127.0.0.1:{node.port}; results go to {config.spool_dir / 'results'}")
+        sender = AE(ae_title="DEMO")
+        sender.requested_contexts = StoragePresentationContexts
+        association = sender.associate("127.0.0.1", node.port, ae_title="MSKNODE")
+        if not association.is_established:
+            raise SystemExit("the node refused the association")
+        files = sorted((study / "dicom").rglob("*.dcm"))
+        statuses = [association.send_c_store(dcmread(path)).Status for path in files]
+        association.release()
+        print(f"sent {len(files)} instances, {statuses.count(0)} stored")
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            jobs = status(config)
+            if jobs and all(job["state"] in ("delivered", "dead") for job in jobs):
+                break
+            time.sleep(1)
+    for job in status(config):
+        print(f"job {job['id']}: {job['state']} {job.get('reason') or ''}".rstrip())
+    for path in sorted((config.spool_dir / "results").rglob("*.dcm")):
+        ds = dcmread(path, stop_before_pixels=True)
+        print(f"{ds.Modality} {path}")
+        for segment in ds.get("SegmentSequence", []):
+            print(f"  segment {segment.SegmentNumber}: {segment.SegmentLabel}")
 
 
 def _overlay(args: argparse.Namespace) -> None:
@@ -132,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-m", "--models", type=Path, default=DEFAULT_MODELS)
     run.set_defaults(handler=_run)
 
-    demo = commands.add_parser("demo", help="make a knee phantom study and segment it with the default models")
+    demo = commands.add_parser("demo", help="start the node, C-STORE a knee phantom study to it, show the SEG/SR")
     demo.add_argument("--out", type=Path, default=Path("demo-out"))
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--timeout", type=float, default=900, help="seconds to wait for the result")
     demo.add_argument("-m", "--models", type=Path, default=DEFAULT_MODELS)
     demo.set_defaults(handler=_demo)
 

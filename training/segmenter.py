@@ -140,7 +140,7 @@ def finetune_decoder(segmenter: LiteMedSAMSegmenter, cached: list[CachedSlice], 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
         optimiser.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     decoder.eval()
     return losses
 

@@ -289,6 +289,9 @@ def _parse(document: Any, base: Path) -> NodeConfig:
             if key in keys[:i]:
                 raise ConfigError(f"'destinations[{i}]' repeats destination {key}")
         kwargs["destinations"] = parsed
+    else:
+        # No PACS configured: results go to the embedded local store.
+        kwargs["destinations"] = (Destination(type="folder", path=kwargs["spool_dir"] / "results"),)
     if get("tls") is not None:
         kwargs["tls"] = _tls(get("tls"), base)
     if kwargs.get("max_retry_backoff_s", 600.0) < kwargs.get("retry_backoff_s", 10.0):
