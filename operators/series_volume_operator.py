@@ -1,19 +1,12 @@
 """Stack each selected series into a volume in patient space."""
 from __future__ import annotations
 
-from monai.deploy.core import Operator, OperatorSpec
+from msk_node.pipeline import StudyWork, build_volumes
+from operators.study_step import StudyStepOperator
 
-from msk_node.pipeline import build_volumes
 
-
-class SeriesVolumeOperator(Operator):
+class SeriesVolumeOperator(StudyStepOperator):
     """Input and output ``study``; a series without usable geometry is marked failed."""
 
-    def setup(self, spec: OperatorSpec) -> None:
-        spec.input("study")
-        spec.output("study")
-
-    def compute(self, op_input, op_output, context) -> None:
-        work = op_input.receive("study")
+    def apply(self, work: StudyWork) -> None:
         build_volumes(work)
-        op_output.emit(work, "study")

@@ -587,9 +587,10 @@ def test_real_application_end_to_end_to_a_dcmtk_storescp(tmp_path, nodes):
         assert job["state"] == "delivered", job["reason"]
         assert job["input_instances"] == len(files) + 1
         assert "series: segmented 1" in job["reason"] and "1 input(s) skipped" in job["reason"]
-        (seg,) = received.iterdir()
-        assert pydicom.dcmread(seg).Modality == "SEG"
-        assert dciodvfy_errors(seg) == []
+        by_modality = {pydicom.dcmread(path).Modality: path for path in received.iterdir()}
+        assert sorted(by_modality) == ["SEG", "SR"] and len(list(received.iterdir())) == 2
+        for path in by_modality.values():
+            assert dciodvfy_errors(path) == []
     finally:
         pacs.terminate()
         pacs.wait(30)

@@ -2,9 +2,13 @@
 
 Stage 1 runs the frozen image encoder once per slice; stage 2 trains the mask decoder
 on the stored embeddings with box prompts (shifted at random), Dice + BCE loss and
-AdamW. The node's default segmenter decoder is made by::
+AdamW. The exported folder is a node ``segmenter`` model (the shipped encoder plus the
+finetuned decoder)::
 
-    msk-train segmenter training/configs/default_segmenter.yaml --export models/segmenter
+    msk-train segmenter CONFIG.yaml --export MODELS/segmenter
+
+On a 2-core CPU one decoder step over a slice's boxes takes seconds, so real runs
+belong on a GPU; the recipe is the same.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from msk_node.intensity import SquareFrame, normalise_volume
 from msk_node.labels import LabelMap, load_label_map
 from msk_node.models import file_sha256
 from msk_node.phantoms import write_phantom
+from msk_node.segmenters.base import box_prompt_logits
 from msk_node.segmenters.litemedsam import INPUT_SIZE, LiteMedSAMSegmenter
 from msk_node.volume import labels_on_volume_grid, series_to_volume
 from training.boxes import instance_boxes
@@ -131,10 +136,7 @@ def finetune_decoder(segmenter: LiteMedSAMSegmenter, cached: list[CachedSlice], 
         item = cached[int(rng.integers(len(cached)))]
         shift = rng.uniform(-config.box_shift_px, config.box_shift_px, size=item.boxes.shape).astype(np.float32)
         boxes = torch.as_tensor(item.frame.boxes_to_model(item.boxes + shift))[:, None, :]
-        with torch.no_grad():
-            sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
-        logits, _ = decoder(image_embeddings=item.embedding.float(), image_pe=model.prompt_encoder.get_dense_pe(),
-                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+        logits = box_prompt_logits(model, item.embedding.float(), boxes)
         loss = dice_bce_loss(logits, item.targets)
         optimiser.zero_grad()
         loss.backward()

@@ -1,9 +1,13 @@
 """The one interface every box-prompted segmenter family implements."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+import torch
+
+from msk_node.intensity import SquareFrame
 
 
 class BoxSegmenter(Protocol):
@@ -17,3 +21,27 @@ class BoxSegmenter(Protocol):
 
     def decode(self, embedding: Any, boxes: np.ndarray) -> np.ndarray:
         """Probabilities (n, rows, cols) in 0-1 for ``boxes`` (n, 4) xyxy in slice pixels."""
+
+
+@dataclass
+class SquareEmbedding:
+    """Image features of one slice encoded on the model's square frame."""
+
+    features: torch.Tensor
+    frame: SquareFrame
+
+
+def box_prompt_logits(model: torch.nn.Module, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Mask logits (n, 1, h, w) of a SAM-style prompt encoder + mask decoder for boxes (n, 1, 4).
+
+    One image embedding serves all boxes: the decoder repeats it per box itself.
+    """
+    sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
+    logits, _ = model.mask_decoder(
+        image_embeddings=features,
+        image_pe=model.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+    )
+    return logits

