@@ -42,8 +42,10 @@ def _demo(args: argparse.Namespace) -> None:
     from msk_node.service import Node, NodeConfig, status
 
     study = write_phantom("knee", args.out / "study", seed=args.seed)
-    config = NodeConfig.from_mapping({"ae_title": "MSKNODE", "port": 0, "spool_dir": str((args.out / "spool").resolve()),
-                                      "stable_after_s": 2, "models_dir": str(args.models.resolve())})
+    config = NodeConfig.from_mapping({
+        "ae_title": "MSKNODE", "port": 0, "stable_after_s": 2,
+        "spool_dir": str((args.out / "spool").resolve()), "models_dir": str(args.models.resolve()),
+    })
     with Node(config) as node:
         print(f"node MSKNODE listening on 127.0.0.1:{node.port}; results go to {config.spool_dir / 'results'}")
         sender = AE(ae_title="DEMO")

@@ -134,8 +134,9 @@ def verify_models(models_dir: Path) -> tuple[ModelManifest, ModelManifest]:
     if decoder is not None:
         if "decoder_sha256" not in segmenter.entries:
             raise ModelError(f"{segmenter.folder}/manifest.yaml: 'decoder_sha256' is required with 'decoder_weights'")
-        verify_weights(ModelManifest(segmenter.folder, {**segmenter.entries, "sha256": segmenter.entries["decoder_sha256"]}),
-                       segmenter.folder / str(decoder))
+        decoder_manifest = ModelManifest(segmenter.folder,
+                                         {**segmenter.entries, "sha256": segmenter.entries["decoder_sha256"]})
+        verify_weights(decoder_manifest, segmenter.folder / str(decoder))
     return detector, segmenter
 
 
@@ -164,7 +165,8 @@ def load_models(models_dir: Path) -> ModelSet:
         str(entries["family"]),
         segmenter_manifest.weights_path(),
         config=entries.get("config"),
-        decoder_weights=segmenter_manifest.folder / entries["decoder_weights"] if "decoder_weights" in entries else None,
+        decoder_weights=(segmenter_manifest.folder / entries["decoder_weights"]
+                         if "decoder_weights" in entries else None),
         precision=str(entries.get("precision", "fp32")),
     )
     return ModelSet(detector, segmenter, label_map, detector_manifest, segmenter_manifest)

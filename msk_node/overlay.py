@@ -10,8 +10,11 @@ from skimage.segmentation import find_boundaries
 from msk_node.labels import LabelMap
 
 
+Box = tuple[float, float, float, float]
+
+
 def render_overlays(normalised: np.ndarray, label_volume: np.ndarray, label_map: LabelMap, out_dir: Path,
-                    every: int = 10, boxes: dict[int, list[tuple[float, float, float, float]]] | None = None) -> list[Path]:
+                    every: int = 10, boxes: dict[int, list[Box]] | None = None) -> list[Path]:
     """Write ``slice-NNN.png`` for every ``every``-th slice that has labels: outlines in label colours.
 
     ``boxes`` (slice index -> xyxy boxes) are drawn in white when given.

@@ -162,7 +162,8 @@ def algorithm_info(models: ModelSet) -> AlgorithmInfo:
     provenance = models.provenance()
     return AlgorithmInfo(
         name=f"msk-node {provenance['segmenter_family']}",
-        version=f"{__version__} (detector {provenance['detector_version']}, segmenter {provenance['segmenter_version']})",
+        version=(f"{__version__} (detector {provenance['detector_version']}, "
+                 f"segmenter {provenance['segmenter_version']})"),
         weights_sha256=f"detector:{provenance['detector_sha256']};segmenter:{provenance['segmenter_sha256']}",
     )
 

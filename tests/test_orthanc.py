@@ -19,7 +19,6 @@ import types
 from pathlib import Path
 
 import pytest
-import yaml
 
 from msk_node.service import NodeConfig
 from tests.orthanc_helpers import ORTHANC_DIR, REPO, run_scenario, skip_reason

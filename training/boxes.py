@@ -5,7 +5,10 @@ import numpy as np
 from scipy import ndimage
 
 
-def instance_boxes(label_slice: np.ndarray, values: list[int], min_pixels: int = 10) -> list[tuple[int, tuple[int, int, int, int]]]:
+Box = tuple[int, int, int, int]
+
+
+def instance_boxes(label_slice: np.ndarray, values: list[int], min_pixels: int = 10) -> list[tuple[int, Box]]:
     """(label value, (x0, y0, x1, y1)) for every component of ``values`` with at least ``min_pixels`` pixels.
 
     Box corners are pixel indices of the extreme foreground pixels (inclusive).

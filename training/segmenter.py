@@ -77,7 +77,9 @@ class CachedSlice:
     frame: SquareFrame
 
 
-def cache_phantom_slices(config: SegmenterConfig, label_map: LabelMap, segmenter: LiteMedSAMSegmenter) -> list[CachedSlice]:
+def cache_phantom_slices(
+    config: SegmenterConfig, label_map: LabelMap, segmenter: LiteMedSAMSegmenter
+) -> list[CachedSlice]:
     """Stage 1: encode every labelled slice of randomized phantoms once."""
     cached: list[CachedSlice] = []
     with tempfile.TemporaryDirectory() as scratch:
