@@ -594,3 +594,41 @@ def test_real_application_end_to_end_to_a_dcmtk_storescp(tmp_path, nodes):
     finally:
         pacs.terminate()
         pacs.wait(30)
+
+
+REAL_KNEE = Path(os.environ.get("MSK_NODE_REAL_KNEE", Path(__file__).resolve().parent.parent.parent
+                                / "shared" / "data" / "knee-mri-ge-3t"))
+
+
+@pytest.mark.skipif(not (REAL_KNEE / "dess-echo1").is_dir(), reason=f"real knee data not found at {REAL_KNEE}")
+@pytest.mark.skipif(not (MODELS / "detector" / "manifest.yaml").is_file(),
+                    reason=f"default models not found under {MODELS}")
+def test_real_knee_study_sent_by_storescu_becomes_one_job_with_a_valid_seg(tmp_path, nodes):
+    """The five real series (DESS + four CubeQuant spin-lock series) as the one study they were on the scanner."""
+    study_uid = generate_uid()
+    sent_dir = tmp_path / "sent"
+    count = 0
+    for path in sorted(REAL_KNEE.rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = study_uid  # copies only: the user's files are never altered
+        target = sent_dir / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(target)
+        count += 1
+    config = node_config(tmp_path, None, [{"type": "folder", "path": str(tmp_path / "store")}],
+                         models_dir=str(MODELS), job_timeout_s=900)
+    node = nodes(config)
+    sent = storescu(node.port, [sent_dir])
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    wait_for(lambda: states(config)[-1:] in (["delivered"], ["dead"], ["failed"]), 900, interval=2,
+             what="the real knee study")
+    (job,) = jobs_of(config)
+    assert job["state"] == "delivered", job["reason"]
+    assert job["input_instances"] == count == 160
+    results = {pydicom.dcmread(p).Modality: p for p in (tmp_path / "store" / study_uid).iterdir()}
+    assert sorted(results) == ["SEG", "SR"]
+    seg = pydicom.dcmread(results["SEG"])
+    assert seg.StudyInstanceUID == study_uid and seg.PatientID == ""
+    assert int(seg.NumberOfFrames) == 80 * len(seg.SegmentSequence)
+    for path in results.values():
+        assert dciodvfy_errors(path) == []
