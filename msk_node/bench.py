@@ -69,7 +69,59 @@ def encoder_gflop(segmenter) -> float | None:
     return counter.get_total_flops() / 1e9
 
 
-def run_benchmark(models_dir: Path, real_knee: Path | None, work_dir: Path | None = None) -> dict:
+def send_files(port: int, files: list[Path], called_ae: str = "MSKNODE", host: str = "127.0.0.1") -> list[int]:
+    """C-STORE ``files`` in one association; the status of each."""
+    from pydicom import dcmread
+    from pynetdicom import AE, StoragePresentationContexts
+
+    sender = AE(ae_title="MSKBENCH")
+    sender.requested_contexts = StoragePresentationContexts
+    association = sender.associate(host, port, ae_title=called_ae)
+    if not association.is_established:
+        raise RuntimeError(f"{called_ae} at {host}:{port} refused the association")
+    try:
+        return [int(association.send_c_store(dcmread(path)).Status) for path in files]
+    finally:
+        association.release()
+
+
+def node_turnaround(models_dir: Path, work_dir: Path, stable_after_s: float = 2.0, timeout_s: float = 900) -> dict:
+    """Last instance received -> result delivered for one knee phantom study sent to a live node.
+
+    Split: transfer (C-STORE of the study), waiting (last instance to job start: the
+    inactivity timeout plus scheduling), processing (the application, until its report
+    is written) and delivery (report written to results confirmed by the local store).
+    """
+    from msk_node.phantoms import write_phantom
+    from msk_node.service import Node, NodeConfig, status
+
+    study = write_phantom("knee", work_dir / "node-study", seed=11)
+    files = sorted((study / "dicom").rglob("*.dcm"))
+    config = NodeConfig.from_mapping({"ae_title": "MSKNODE", "port": 0, "stable_after_s": stable_after_s,
+                                      "spool_dir": str((work_dir / "node-spool").resolve()),
+                                      "models_dir": str(Path(models_dir).resolve())})
+    with Node(config) as node:
+        start = time.time()
+        statuses = send_files(node.port, files)
+        received = time.time()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not any(j["state"] in ("delivered", "dead") for j in status(config)):
+            time.sleep(0.2)
+    (job,) = status(config)
+    if job["state"] != "delivered":
+        return {"state": job["state"], "reason": job["reason"]}
+    processed = (Path(job["output_dir"]) / "report.json").stat().st_mtime
+    return {
+        "instances": len(files), "stored": statuses.count(0), "stable_after_s": stable_after_s,
+        "turnaround_s": round(job["finished"] - received, 3),
+        "split_s": {"transfer": round(received - start, 3), "waiting": round(job["started"] - received, 3),
+                    "processing": round(processed - job["started"], 3),
+                    "delivery": round(job["finished"] - processed, 3)},
+    }
+
+
+def run_benchmark(models_dir: Path, real_knee: Path | None, work_dir: Path | None = None,
+                  with_node: bool = True) -> dict:
     """Benchmark the default pipeline on one phantom per kind and, if given, the real knee DESS."""
     load_start = time.perf_counter()
     models = load_models(models_dir)
@@ -94,6 +146,8 @@ def run_benchmark(models_dir: Path, real_knee: Path | None, work_dir: Path | Non
             work = process_study(real_knee, Path(scratch) / "real-out", models)
             report["real_knee"] = _summarise(work, time.perf_counter() - start)
             report["real_knee"]["labels"] = [e.get("labels", []) for e in work.report["series"]]
+        if with_node:
+            report["node_turnaround"] = node_turnaround(models_dir, Path(scratch))
     if gflop:
         for result in [*report["phantoms"].values(), report.get("real_knee")]:
             if result and result["encoder_s_per_slice"]:

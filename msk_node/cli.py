@@ -36,8 +36,8 @@ def _demo(args: argparse.Namespace) -> None:
     import time
 
     from pydicom import dcmread
-    from pynetdicom import AE, StoragePresentationContexts
 
+    from msk_node.bench import send_files
     from msk_node.phantoms import write_phantom
     from msk_node.service import Node, NodeConfig, status
 
@@ -48,14 +48,8 @@ def _demo(args: argparse.Namespace) -> None:
     })
     with Node(config) as node:
         print(f"node MSKNODE listening on 127.0.0.1:{node.port}; results go to {config.spool_dir / 'results'}")
-        sender = AE(ae_title="DEMO")
-        sender.requested_contexts = StoragePresentationContexts
-        association = sender.associate("127.0.0.1", node.port, ae_title="MSKNODE")
-        if not association.is_established:
-            raise SystemExit("the node refused the association")
         files = sorted((study / "dicom").rglob("*.dcm"))
-        statuses = [association.send_c_store(dcmread(path)).Status for path in files]
-        association.release()
+        statuses = send_files(node.port, files)
         print(f"sent {len(files)} instances, {statuses.count(0)} stored")
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
@@ -100,7 +94,7 @@ def _overlay(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from msk_node.bench import run_benchmark
 
-    print(json.dumps(run_benchmark(args.models, args.real_knee, args.work), indent=2))
+    print(json.dumps(run_benchmark(args.models, args.real_knee, args.work, with_node=not args.no_node), indent=2))
 
 
 def _node_config(path: Path):
@@ -180,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--real-knee", type=Path, help="folder with the real knee DESS series")
     bench.add_argument("--work", type=Path, default=Path("runs/bench"))
     bench.add_argument("-m", "--models", type=Path, default=DEFAULT_MODELS)
+    bench.add_argument("--no-node", action="store_true", help="skip the end-to-end node turnaround")
     bench.set_defaults(handler=_bench)
 
     serve = commands.add_parser("serve", help="run the PACS node: DICOM listener, job queue, result delivery")
