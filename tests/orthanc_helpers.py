@@ -31,6 +31,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.service_helpers import wait_for
+
 REPO = Path(__file__).resolve().parent.parent
 ORTHANC_DIR = REPO / "orthanc"
 PLUGIN_FILES = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
@@ -226,17 +228,6 @@ def storescu(port: int, paths: list[Path], calling: str = SCANNER_AE, called: st
         raise RuntimeError(f"storescu failed ({done.returncode}): {done.stdout[-1500:]}{done.stderr[-1500:]}")
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
 def node_config(workdir: Path, app: str, destination: str, models_dir: str | None, orthanc: Orthanc):
     """``orthanc/node.yaml`` with the spool in ``workdir`` and test timings."""
     import yaml
@@ -289,20 +280,19 @@ def scenario_forward(args: dict, workdir: Path, orthanc: Orthanc, log: logging.L
         storescu(orthanc.dicom_port, [case / "dicom"])
         times["stored"] = time.monotonic() - t0
         log.info("study stored in Orthanc: %d instance(s)", len(files))
-        wait_for(lambda: any(d["action"] == "forwarded" for d in orthanc.decisions(study_uid)), 30, "forwarded")
+        wait_for(lambda: any(d["action"] == "forwarded" for d in orthanc.decisions(study_uid)), 30, interval=0.25, what="forwarded")
         times["forwarded"] = time.monotonic() - t0
         if node is None:  # the node is down: the plugin must retry the store job
-            wait_for(lambda: any(d["action"] == "retrying" for d in orthanc.decisions(study_uid)), 30, "retrying")
+            wait_for(lambda: any(d["action"] == "retrying" for d in orthanc.decisions(study_uid)), 30, interval=0.25, what="retrying")
             times["retrying"] = time.monotonic() - t0
             node = Node(config).start()
             log.info("node started late")
         wait_for(lambda: [j for j in node_jobs(config) if j["state"] in ("delivered", "dead", "failed")],
-                 args.get("job_timeout", 150), "the node's job to end", interval=0.5)
+                 args.get("job_timeout", 150), interval=0.5, what="the node's job to end")
         times["node_job_ended"] = time.monotonic() - t0
         result["node_jobs"] = node_jobs(config)
         if result["node_jobs"][0]["state"] == "delivered":
-            wait_for(lambda: any(s["modality"] == "SEG" for s in orthanc.qido_series(study_uid)), 30,
-                     "a SEG series in QIDO-RS")
+            wait_for(lambda: any(s["modality"] == "SEG" for s in orthanc.qido_series(study_uid)), 30, interval=0.25, what="a SEG series in QIDO-RS")
             times["seg_in_qido"] = time.monotonic() - t0
 
             def second_decision() -> bool:
@@ -310,7 +300,7 @@ def scenario_forward(args: dict, workdir: Path, orthanc: Orthanc, log: logging.L
                 forwarded = max(i for i, d in enumerate(rows) if d["action"] == "forwarded")
                 return any(d["action"] == "skipped" and d.get("own_results", 0) >= 1 for d in rows[forwarded + 1:])
 
-            wait_for(second_decision, 30, "the plugin's decision on the study with the SEG")
+            wait_for(second_decision, 30, interval=0.25, what="the plugin's decision on the study with the SEG")
             times["seg_study_decided"] = time.monotonic() - t0
             # Give a wrong second forward the time to show up (StableAge + node stability).
             time.sleep(3)
@@ -365,7 +355,7 @@ def scenario_filter(args: dict, workdir: Path, orthanc: Orthanc, log: logging.Lo
     try:
         storescu(orthanc.dicom_port, [workdir / "ct", workdir / "brain", seg_file])
         log.info("three studies stored in Orthanc")
-        wait_for(lambda: all(orthanc.decisions(uid) for uid in studies.values()), 30, "decisions on all studies")
+        wait_for(lambda: all(orthanc.decisions(uid) for uid in studies.values()), 30, interval=0.25, what="decisions on all studies")
         time.sleep(3)  # a forward would reach the node (stability 1 s) within this
         return {"studies": studies, "decisions": {name: orthanc.decisions(uid) for name, uid in studies.items()},
                 "node_jobs": node_jobs(config), "store_jobs": orthanc.store_jobs(),
