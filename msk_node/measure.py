@@ -20,7 +20,9 @@ from msk_node.biomarkers.disc import disc_heights
 from msk_node.biomarkers.relaxometry import mask_on_grid, mean_relaxation, relaxation_map_from_series
 from msk_node.biomarkers.volume import tissue_volumes
 from msk_node.dicom_input import Series
+from msk_node.codes import DISC_LEVELS
 from msk_node.labels import LabelMap
+from msk_node.sr_writer import MeasurementGroup
 from msk_node.volume import SeriesVolume, series_to_volume
 
 logger = logging.getLogger(__name__)
@@ -113,11 +115,8 @@ def _renamed(measurement: Measurement, name: str) -> Measurement:
     return replace(measurement, name=name)
 
 
-def measurement_groups(measurements: SeriesMeasurements) -> list:
+def measurement_groups(measurements: SeriesMeasurements) -> list[MeasurementGroup]:
     """One SR measurement group per measured structure: a segment, a plate part or a disc level."""
-    from msk_node.codes import DISC_LEVELS
-    from msk_node.sr_writer import MeasurementGroup
-
     groups = []
     for segment, rows in measurements.by_segment.items():
         by_structure: dict[str, list[Measurement]] = {}
