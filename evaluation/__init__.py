@@ -1,0 +1,1 @@
+"""Evaluation of msk-node's models: segmentation metrics, biomarker agreement, statistics, AutoLabel."""
