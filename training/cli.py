@@ -18,6 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     segmenter = commands.add_parser("segmenter", help="finetune the LiteMedSAM decoder on phantoms (cached embeddings)")
     segmenter.add_argument("config", type=Path)
     segmenter.add_argument("--export", type=Path, help="node model folder to write (e.g. models/segmenter)")
+    preprocessing = commands.add_parser(
+        "preprocess", help="labelled MRI (DICOM or NIfTI) -> normalised slices, masks, YOLO labels, Parquet tables")
+    preprocessing.add_argument("config", type=Path)
+    preprocessing.add_argument("--out", type=Path, help="output folder (default: the config's 'output')")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -38,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loss: first {np.mean(losses[:window]):.4f}, last {np.mean(losses[-window:]):.4f}")
         if args.export:
             print(f"exported: {export_segmenter(model, config, args.config, args.export)}")
+    if args.command == "preprocess":
+        from training.preprocess import load_preprocess_config, preprocess
+
+        config = load_preprocess_config(args.config)
+        print(f"preprocessed: {preprocess(config, args.out)}")
     return 0
 
 

@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 from PIL import Image
 
@@ -97,14 +98,27 @@ def _write_case(case_dir: Path, stem: str, label_map: LabelMap, config: Detector
     for index, (image, label_slice) in enumerate(zip(images, labels)):
         name = f"{stem}-{index:03d}"
         Image.fromarray(image).save(split_dir / "images" / f"{name}.png")
-        lines = []
-        for value, (x0, y0, x1, y1) in instance_boxes(label_slice, list(label_map.values), config.min_box_pixels):
-            class_id = label_map.by_value(value).class_id
-            cx, cy = (x0 + x1 + 1) / 2 / cols, (y0 + y1 + 1) / 2 / rows
-            w, h = (x1 - x0 + 1) / cols, (y1 - y0 + 1) / rows
-            lines.append(f"{class_id} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
-        (split_dir / "labels" / f"{name}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+        write_yolo_labels(split_dir / "labels" / f"{name}.txt", label_slice, label_map, config.min_box_pixels,
+                          cols, rows)
     return len(images)
+
+
+def write_yolo_labels(path: Path, label_slice: np.ndarray, label_map: LabelMap, min_pixels: int,
+                      width: int, height: int) -> int:
+    """Write the YOLO label file of one slice; returns the number of boxes.
+
+    One line ``class_id cx cy w h`` per label and 2D component of at least ``min_pixels``
+    pixels (:func:`training.boxes.instance_boxes`), normalised by the ``width`` x
+    ``height`` pixels of the image the file is paired with; an empty file means no objects.
+    """
+    lines = []
+    for value, (x0, y0, x1, y1) in instance_boxes(label_slice, list(label_map.values), min_pixels):
+        class_id = label_map.by_value(value).class_id
+        cx, cy = (x0 + x1 + 1) / 2 / width, (y0 + y1 + 1) / 2 / height
+        w, h = (x1 - x0 + 1) / width, (y1 - y0 + 1) / height
+        lines.append(f"{class_id} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+    path.write_text("\n".join(lines) + ("\n" if lines else ""))
+    return len(lines)
 
 
 def train_detector(config: DetectorConfig, run_dir: Path) -> Path:
