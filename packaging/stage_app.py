@@ -1,0 +1,71 @@
+"""Assemble the application folder that ``monai-deploy package`` turns into the MAP.
+
+    python packaging/stage_app.py [OUT]        # default: build/map-app
+
+The packager copies one folder to ``/opt/holoscan/app``, starts it as
+``python3 /opt/holoscan/app`` and pip-installs the ``requirements.txt`` it finds in it.
+The application needs three packages of this repository, so OUT receives::
+
+    __main__.py        packaging/app_main.py: runs the ``app`` package as ``python -m app``
+    requirements.txt   packaging/requirements.txt, then every pin of packaging/constraints.txt
+                       not named there, so the image gets the same resolved set as .venv
+    app/ operators/ msk_node/   the sources (no bytecode)
+
+Packaging ``app/`` directly does not work: started as a folder, ``app/app.py`` shadows the
+``app`` package and ``operators``/``msk_node`` are missing. ``--add`` does not help either:
+it puts every subfolder on PYTHONPATH, where ``msk_node/segmenters/sam2.py`` would shadow
+the ``sam2`` package.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("app", "operators", "msk_node")
+PIN = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^\s;#]+)")
+
+
+def canonical(name: str) -> str:
+    """PEP 503 normalised project name."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_pins(path: Path) -> dict[str, str]:
+    """``{canonical name: version}`` of every ``name==version`` line of a requirements file."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        match = PIN.match(line)
+        if match:
+            pins[canonical(match.group(1))] = match.group(2)
+    return pins
+
+
+def image_requirements(repo: Path = REPO) -> str:
+    """requirements.txt of the image: the direct pins verbatim, then the rest of the resolved set."""
+    direct = (repo / "packaging" / "requirements.txt").read_text()
+    named = read_pins(repo / "packaging" / "requirements.txt")
+    resolved = [line.strip() for line in (repo / "packaging" / "constraints.txt").read_text().splitlines()
+                if PIN.match(line) and canonical(PIN.match(line).group(1)) not in named]
+    return (direct.rstrip("\n") + "\n\n# The rest of the resolved set (packaging/constraints.txt): pip in the image\n"
+            "# reads only this file, so the constraints are installed as pins.\n" + "\n".join(resolved) + "\n")
+
+
+def stage(out: Path, repo: Path = REPO) -> Path:
+    """Write the application folder to ``out`` (replacing it) and return ``out``."""
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    shutil.copyfile(repo / "packaging" / "app_main.py", out / "__main__.py")
+    (out / "requirements.txt").write_text(image_requirements(repo))
+    for package in PACKAGES:
+        shutil.copytree(repo / package, out / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return out
+
+
+if __name__ == "__main__":
+    target = stage(Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "build" / "map-app")
+    print(target)
