@@ -13,9 +13,11 @@ def dice_per_label(prediction: np.ndarray, truth: np.ndarray, values: dict[str, 
     """
     if prediction.shape != truth.shape:
         raise ValueError(f"prediction shape {prediction.shape} differs from truth shape {truth.shape}")
-    scores = {}
-    for name, value in values.items():
-        pred = torch.from_numpy(prediction == value)[None, None].float()
-        true = torch.from_numpy(truth == value)[None, None].float()
-        scores[name] = float(compute_dice(pred, true, include_background=True, ignore_empty=True)[0, 0])
-    return scores
+    return {name: mask_dice(prediction == value, truth == value) for name, value in values.items()}
+
+
+def mask_dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two binary masks; NaN when both are empty."""
+    pred = torch.from_numpy(np.asarray(prediction, dtype=bool))[None, None].float()
+    true = torch.from_numpy(np.asarray(truth, dtype=bool))[None, None].float()
+    return float(compute_dice(pred, true, include_background=True, ignore_empty=True)[0, 0])
