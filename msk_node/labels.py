@@ -15,6 +15,9 @@ entries::
         # optional, both or either; otherwise msk_node.codes.anatomy_codes(name) supplies them:
         category: {scheme: SCT, value: "91723000", meaning: "Anatomical Structure"}
         type: {scheme: SCT, value: "71341001", meaning: "Femur"}
+        # optional: the label also takes what another label encloses in each slice
+        # (marrow inside the cortical ring), so it is found even when not detected
+        interior_of: femoral_cortex
 
 Every problem found while loading raises :class:`ValueError` naming the file, the
 entry and the key, e.g. ``label_map.yaml: labels[3] (meniscus): unknown key 'colur'``.
@@ -37,7 +40,8 @@ from msk_node.codes import anatomy_codes
 DEFAULT_LABEL_MAP_PATH = Path(__file__).resolve().parent.parent / "models" / "detector" / "label_map.yaml"
 
 _REQUIRED_KEYS = ("name", "value", "class_id", "anatomy", "colour", "smoothing_mm", "priority", "min_area_mm2")
-_OPTIONAL_KEYS = ("category", "type")
+_OPTIONAL_KEYS = ("category", "type", "interior_of")
+_CODED_KEYS = ("category", "type")
 _CODE_KEYS = ("scheme", "value", "meaning")
 _NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
@@ -68,6 +72,8 @@ class LabelSpec:
         The higher priority wins where two labels claim one pixel.
     min_area_mm2 : float
         2D components smaller than this are removed.
+    interior_of : str or None
+        Name of a label whose enclosed holes (per slice) belong to this label.
     """
 
     name: str
@@ -80,6 +86,7 @@ class LabelSpec:
     smoothing_mm: float
     priority: int
     min_area_mm2: float
+    interior_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +190,11 @@ def load_label_map(path: str | Path) -> LabelMap:
         raise ValueError(f"{source}: 'labels' must be a non-empty list")
 
     labels = [_parse_entry(entry, f"{source}: labels[{index}]") for index, entry in enumerate(entries)]
+    names = {spec.name for spec in labels}
+    for index, spec in enumerate(labels):
+        if spec.interior_of is not None and (spec.interior_of not in names or spec.interior_of == spec.name):
+            raise ValueError(f"{source}: labels[{index}] ({spec.name}): key 'interior_of' must name another label, "
+                             f"got {spec.interior_of!r}")
     for attribute in ("name", "value", "class_id"):
         first: dict[Any, int] = {}
         for index, spec in enumerate(labels):
@@ -225,6 +237,9 @@ def _parse_entry(entry: Any, where: str) -> LabelSpec:
         raise ValueError(f"{where}: key 'colour' must be 3 integers 0..255, got {colour!r}")
 
     category, property_type = _codes(entry, name, where)
+    interior_of = entry.get("interior_of")
+    if interior_of is not None and not isinstance(interior_of, str):
+        raise ValueError(f"{where}: key 'interior_of' must be a label name, got {interior_of!r}")
     return LabelSpec(
         name=name,
         value=value,
@@ -236,16 +251,17 @@ def _parse_entry(entry: Any, where: str) -> LabelSpec:
         smoothing_mm=_non_negative_number(entry, "smoothing_mm", where),
         priority=_integer(entry, "priority", where),
         min_area_mm2=_non_negative_number(entry, "min_area_mm2", where),
+        interior_of=interior_of,
     )
 
 
 def _codes(entry: dict[str, Any], name: str, where: str) -> tuple[CodedConcept, CodedConcept]:
-    explicit = {key: _code(entry[key], key, where) for key in _OPTIONAL_KEYS if key in entry}
-    if len(explicit) < len(_OPTIONAL_KEYS):
+    explicit = {key: _code(entry[key], key, where) for key in _CODED_KEYS if key in entry}
+    if len(explicit) < len(_CODED_KEYS):
         try:
             default_category, default_type = anatomy_codes(name)
         except KeyError:
-            absent = next(key for key in _OPTIONAL_KEYS if key not in explicit)
+            absent = next(key for key in _CODED_KEYS if key not in explicit)
             raise ValueError(
                 f"{where}: unknown label name {name!r} has no built-in codes; key {absent!r} is required"
             ) from None

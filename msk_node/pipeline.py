@@ -25,7 +25,7 @@ from msk_node.intensity import normalise_volume
 from msk_node.labels import LabelMap
 from msk_node.measure import SeriesMeasurements, measure_series, measurement_groups
 from msk_node.models import ModelSet
-from msk_node.postprocess import merge_labels, postprocess_label
+from msk_node.postprocess import merge_labels, postprocess_masks
 from msk_node.seg_writer import AlgorithmInfo, build_segmentation, write_segmentation
 from msk_node.selection import SelectedSeries, SeriesRule, load_rules, select_series
 from msk_node.sr_writer import build_measurement_report
@@ -139,9 +139,7 @@ def segment_boxes(job: SeriesJob, models: ModelSet, times: StageTimes) -> None:
 
 
 def postprocess(job: SeriesJob, label_map: LabelMap) -> None:
-    spacing = job.volume.pixel_spacing
-    cleaned = {name: postprocess_label(mask, label_map.by_name(name), spacing) for name, mask in job.masks.items()}
-    cleaned = {name: mask for name, mask in cleaned.items() if mask.any()}
+    cleaned = postprocess_masks(job.masks, label_map, job.volume.pixel_spacing)
     if not cleaned:
         job.fail("nothing found", "every segment was empty after post-processing")
         return

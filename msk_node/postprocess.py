@@ -2,7 +2,8 @@
 
 Per label and slice: threshold at 0.5, drop small components, morphological closing,
 Gaussian smoothing with the same kernel and re-threshold; then across slices drop
-3D fragments; finally one label per voxel by priority. Kernel sizes are given in mm
+3D fragments; a label declared the interior of another (marrow of the cortex) takes
+the holes that label encloses; finally one label per voxel by priority. Kernel sizes are given in mm
 in the label map and turned into pixels with the slice's real spacing.
 """
 from __future__ import annotations
@@ -63,6 +64,32 @@ def postprocess_label(
     binary = probabilities > THRESHOLD
     cleaned = np.stack([clean_slice(s, spec, pixel_spacing) for s in binary])
     return drop_3d_fragments(cleaned)
+
+
+def postprocess_masks(masks: dict[str, np.ndarray], label_map: LabelMap,
+                      pixel_spacing: tuple[float, float]) -> dict[str, np.ndarray]:
+    """The node's post-processing of per-label masks or probabilities, before merging.
+
+    Labels left empty are dropped.
+    """
+    cleaned = {name: postprocess_label(mask, label_map.by_name(name), pixel_spacing) for name, mask in masks.items()}
+    return {name: mask for name, mask in add_interiors(cleaned, label_map).items() if mask.any()}
+
+
+def add_interiors(masks: dict[str, np.ndarray], label_map: LabelMap) -> dict[str, np.ndarray]:
+    """Give each label with ``interior_of`` the holes its enclosing label surrounds, slice by slice.
+
+    A ring-shaped structure (the femoral cortex) defines its interior exactly, so the
+    interior label is complete even where the detector gave it no box.
+    """
+    result = dict(masks)
+    for spec in label_map:
+        enclosing = masks.get(spec.interior_of) if spec.interior_of else None
+        if enclosing is None:
+            continue
+        holes = np.stack([ndimage.binary_fill_holes(s) for s in enclosing]) & ~enclosing
+        result[spec.name] = result[spec.name] | holes if spec.name in result else holes
+    return result
 
 
 def merge_labels(masks: dict[str, np.ndarray], label_map: LabelMap) -> np.ndarray:

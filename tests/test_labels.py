@@ -146,6 +146,10 @@ INVALID = [
                  id="code-without-meaning"),
     pytest.param([_entry(category={"scheme": "SCT", "value": 91723000, "meaning": "Anatomical Structure"})],
                  ["'category'", "'value'"], id="code-value-not-string"),
+    pytest.param([_entry(interior_of="cortex")], ["labels[0] (femur)", "'interior_of' must name another label"],
+                 id="interior-of-unknown-label"),
+    pytest.param([_entry(interior_of="femur")], ["'interior_of' must name another label"], id="interior-of-itself"),
+    pytest.param([_entry(interior_of=3)], ["'interior_of' must be a label name"], id="interior-of-not-name"),
 ]
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from msk_node.labels import load_label_map
-from msk_node.postprocess import clean_slice, drop_3d_fragments, merge_labels, postprocess_label
+from msk_node.postprocess import clean_slice, drop_3d_fragments, merge_labels, postprocess_label, postprocess_masks
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,19 @@ def test_overlaps_go_to_the_label_with_higher_priority(label_map):
         merged = merge_labels(masks, label_map)
         assert (merged[0, 2:8, 2:8] == label_map.by_name("femur").value).all()
         assert (merged[0, 8, 2:8] == label_map.by_name("femoral_cartilage").value).all()
+
+
+def test_marrow_takes_the_interior_of_the_cortical_ring_even_when_not_detected(label_map):
+    assert label_map.by_name("femoral_marrow").interior_of == "femoral_cortex"
+    rows, cols = np.mgrid[:80, :80]
+    radius = np.hypot(rows - 40, cols - 40)
+    ring = np.repeat(((radius >= 14) & (radius < 20))[None], 3, axis=0)
+    ring[2, 34:46, 18:28] = False  # a ring broken wider than the closing kernel encloses nothing
+
+    masks = postprocess_masks({"femoral_cortex": ring.astype(np.float32)}, label_map, (0.5, 0.5))
+    merged = merge_labels(masks, label_map)
+
+    marrow, cortex = label_map.by_name("femoral_marrow").value, label_map.by_name("femoral_cortex").value
+    assert (merged[:2][(radius < 13)[None].repeat(2, 0)] == marrow).all()
+    assert (merged[:2][((radius > 15) & (radius < 19))[None].repeat(2, 0)] == cortex).all()
+    assert not (merged[2] == marrow).any()
