@@ -15,12 +15,18 @@ import yaml
 
 # the `path` values of evaluation.stats, spelled out so that msk-eval starts without importing it
 PATH_CHOICES = ("auto", "parametric", "nonparametric")
+# evaluation.config's prompt sources and model families, spelled out for the same reason
+PROMPT_CHOICES = ("gt", "shifted", "detector")
+MODEL_CHOICES = ("litemedsam", "sam2", "sam", "medsam", "truth")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="msk-eval", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     add_stats_command(commands)
+    add_segment_command(commands)
+    add_experiment_command(commands)
+    add_biomarkers_command(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 
@@ -203,6 +209,168 @@ def run_stats(args: argparse.Namespace) -> int:
 def _write_csv(frame, path: Path) -> Path:
     frame.to_csv(path, index=False)
     return path
+
+
+# --- msk-eval segment / experiment / biomarkers ---------------------------------------------
+
+# run-wide options that override the config's key of the same name ('-' for '_')
+RUN_OPTIONS = ("prompts", "shift_px", "seed", "postprocess", "slice_step", "detector_models", "label_map",
+               "overlay_every")
+CASE_OPTIONS = ("image", "labels", "label_names", "series", "anatomy", "model", "models_dir", "checkpoint",
+                "model_config", "precision")
+
+
+def _add_evaluation_options(parser: argparse.ArgumentParser, postprocess_default: str) -> None:
+    case = parser.add_argument_group("one case, without --config")
+    case.add_argument("--image", type=Path, help="NIfTI image (sliced along its third axis) or a DICOM series folder")
+    case.add_argument("--labels", type=Path, help="truth label volume (NIfTI) on the image's voxel grid")
+    case.add_argument("--label-names", type=Path,
+                      help="YAML mapping voxel value -> label name (default: the label map's values)")
+    case.add_argument("--series", help="DICOM: part of the SeriesDescription when the folder holds several series")
+    case.add_argument("--anatomy", help="anatomy of the labels for the biomarkers (default: from the label map)")
+    case.add_argument("--model", choices=MODEL_CHOICES,
+                      help="zero-shot family through the segmenter registry, or 'truth' (default litemedsam)")
+    case.add_argument("--models-dir", type=Path, help="a node models folder (finetuned segmenter, detector) instead")
+    case.add_argument("--checkpoint", type=Path, help="weights of sam2, sam or medsam")
+    case.add_argument("--model-config", help="sam2 config (hiera_b+) or sam variant (vit_b)")
+    case.add_argument("--precision", choices=("fp32", "bf16"), help="litemedsam precision (default bf16)")
+    run = parser.add_argument_group("run settings (override the --config keys)")
+    run.add_argument("--prompts", nargs="+", choices=PROMPT_CHOICES, help="prompt sources (default gt)")
+    run.add_argument("--shift-px", type=float, help="largest shift of a box corner for 'shifted' (default 20)")
+    run.add_argument("--seed", type=int, help="seed of the box shifts (default 0)")
+    run.add_argument("--postprocess", nargs="+", choices=("off", "on"),
+                     help=f"the node's post-processing (default {postprocess_default})")
+    run.add_argument("--slice-step", type=int, help="evaluate every Nth slice (default 1)")
+    run.add_argument("--detector-models", type=Path, help="models folder whose detector gives 'detector' boxes")
+    run.add_argument("--label-map", type=Path, help="label map for post-processing (default: the node's)")
+    run.add_argument("--overlay-every", type=int, help="overlay PNG of every Nth evaluated slice (default 0: none)")
+    parser.add_argument("--out", type=Path, help="run folder (default: the config's 'output')")
+
+
+def add_segment_command(commands: argparse._SubParsersAction) -> None:
+    segment = commands.add_parser(
+        "segment", help="segmentation metrics of box-prompted models (one case, or a --config experiment)",
+        description="Segment with box prompts and score per label: Dice, IoU, HD95 and MSD in mm, per slice, "
+                    "subject and dataset; CSV, JSON, box plots and overlays in the run folder.")
+    segment.add_argument("--config", type=Path, help="experiment YAML (evaluation/config.py); same as "
+                                                     "'msk-eval experiment'")
+    _add_evaluation_options(segment, "off")
+    segment.set_defaults(run=run_segment, postprocess_default="off")
+
+
+def add_experiment_command(commands: argparse._SubParsersAction) -> None:
+    experiment = commands.add_parser(
+        "experiment", help="models x prompt sources x datasets from a YAML config: tables, box plots, tests",
+        description="Run a segmentation experiment from its YAML config (evaluation/config.py).")
+    experiment.add_argument("config", type=Path, help="experiment YAML")
+    experiment.add_argument("--out", type=Path, help="run folder (default: the config's 'output')")
+    experiment.set_defaults(run=run_segment)
+
+
+def add_biomarkers_command(commands: argparse._SubParsersAction) -> None:
+    biomarkers = commands.add_parser(
+        "biomarkers", help="biomarkers from the truth labels and from a model's, per subject",
+        description="Measure the node's biomarkers on the manual (truth) and the model label volumes of DICOM "
+                    "cases; writes biomarkers.csv and biomarkers_long.csv (msk-eval stats --reference manual).")
+    biomarkers.add_argument("--config", type=Path, help="experiment YAML (evaluation/config.py)")
+    _add_evaluation_options(biomarkers, "on")
+    biomarkers.set_defaults(run=run_biomarkers, postprocess_default="on")
+
+
+def _evaluation_config(args: argparse.Namespace):
+    """The experiment config of the command line: the --config file with overrides, or one case."""
+    from evaluation.config import load_experiment_config, parse_experiment_config
+
+    overrides = {key: getattr(args, key, None) for key in RUN_OPTIONS}
+    overrides = {key: str(value) if isinstance(value, Path) else value
+                 for key, value in overrides.items() if value is not None}
+    if "postprocess" in overrides:
+        overrides["postprocess"] = [choice == "on" for choice in overrides["postprocess"]]
+    if args.config is not None:
+        given = [f"--{key.replace('_', '-')}" for key in CASE_OPTIONS if getattr(args, key, None) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: give the case and model in the --config file instead")
+        config = load_experiment_config(args.config)
+        return parse_experiment_config({**config.raw, **overrides}) if overrides else config
+    if args.image is None or args.labels is None:
+        raise ValueError("give --config, or --image and --labels")
+    if args.models_dir is not None and args.model is not None:
+        raise ValueError("--model and --models-dir: give one model")
+    subject = _slug(re.sub(r"\.nii(\.gz)?$", "", args.image.resolve().name)) or "case"
+    dataset = {"name": subject, "format": "dicom" if args.image.is_dir() else "nifti",
+               "subjects": [{"id": subject, "image": str(args.image), "labels": str(args.labels)}]}
+    dataset.update({key: str(value) for key, value in (("label_names", args.label_names), ("series", args.series),
+                                                        ("anatomy", args.anatomy)) if value is not None})
+    if args.models_dir is not None:
+        model = {"name": args.models_dir.resolve().name, "models_dir": str(args.models_dir)}
+    else:
+        model = {"name": args.model or "litemedsam", "family": args.model or "litemedsam"}
+        model.update({key: str(value) for key, value in (("checkpoint", args.checkpoint),
+                                                          ("config", args.model_config),
+                                                          ("precision", args.precision)) if value is not None})
+    raw = {"models": [model], "datasets": [dataset],
+           "postprocess": [args.postprocess_default == "on"], **overrides}
+    if args.out is not None:
+        raw["output"] = str(args.out)
+    return parse_experiment_config(raw)
+
+
+def _prepare(args: argparse.Namespace, command: str):
+    """(config, run folder), or None after printing why not."""
+    try:
+        config = _evaluation_config(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"msk-eval {command}: error: {error}", file=sys.stderr)
+        return None
+    out = args.out or config.output
+    out.mkdir(parents=True, exist_ok=True)
+    return config, out
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    prepared = _prepare(args, args.command)
+    if prepared is None:
+        return 2
+    config, out = prepared
+    from evaluation.experiment import evaluate_segmentation, summarise, write_segmentation_outputs
+    from msk_node.models import ModelError
+
+    try:
+        results = evaluate_segmentation(config, out, progress=print)
+    except (ValueError, FileNotFoundError, ModelError) as error:
+        print(f"msk-eval {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    written = write_segmentation_outputs(config, results, out) + results.overlays
+    pd_options = {"index": False, "float_format": lambda v: f"{v:.3f}"}
+    if results.labels["subject"].nunique() == 1:
+        columns = ["model", "prompts", "postprocess", "label", "dice", "iou", "hd95_mm", "msd_mm"]
+        print("per label (3D, over the evaluated slices):")
+        print(results.labels[columns].to_string(**pd_options))
+    print("mean Dice (labels, then subjects), datasets x models:")
+    print(summarise(results)["table"].to_string(**pd_options))
+    print(f"wrote {len(written)} files to {out}")
+    return 0
+
+
+def run_biomarkers(args: argparse.Namespace) -> int:
+    prepared = _prepare(args, "biomarkers")
+    if prepared is None:
+        return 2
+    config, out = prepared
+    from evaluation.biomarkers import evaluate_biomarkers, write_biomarker_outputs
+    from msk_node.models import ModelError
+
+    try:
+        table = evaluate_biomarkers(config, out, progress=print)
+    except (ValueError, FileNotFoundError, ModelError) as error:
+        print(f"msk-eval biomarkers: error: {error}", file=sys.stderr)
+        return 2
+    written = write_biomarker_outputs(config, table, out)
+    columns = ["subject", "model", "prompts", "postprocess", "structure", "measurement", "truth_value", "model_value",
+               "unit"]
+    print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote {len(written)} files to {out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,354 @@
+"""Configuration of ``msk-eval segment``, ``experiment`` and ``biomarkers``: models x prompt sources x datasets.
+
+Config (YAML)::
+
+    models:                              # required, non-empty; each one row group of every table
+      - name: litemedsam-zero-shot       # letters, digits, '.', '_', '-'
+        family: litemedsam               # zero-shot: litemedsam | sam2 | sam | medsam, or truth
+        checkpoint: null                 #   weights file; required for sam2, sam, medsam
+        config: null                     #   sam2 config (hiera_b+) or sam variant (vit_b)
+        precision: bf16                  #   litemedsam only: fp32 | bf16
+      - name: node-finetuned
+        models_dir: models               # ... or a node models folder (load_models): its segmenter,
+                                         #   and its detector for `detector` prompts
+    datasets:                            # required, non-empty
+      - name: knee-phantom
+        phantom: knee                    # knee | thigh | spine | knee-t1rho, written into the run folder
+        seeds: [1, 2, 3]                 #   one subject per seed
+        n_slices: 12                     #   optional, fewer slices than the phantom's default
+      - name: thigh-nifti
+        format: nifti                    # nifti | dicom
+        root: data/thigh                 # one folder per subject ...
+        image: image.nii.gz              #   image inside it (dicom: a folder; default '.')
+        labels: labels.nii.gz            #   multi-label volume on the image's voxel grid
+        label_names: {1: quadriceps}     # voxel value -> label name, or a YAML file of that mapping;
+                                         #   default: the label map's values
+        series: DESS                     # dicom: part of SeriesDescription when a folder holds several
+        anatomy: thigh                   # biomarkers: default from the labels' anatomy in the label map
+        subjects:                        # ... or instead of root, a list of {id, image, labels}
+    prompts: [gt, shifted, detector]     # default [gt]
+    shift_px: 20                         # largest box shift of `shifted`, per corner, in pixels
+    seed: 0                              # seed of the shifts
+    postprocess: [false, true]           # node post-processing off and/or on; default [false]
+    slice_step: 3                        # every Nth slice (k = N//2, N//2 + N, ...); default 1
+    min_box_pixels: 10                   # truth components smaller than this get no box
+    overlay_every: 0                     # overlay every Nth evaluated slice that has labels; 0: none
+    detector_models: models              # models folder whose detector prompts the zero-shot models
+    label_map: null                      # default: the node's; kernels and priorities of post-processing
+    output: runs/eval                    # run folder; `--out` overrides
+
+Relative paths are taken from the working directory. An unknown key, a missing key or a
+value of the wrong type raises :class:`ValueError` naming the key, e.g.
+``unknown key 'datasets[0].sedes'``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from msk_node.labels import DEFAULT_LABEL_MAP_PATH, LabelMap, load_label_map
+from msk_node.phantoms.api import PHANTOM_KINDS
+from msk_node.segmenters.registry import FAMILIES
+
+PROMPT_SOURCES = ("gt", "shifted", "detector")
+FORMATS = ("dicom", "nifti")
+#: Zero-shot families, plus ``truth``: the truth labels themselves, to check the measurements.
+MODEL_FAMILIES = (*FAMILIES, "truth")
+PRECISIONS = ("fp32", "bf16")
+#: The papers' box-shift robustness check moves boxes by up to 20 px.
+DEFAULT_SHIFT_PX = 20.0
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_LABEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_KINDS = {"integer": (int,), "number": (int, float), "string": (str,), "mapping": (dict,), "list": (list,),
+          "boolean": (bool,)}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One evaluated model: a zero-shot family or a node models folder."""
+
+    name: str
+    family: str | None = None
+    models_dir: Path | None = None
+    checkpoint: Path | None = None
+    config: str | None = None
+    precision: str = "bf16"
+
+
+@dataclass(frozen=True)
+class SubjectSpec:
+    id: str
+    image: Path
+    labels: Path
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Phantoms (``phantom`` and ``seeds``) or labelled cases on disk (``format`` and ``subjects``)."""
+
+    name: str
+    phantom: str | None = None
+    seeds: tuple[int, ...] = ()
+    n_slices: int | None = None
+    format: str | None = None
+    subjects: tuple[SubjectSpec, ...] = ()
+    label_names: dict[int, str] | None = None
+    series: str | None = None
+    anatomy: str | None = None
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    models: tuple[ModelSpec, ...]
+    datasets: tuple[DatasetSpec, ...]
+    prompts: tuple[str, ...] = ("gt",)
+    shift_px: float = DEFAULT_SHIFT_PX
+    seed: int = 0
+    postprocess: tuple[bool, ...] = (False,)
+    slice_step: int = 1
+    min_box_pixels: int = 10
+    overlay_every: int = 0
+    detector_models: Path | None = None
+    label_map_path: Path = DEFAULT_LABEL_MAP_PATH
+    output: Path = Path("runs/eval")
+    raw: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def label_map(self) -> LabelMap:
+        return load_label_map(self.label_map_path)
+
+
+def load_experiment_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment YAML; errors name the file and the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from error
+    try:
+        return parse_experiment_config(raw)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def parse_experiment_config(raw: Any) -> ExperimentConfig:
+    """Validate a config mapping as read from YAML; see the module docstring for the keys."""
+    top = ("models", "datasets", "prompts", "shift_px", "seed", "postprocess", "slice_step", "min_box_pixels",
+           "overlay_every", "detector_models", "label_map", "output")
+    _check_keys(raw, "", top, required=("models", "datasets"))
+    models = tuple(_parse_model(entry, f"models[{i}]") for i, entry in enumerate(_non_empty(raw, "models")))
+    _no_duplicates([m.name for m in models], "models[{}].name", "model name")
+    datasets = tuple(_parse_dataset(entry, f"datasets[{i}]") for i, entry in enumerate(_non_empty(raw, "datasets")))
+    _no_duplicates([d.name for d in datasets], "datasets[{}].name", "dataset name")
+    prompts = tuple(_value(raw, "prompts", "", "list", ["gt"]))
+    for index, source in enumerate(prompts):
+        if source not in PROMPT_SOURCES:
+            raise ValueError(f"key 'prompts[{index}]' must be one of {', '.join(PROMPT_SOURCES)}, got {source!r}")
+    if not prompts or len(set(prompts)) != len(prompts):
+        raise ValueError(f"key 'prompts' must list each prompt source once, got {list(prompts)}")
+    postprocess = raw.get("postprocess", [False])
+    postprocess = [postprocess] if isinstance(postprocess, bool) else postprocess
+    if not isinstance(postprocess, list) or not postprocess or len(set(postprocess)) != len(postprocess):
+        raise ValueError(f"key 'postprocess' must be true, false or a list of both, got {postprocess!r}")
+    for index, item in enumerate(postprocess):
+        _typed(item, "boolean", f"postprocess[{index}]")
+    detector_models = _value(raw, "detector_models", "", "string")
+    label_map_path = Path(_value(raw, "label_map", "", "string", str(DEFAULT_LABEL_MAP_PATH)))
+    config = ExperimentConfig(
+        models=models,
+        datasets=datasets,
+        prompts=prompts,
+        shift_px=float(_value(raw, "shift_px", "", "number", DEFAULT_SHIFT_PX)),
+        seed=_value(raw, "seed", "", "integer", 0),
+        postprocess=tuple(postprocess),
+        slice_step=_value(raw, "slice_step", "", "integer", 1),
+        min_box_pixels=_value(raw, "min_box_pixels", "", "integer", 10),
+        overlay_every=_value(raw, "overlay_every", "", "integer", 0),
+        detector_models=None if detector_models is None else Path(detector_models),
+        label_map_path=label_map_path,
+        output=Path(_value(raw, "output", "", "string", "runs/eval")),
+        raw=raw,
+    )
+    for key, low in (("shift_px", 0), ("seed", 0), ("slice_step", 1), ("min_box_pixels", 1), ("overlay_every", 0)):
+        if getattr(config, key) < low:
+            raise ValueError(f"key {key!r} must be >= {low}, got {getattr(config, key)}")
+    if "detector" in prompts and config.detector_models is None and any(m.models_dir is None for m in models):
+        raise ValueError("key 'detector_models' is required: 'detector' prompts for a model without a "
+                         "models_dir need a node models folder whose detector gives the boxes")
+    _check_label_names(config)
+    return config
+
+
+def _check_label_names(config: ExperimentConfig) -> None:
+    """Post-processing and detector boxes look labels up by name in the label map."""
+    if not (any(config.postprocess) or "detector" in config.prompts):
+        return
+    known = load_label_map(config.label_map_path).names
+    for index, dataset in enumerate(config.datasets):
+        for value, name in (dataset.label_names or {}).items():
+            if name not in known:
+                raise ValueError(f"key 'datasets[{index}].label_names.{value}': {name!r} is not a label of the "
+                                 f"label map, which post-processing and detector prompts need "
+                                 f"({', '.join(known)})")
+
+
+def _parse_model(raw: Any, where: str) -> ModelSpec:
+    _check_keys(raw, where, ("name", "family", "models_dir", "checkpoint", "config", "precision"), required=("name",))
+    family = _value(raw, "family", where, "string")
+    models_dir = _value(raw, "models_dir", where, "string")
+    if (family is None) == (models_dir is None):
+        raise ValueError(f"{where}: give exactly one of 'family' (zero-shot) and 'models_dir' (a node models folder)")
+    if family is not None and family not in MODEL_FAMILIES:
+        raise ValueError(f"key '{where}.family' must be one of {', '.join(MODEL_FAMILIES)}, got {family!r}")
+    checkpoint = _value(raw, "checkpoint", where, "string")
+    if family in ("sam2", "sam", "medsam") and checkpoint is None:
+        raise ValueError(f"missing key '{where}.checkpoint': {family} has no bundled weights")
+    if checkpoint is not None and family in (None, "truth"):
+        raise ValueError(f"key '{where}.checkpoint' applies to a zero-shot family only")
+    precision = _value(raw, "precision", where, "string", "bf16")
+    if precision not in PRECISIONS or ("precision" in raw and family != "litemedsam"):
+        raise ValueError(f"key '{where}.precision' must be one of {', '.join(PRECISIONS)} "
+                         f"and applies to family litemedsam only, got {precision!r}")
+    return ModelSpec(
+        name=_identifier(raw, "name", where),
+        family=family,
+        models_dir=None if models_dir is None else Path(models_dir),
+        checkpoint=None if checkpoint is None else Path(checkpoint),
+        config=_value(raw, "config", where, "string"),
+        precision=precision,
+    )
+
+
+def _parse_dataset(raw: Any, where: str) -> DatasetSpec:
+    keys = ("name", "phantom", "seeds", "n_slices", "format", "root", "subjects", "image", "labels",
+            "label_names", "series", "anatomy")
+    _check_keys(raw, where, keys, required=("name",))
+    name = _identifier(raw, "name", where)
+    phantom = _value(raw, "phantom", where, "string")
+    data_format = _value(raw, "format", where, "string")
+    if (phantom is None) == (data_format is None):
+        raise ValueError(f"{where}: give exactly one of 'phantom' and 'format'")
+    anatomy = _value(raw, "anatomy", where, "string")
+    if phantom is not None:
+        if phantom not in PHANTOM_KINDS:
+            raise ValueError(f"key '{where}.phantom' must be one of {', '.join(PHANTOM_KINDS)}, got {phantom!r}")
+        for key in ("root", "subjects", "image", "labels", "label_names", "series", "anatomy"):
+            if key in raw:
+                raise ValueError(f"key '{where}.{key}' does not apply to a phantom dataset")
+        seeds = _value(raw, "seeds", where, "list", [0])
+        for index, seed in enumerate(seeds):
+            _typed(seed, "integer", f"{where}.seeds[{index}]")
+        _no_duplicates([str(s) for s in seeds], where + ".seeds[{}]", "seed")
+        n_slices = _value(raw, "n_slices", where, "integer")
+        if n_slices is not None and n_slices < 2:
+            raise ValueError(f"key '{where}.n_slices' must be >= 2, got {n_slices}")
+        return DatasetSpec(name=name, phantom=phantom, seeds=tuple(seeds), n_slices=n_slices)
+
+    if data_format not in FORMATS:
+        raise ValueError(f"key '{where}.format' must be one of {', '.join(FORMATS)}, got {data_format!r}")
+    for key in ("seeds", "n_slices"):
+        if key in raw:
+            raise ValueError(f"key '{where}.{key}' applies to a phantom dataset only")
+    series = _value(raw, "series", where, "string")
+    if series is not None and data_format != "dicom":
+        raise ValueError(f"key '{where}.series' applies to format dicom only")
+    root = _value(raw, "root", where, "string")
+    subjects = _value(raw, "subjects", where, "list")
+    if (root is None) == (subjects is None):
+        raise ValueError(f"{where}: give exactly one of 'root' and 'subjects'")
+    if subjects is not None:
+        for key in ("image", "labels"):
+            if key in raw:
+                raise ValueError(f"key '{where}.{key}' applies to 'root' only; give each subject its own")
+        if not subjects:
+            raise ValueError(f"key '{where}.subjects' must be a non-empty list")
+        parsed = tuple(_parse_subject(entry, f"{where}.subjects[{i}]") for i, entry in enumerate(subjects))
+    else:
+        image = _value(raw, "image", where, "string", "." if data_format == "dicom" else "image.nii.gz")
+        labels = _value(raw, "labels", where, "string", "labels.nii.gz")
+        folders = sorted(p for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
+        if not folders:
+            raise ValueError(f"key '{where}.root': {root} is not a folder with one sub-folder per subject")
+        parsed = tuple(SubjectSpec(folder.name, folder / image, folder / labels) for folder in folders)
+    _no_duplicates([s.id for s in parsed], where + ".subjects[{}].id", "subject id")
+    names = raw.get("label_names")
+    return DatasetSpec(name=name, format=data_format, subjects=parsed, series=series, anatomy=anatomy,
+                       label_names=None if names is None else parse_label_names(names, f"{where}.label_names"))
+
+
+def _parse_subject(raw: Any, where: str) -> SubjectSpec:
+    _check_keys(raw, where, ("id", "image", "labels"), required=("id", "image", "labels"))
+    return SubjectSpec(_identifier(raw, "id", where), Path(_value(raw, "image", where, "string")),
+                       Path(_value(raw, "labels", where, "string")))
+
+
+def parse_label_names(raw: Any, key: str = "label_names") -> dict[int, str]:
+    """Voxel value -> label name, from a mapping or from a YAML file holding one."""
+    if isinstance(raw, str):
+        path = Path(raw)
+        if not path.is_file():
+            raise ValueError(f"key {key!r}: label names file {path} does not exist")
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        key = str(path)
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"{key!r} must be a non-empty mapping of voxel value to label name, got {raw!r}")
+    for value, name in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+            raise ValueError(f"key '{key}.{value}' must be a positive integer voxel value")
+        if not isinstance(name, str) or not _LABEL_NAME.fullmatch(name):
+            raise ValueError(f"key '{key}.{value}' must be a label name (lower-case letters, digits, '_'), "
+                             f"got {name!r}")
+    _no_duplicates(list(raw.values()), key + ".{}", "label name")
+    return dict(raw)
+
+
+def _non_empty(raw: dict[str, Any], key: str) -> list:
+    entries = _value(raw, key, "", "list")
+    if not entries:
+        raise ValueError(f"key {key!r} must be a non-empty list")
+    return entries
+
+
+def _check_keys(raw: Any, where: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> None:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where or 'the config'} must be a mapping, got {type(raw).__name__}")
+    prefix = f"{where}." if where else ""
+    for key in raw:
+        if key not in allowed:
+            raise ValueError(f"unknown key '{prefix}{key}' (known: {', '.join(allowed)})")
+    for key in required:
+        if raw.get(key) is None:
+            raise ValueError(f"missing key '{prefix}{key}'")
+
+
+def _value(raw: dict[str, Any], key: str, where: str, kind: str, default: Any = None) -> Any:
+    """``raw[key]`` checked to be of ``kind``; ``default`` when absent or null."""
+    item = raw.get(key)
+    return default if item is None else _typed(item, kind, f"{where}.{key}" if where else key)
+
+
+def _typed(item: Any, kind: str, key: str) -> Any:
+    # bool is an int subclass, but ``true`` is never a meaningful count or size
+    if (isinstance(item, bool) and kind != "boolean") or not isinstance(item, _KINDS[kind]):
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise ValueError(f"key {key!r} must be {article} {kind}, got {type(item).__name__} {item!r}")
+    return item
+
+
+def _identifier(raw: dict[str, Any], key: str, where: str) -> str:
+    item = _value(raw, key, where, "string")
+    if not _NAME.fullmatch(item):
+        raise ValueError(f"key '{where}.{key}' must be letters, digits, '.', '_' or '-' (it names files), "
+                         f"got {item!r}")
+    return item
+
+
+def _no_duplicates(items: list[str], key: str, what: str) -> None:
+    for index, item in enumerate(items):
+        if item in items[:index]:
+            raise ValueError(f"key {key.format(index)!r}: duplicate {what} {item!r}")

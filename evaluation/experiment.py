@@ -1,0 +1,257 @@
+"""``msk-eval segment`` / ``experiment``: models x prompt sources x datasets, scored per slice, subject and dataset.
+
+For every case, model, prompt source and post-processing setting the evaluated slices
+(every ``slice_step``-th) are segmented and scored per label with
+:func:`evaluation.metrics.compute_mask_metrics`: per slice in 2D with the in-plane
+spacing, per subject in 3D over the evaluated slices (their spacing is ``slice_step``
+times the slice spacing), and per dataset as means and SDs of the subjects. With
+``slice_step`` > 1 the 3D steps of post-processing also see the evaluated slices as
+neighbours. On a stack of few slices most of the 3D surface is its first and last slice,
+so 3D distances compare runs over the same slices only.
+
+Output (run folder)::
+
+    config.yaml                       the config as read
+    slices.csv                        one row per slice and label where truth or prediction is non-empty
+    labels.csv                        one row per subject and label: 3D metrics and voxel counts
+    summary.csv                       per dataset, model, prompts, post-processing and label: mean and SD
+    strata.csv                        slice metrics by object size (share of the slice area)
+    table.csv                         mean Dice (over labels, then subjects), datasets x models
+    metrics.json                      all of the above
+    dice_<prompts>_postprocess-<on|off>.csv          subject mean Dice, `msk-eval stats` input
+    dice_by_model_<prompts>_postprocess-<on|off>.png box/raincloud plot per dataset
+    comparison.csv, pairwise.csv      Friedman/ANOVA and pairwise tests (two or more models,
+                                      three or more subjects per dataset)
+    overlays/<dataset>/<subject>/<model>_<prompts>_postprocess-<on|off>/slice-NNN.png
+    phantoms/<dataset>/seed-<seed>/   the phantoms written for the run
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from evaluation.cases import Case, iter_cases
+from evaluation.config import ExperimentConfig
+from evaluation.metrics import METRICS, SIZE_ORDER, compute_mask_metrics, size_stratum
+from evaluation.segment import (EncodedSlices, EvalModel, Prompts, detector_prompts, load_eval_model, postprocessed,
+                                segment_prompts, truth_prompts)
+from msk_node.labels import LabelMap
+
+KEYS = ["dataset", "model", "prompts", "postprocess"]
+
+
+def _quiet(_: str) -> None:
+    """Default progress sink."""
+
+
+def load_models_of(config: ExperimentConfig) -> list[EvalModel]:
+    """Every model of ``config``, with the shared detector for zero-shot models when detector prompts are asked for."""
+    detector = None
+    if "detector" in config.prompts and config.detector_models is not None:
+        from msk_node.models import load_models
+
+        detector = load_models(config.detector_models).detector
+    return [load_eval_model(spec, detector) for spec in config.models]
+
+
+def case_prompts(case: Case, source: str, slices: list[int], model: EvalModel, config: ExperimentConfig,
+                 label_map: LabelMap) -> Prompts:
+    if source == "detector":
+        return detector_prompts(model.detector, case.normalised, slices, case.labels, label_map)
+    shift_px = config.shift_px if source == "shifted" else 0.0
+    return truth_prompts(case.truth, case.labels.values(), slices, shift_px=shift_px, seed=config.seed,
+                         min_pixels=config.min_box_pixels)
+
+
+def predicted_masks(case: Case, model: EvalModel, encoded: EncodedSlices | None,
+                    prompts: Prompts) -> dict[str, np.ndarray]:
+    """Label name -> mask on the case's grid; the ``truth`` model returns the truth."""
+    if encoded is None:
+        return {name: case.truth == value for name, value in case.labels.items()}
+    by_value = segment_prompts(encoded, prompts, case.labels.values())
+    return {name: by_value[value] for name, value in case.labels.items()}
+
+
+def score_case(case: Case, masks: dict[str, np.ndarray], slices: list[int],
+               slice_step: int) -> tuple[list[dict], list[dict]]:
+    """Slice rows and subject (3D) rows of one prediction; ``masks`` hold the evaluated slices only."""
+    truth = case.truth[slices]
+    volume_spacing = (case.spacing[0] * slice_step, *case.pixel_spacing)
+    slice_rows, label_rows = [], []
+    for name, value in case.labels.items():
+        true, pred = truth == value, masks[name]
+        if not (true.any() or pred.any()):
+            continue
+        label_rows.append({"label": name, **compute_mask_metrics(pred, true, volume_spacing),
+                           "truth_voxels": int(true.sum()), "predicted_voxels": int(pred.sum()),
+                           "slices": len(slices)})
+        for position, index in enumerate(slices):
+            if not (true[position].any() or pred[position].any()):
+                continue
+            slice_rows.append({"label": name, "slice": index, "size": size_stratum(true[position]),
+                               "area_share": float(true[position].mean()),
+                               **compute_mask_metrics(pred[position], true[position], case.pixel_spacing)})
+    return slice_rows, label_rows
+
+
+@dataclass
+class SegmentationResults:
+    slices: pd.DataFrame
+    labels: pd.DataFrame
+    overlays: list[Path]
+
+
+def evaluate_segmentation(config: ExperimentConfig, out_dir: Path,
+                          progress: Callable[[str], None] = _quiet) -> SegmentationResults:
+    """Segment and score every case of ``config``; phantoms and overlays are written below ``out_dir``."""
+    label_map = config.label_map
+    models = load_models_of(config)
+    slice_rows, label_rows, overlays = [], [], []
+    for dataset in config.datasets:
+        for case in iter_cases(dataset, label_map, out_dir / "phantoms"):
+            slices = list(range(config.slice_step // 2, len(case.truth), config.slice_step))
+            for model in models:
+                encoded = EncodedSlices(model.segmenter, case.normalised) if model.segmenter is not None else None
+                for source in config.prompts:
+                    start = time.perf_counter()
+                    prompts = case_prompts(case, source, slices, model, config, label_map)
+                    raw = {name: mask[slices] for name, mask in predicted_masks(case, model, encoded, prompts).items()}
+                    for postprocess in config.postprocess:
+                        masks = postprocessed(raw, label_map, case.pixel_spacing) if postprocess else raw
+                        keys = {"dataset": case.dataset, "subject": case.subject, "model": model.name,
+                                "prompts": source, "postprocess": "on" if postprocess else "off"}
+                        case_slices, case_labels = score_case(case, masks, slices, config.slice_step)
+                        slice_rows += [{**keys, **row} for row in case_slices]
+                        label_rows += [{**keys, **row} for row in case_labels]
+                        if config.overlay_every:
+                            overlays += _overlays(case, masks, slices, prompts, keys, config.overlay_every,
+                                                  label_map, out_dir)
+                    progress(f"{case.dataset}/{case.subject}: {model.name}, {source} prompts: "
+                             f"{time.perf_counter() - start:.1f} s")
+    slice_columns = [*KEYS[:1], "subject", *KEYS[1:], "label", "slice", "size", "area_share", *METRICS]
+    label_columns = [*KEYS[:1], "subject", *KEYS[1:], "label", *METRICS, "truth_voxels", "predicted_voxels", "slices"]
+    return SegmentationResults(pd.DataFrame(slice_rows, columns=slice_columns),
+                               pd.DataFrame(label_rows, columns=label_columns), overlays)
+
+
+def _overlays(case: Case, masks: dict[str, np.ndarray], slices: list[int], prompts: Prompts, keys: dict[str, str],
+              every: int, label_map: LabelMap, out_dir: Path) -> list[Path]:
+    from evaluation.overlays import label_colours, plot_overlay
+
+    names = list(case.labels)
+    colours = label_colours(names, label_map)
+    name_of = {value: name for name, value in case.labels.items()}
+    folder = (out_dir / "overlays" / case.dataset / case.subject
+              / f"{keys['model']}_{keys['prompts']}_postprocess-{keys['postprocess']}")
+    labelled = [(position, index) for position, index in enumerate(slices)
+                if any((case.truth[index] == value).any() for value in case.labels.values())]
+    written = []
+    for position, index in labelled[::every]:
+        truth = {name: case.truth[index] == value for name, value in case.labels.items()}
+        prediction = {name: masks[name][position] for name in names}
+        boxes = [(name_of[value], box) for value, box in prompts.get(index, []) if value in name_of]
+        title = (f"{case.dataset}/{case.subject} slice {index}: {keys['model']}, {keys['prompts']} prompts, "
+                 f"post-processing {keys['postprocess']}")
+        written.append(plot_overlay(case.normalised[index], truth, prediction, boxes, colours,
+                                    folder / f"slice-{index:03d}.png", title))
+    return written
+
+
+def summarise(results: SegmentationResults) -> dict[str, pd.DataFrame]:
+    """Per-dataset aggregates, size strata, subject mean Dice and the datasets x models table."""
+    labels, slices = results.labels, results.slices
+    statistics = {f"{metric}_{name}": (metric, name) for metric in METRICS for name in ("mean", "std")}
+    summary = (labels.groupby([*KEYS, "label"], sort=False)
+               .agg(subjects=("subject", "nunique"), **statistics).reset_index())
+    strata = (slices.groupby([*KEYS, "size"], sort=False)
+              .agg(slices=("dice", "size"), **{f"{m}_mean": (m, "mean") for m in METRICS}).reset_index())
+    strata["size"] = pd.Categorical(strata["size"], SIZE_ORDER, ordered=True)
+    strata = strata.sort_values([*KEYS, "size"], kind="stable")
+    strata["size"] = strata["size"].astype(str)
+    subjects = labels.groupby([*KEYS, "subject"], sort=False)["dice"].mean().reset_index()
+    models = list(dict.fromkeys(labels["model"]))
+    table = (subjects.pivot_table(index=["dataset", "prompts", "postprocess"], columns="model", values="dice",
+                                  aggfunc="mean", sort=False)
+             .reindex(columns=models).reset_index().rename_axis(columns=None))
+    return {"summary": summary, "strata": strata, "subjects": subjects, "table": table}
+
+
+def write_segmentation_outputs(config: ExperimentConfig, results: SegmentationResults, out_dir: Path) -> list[Path]:
+    """Tables, JSON, stats inputs, box plots and model comparisons of a run."""
+    from evaluation import plots, stats
+
+    aggregates = summarise(results)
+    frames = {"slices": results.slices, "labels": results.labels, "summary": aggregates["summary"],
+              "strata": aggregates["strata"], "table": aggregates["table"]}
+    written = [write_config(config, out_dir)]
+    for name, frame in frames.items():
+        written.append(_csv(frame, out_dir / f"{name}.csv"))
+    (out_dir / "metrics.json").write_text(json.dumps({name: _records(frame) for name, frame in frames.items()},
+                                                     indent=1))
+    written.append(out_dir / "metrics.json")
+
+    columns = stats.Columns(value="dice")
+    comparisons, pairs = [], []
+    for (source, postprocess), frame in aggregates["subjects"].groupby(["prompts", "postprocess"], sort=False):
+        setting = f"{source}_postprocess-{postprocess}"
+        written.append(_csv(frame.rename(columns={"dice": "value"})[["subject", "model", "dataset", "value"]],
+                            out_dir / f"dice_{setting}.csv"))
+        written.append(plots.plot_metric_by_model(frame, out_dir / f"dice_by_model_{setting}.png", columns))
+        if frame["model"].nunique() < 2:
+            continue
+        for dataset, subset in frame.groupby("dataset", sort=False):
+            reason = _identical_models(subset)
+            try:
+                if reason:
+                    raise ValueError(reason)
+                omnibus, pairwise = stats.compare_models(subset, columns)
+            except ValueError as error:
+                omnibus, pairwise = pd.DataFrame([{"dataset": dataset, "test": "not run", "reason": str(error)}]), None
+            setting_columns = {"prompts": source, "postprocess": postprocess}
+            comparisons.append(omnibus.assign(**setting_columns))
+            if pairwise is not None:
+                pairs.append(pairwise.assign(**setting_columns))
+    if comparisons:
+        written.append(_csv(_settings_first(pd.concat(comparisons, ignore_index=True)), out_dir / "comparison.csv"))
+    if pairs:
+        written.append(_csv(_settings_first(pd.concat(pairs, ignore_index=True)), out_dir / "pairwise.csv"))
+    return written
+
+
+def _identical_models(subjects: pd.DataFrame) -> str:
+    """Why no test applies when two models agree on every subject (their differences are all zero), else ''."""
+    wide = subjects.pivot_table(index="subject", columns="model", values="dice")
+    for position, first in enumerate(wide.columns):
+        for second in wide.columns[position + 1:]:
+            if np.allclose(wide[first], wide[second], equal_nan=True):
+                return f"models {first!r} and {second!r} give identical values"
+    return ""
+
+
+def write_config(config: ExperimentConfig, out_dir: Path) -> Path:
+    path = out_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(config.raw, sort_keys=False))
+    return path
+
+
+def _settings_first(frame: pd.DataFrame) -> pd.DataFrame:
+    first = ["dataset", "prompts", "postprocess"]
+    return frame[first + [c for c in frame.columns if c not in first]]
+
+
+def _csv(frame: pd.DataFrame, path: Path) -> Path:
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows as JSON objects; NaN becomes null (JSON has no NaN)."""
+    return json.loads(frame.to_json(orient="records"))

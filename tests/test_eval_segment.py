@@ -1,0 +1,250 @@
+"""msk-eval segment / experiment / biomarkers: metrics in mm, prompt sources, NIfTI and DICOM cases, configs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import yaml
+
+from evaluation import cli
+from evaluation.config import load_experiment_config, parse_experiment_config
+from evaluation.metrics import compute_mask_metrics, size_stratum
+from msk_node.phantoms import write_phantom
+
+REPO = Path(__file__).resolve().parent.parent
+SEED = 7
+# compact thigh labels: one box each per slice keeps LiteMedSAM's decoder cheap on a CPU
+THIGH_NAMES = {10: "hamstrings", 12: "sartorius", 13: "gracilis", 15: "femoral_marrow"}
+
+
+# --- metrics against known answers -----------------------------------------------------------------
+
+
+def _sphere(shape: tuple[int, ...], spacing: tuple[float, ...], radius_mm: float) -> np.ndarray:
+    """A ball of ``radius_mm`` at the grid's centre, sampled at voxel centres."""
+    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing)]
+    grids = np.meshgrid(*axes, indexing="ij")
+    return sum(g ** 2 for g in grids) <= radius_mm ** 2
+
+
+@pytest.mark.parametrize("spacing", [(2.0, 0.5, 0.5), (1.0, 1.0, 1.0), (0.5, 1.5, 1.0)])
+def test_concentric_spheres_give_their_gap_in_mm_on_anisotropic_grids(spacing):
+    shape = tuple(int(round(40 / s)) for s in spacing)
+    inner, outer = _sphere(shape, spacing, 10.0), _sphere(shape, spacing, 13.0)
+    scores = compute_mask_metrics(inner, outer, spacing)
+    assert scores["hd95_mm"] == pytest.approx(3.0, abs=max(spacing))
+    assert scores["msd_mm"] == pytest.approx(3.0, abs=max(spacing))
+    assert scores["dice"] == pytest.approx(2 * 10 ** 3 / (10 ** 3 + 13 ** 3), abs=0.03)
+    assert scores["iou"] == pytest.approx(10 ** 3 / 13 ** 3, abs=0.03)
+
+
+def test_empty_masks_give_nan_never_zero_distances():
+    truth = np.zeros((20, 20), bool)
+    truth[5:10, 5:10] = True
+    both_empty = compute_mask_metrics(np.zeros_like(truth), np.zeros_like(truth), (1.0, 1.0))
+    assert all(np.isnan(v) for v in both_empty.values())
+    with pytest.warns(UserWarning, match="prediction is empty"):
+        missed = compute_mask_metrics(np.zeros_like(truth), truth, (1.0, 1.0))
+    with pytest.warns(UserWarning, match="truth is empty"):
+        false_positive = compute_mask_metrics(truth, np.zeros_like(truth), (1.0, 1.0))
+    for scores in (missed, false_positive):
+        assert scores["dice"] == 0 and scores["iou"] == 0
+        assert np.isnan(scores["hd95_mm"]) and np.isnan(scores["msd_mm"])
+    with pytest.raises(ValueError, match="spacing"):
+        compute_mask_metrics(truth, truth, (1.0,))
+
+
+def test_size_strata_are_shares_of_the_slice_area():
+    slice_ = np.zeros((100, 100), bool)
+    assert size_stratum(slice_) == "absent"
+    slice_.flat[:49] = True
+    assert size_stratum(slice_) == "small"
+    slice_.flat[:300] = True
+    assert size_stratum(slice_) == "medium"
+    slice_.flat[:400] = True
+    assert size_stratum(slice_) == "large"
+
+
+# --- one NIfTI case through the CLI -------------------------------------------------------------------
+
+
+def _nifti_from_phantom(folder: Path, spacing_factor: float = 1.0) -> dict[str, Path]:
+    """A thigh phantom as NIfTI image + label map + label names YAML, optionally with scaled spacing."""
+    phantom = folder / "phantom"
+    if not (phantom / "truth.json").is_file():
+        write_phantom("thigh", phantom, seed=SEED, n_slices=4)
+    series = json.loads((phantom / "truth.json").read_text())["series"][0]["folder"]
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(phantom / series)))
+    files = {"image": folder / f"x{spacing_factor:g}" / "image.nii.gz",
+             "labels": folder / f"x{spacing_factor:g}" / "labels.nii.gz",
+             "names": folder / "names.yaml"}
+    files["image"].parent.mkdir(parents=True, exist_ok=True)
+    for image, path in ((reader.Execute(), files["image"]),
+                        (sitk.ReadImage(str(phantom / "truth_labels.nii.gz")), files["labels"])):
+        image.SetSpacing([s * spacing_factor for s in image.GetSpacing()])
+        sitk.WriteImage(image, str(path))
+    files["names"].write_text(yaml.safe_dump(THIGH_NAMES))
+    return files
+
+
+def _segment(files: dict[str, Path], out: Path, *prompts: str) -> int:
+    return cli.main(["segment", "--image", str(files["image"]), "--labels", str(files["labels"]),
+                     "--label-names", str(files["names"]), "--model", "litemedsam", "--prompts", *prompts,
+                     "--slice-step", "2", "--out", str(out)])
+
+
+@pytest.fixture(scope="module")
+def nifti_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("nifti")
+    files = _nifti_from_phantom(folder)
+    assert _segment(files, folder / "run", "gt", "shifted") == 0
+    return files, folder / "run"
+
+
+def test_a_nifti_case_with_named_labels_evaluates_end_to_end(nifti_run, capsys):
+    _, run = nifti_run
+    labels = pd.read_csv(run / "labels.csv")
+    assert {"label", "dice", "iou", "hd95_mm", "msd_mm"} <= set(labels.columns)
+    assert set(labels.loc[labels["prompts"] == "gt", "label"]) == set(THIGH_NAMES.values())
+    slices = pd.read_csv(run / "slices.csv")
+    assert set(slices["slice"]) == {1, 3}  # every 2nd slice of 4, centred
+    assert set(slices["size"]) <= {"small", "medium", "large", "absent"}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"slices", "labels", "summary", "strata", "table"} <= set(metrics)
+    assert (run / "dice_by_model_gt_postprocess-off.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_truth_boxes_beat_shifted_boxes_per_label(nifti_run):
+    _, run = nifti_run
+    dice = pd.read_csv(run / "labels.csv").pivot(index="label", columns="prompts", values="dice")
+    print(f"thigh phantom, LiteMedSAM zero-shot, mean Dice over labels: gt {dice['gt'].mean():.3f}, "
+          f"shifted by up to 20 px {dice['shifted'].mean():.3f}\n{dice}")
+    assert dice["gt"].mean() > dice["shifted"].mean() + 0.1
+
+
+def test_doubling_the_header_spacing_doubles_distances_and_keeps_dice(nifti_run, tmp_path):
+    files, run = nifti_run
+    doubled = _nifti_from_phantom(files["image"].parent.parent, spacing_factor=2.0)
+    assert _segment(doubled, tmp_path / "run", "gt") == 0
+    for table in ("labels", "slices"):
+        keys = ["label"] + (["slice"] if table == "slices" else [])
+        original = pd.read_csv(run / f"{table}.csv").query("prompts == 'gt'").set_index(keys).sort_index()
+        scaled = pd.read_csv(tmp_path / "run" / f"{table}.csv").set_index(keys).sort_index()
+        np.testing.assert_allclose(scaled["dice"], original["dice"], atol=1e-6)
+        np.testing.assert_allclose(scaled["hd95_mm"], 2 * original["hd95_mm"], rtol=1e-4)
+        np.testing.assert_allclose(scaled["msd_mm"], 2 * original["msd_mm"], rtol=1e-4)
+
+
+def test_a_label_map_off_the_image_grid_is_refused(nifti_run, tmp_path, capsys):
+    files, _ = nifti_run
+    labels = sitk.ReadImage(str(files["labels"]))
+    labels.SetSpacing([1.5 * s for s in labels.GetSpacing()])
+    sitk.WriteImage(labels, str(tmp_path / "labels.nii.gz"))
+    code = _segment({**files, "labels": tmp_path / "labels.nii.gz"}, tmp_path / "run", "gt")
+    assert code == 2
+    assert "is not on the voxel grid" in capsys.readouterr().err
+
+
+# --- experiment ------------------------------------------------------------------------------------
+
+
+def test_the_experiment_command_writes_the_table_plots_tests_and_overlays(tmp_path, capsys):
+    config = {
+        "models": [{"name": "litemedsam", "family": "litemedsam"}, {"name": "truth", "family": "truth"}],
+        "datasets": [{"name": "thigh", "phantom": "thigh", "seeds": [1, 2, 3], "n_slices": 2}],
+        "prompts": ["gt", "detector"], "postprocess": [False, True], "slice_step": 2, "overlay_every": 1,
+        "detector_models": str(REPO / "models"), "output": str(tmp_path / "run"),
+    }
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cli.main(["experiment", str(path)]) == 0
+    run = tmp_path / "run"
+    table = pd.read_csv(run / "table.csv")
+    assert list(table.columns) == ["dataset", "prompts", "postprocess", "litemedsam", "truth"]
+    assert len(table) == 4
+    assert (table["truth"][table["postprocess"] == "off"] == 1.0).all()
+    assert table["litemedsam"].between(0.2, 1.0).all()
+    for setting in ("gt_postprocess-off", "gt_postprocess-on", "detector_postprocess-off"):
+        assert (run / f"dice_by_model_{setting}.png").read_bytes()[:4] == b"\x89PNG"
+        assert len(pd.read_csv(run / f"dice_{setting}.csv")) == 6
+    comparison = pd.read_csv(run / "comparison.csv")
+    assert len(comparison) == 4 and comparison["p"].notna().all()
+    overlays = list((run / "overlays" / "thigh").rglob("slice-*.png"))
+    assert len(overlays) == 3 * 2 * 2 * 2
+    assert yaml.safe_load((run / "config.yaml").read_text()) == config
+    assert "mean Dice" in capsys.readouterr().out
+
+
+def test_the_example_config_is_valid(monkeypatch):
+    monkeypatch.chdir(REPO)
+    config = load_experiment_config(REPO / "evaluation" / "configs" / "phantom_table.yaml")
+    assert [m.name for m in config.models] == ["litemedsam-zero-shot", "node-models"]
+    assert config.prompts == ("gt", "shifted", "detector") and config.shift_px == 20
+
+
+def _config(**changes) -> dict:
+    config = {"models": [{"name": "m", "family": "litemedsam"}],
+              "datasets": [{"name": "d", "phantom": "knee", "seeds": [1]}]}
+    config.update(changes)
+    return config
+
+
+@pytest.mark.parametrize("raw, key", [
+    (_config(slice_stepp=2), "'slice_stepp'"),
+    (_config(slice_step="two"), "'slice_step'"),
+    (_config(datasets=[{"name": "d", "phantom": "knee", "sedes": [1]}]), "'datasets[0].sedes'"),
+    (_config(datasets=[{"name": "d", "phantom": "ankle"}]), "'datasets[0].phantom'"),
+    (_config(models=[{"name": "m", "family": "sam"}]), "'models[0].checkpoint'"),
+    (_config(models=[{"name": "m", "family": "litemedsam", "precision": "fp16"}]), "'models[0].precision'"),
+    (_config(prompts=["gt", "boxes"]), "'prompts[1]'"),
+    (_config(postprocess=["on"]), "'postprocess[0]'"),
+    (_config(prompts=["detector"]), "'detector_models'"),
+    (_config(datasets=[{"name": "d", "format": "nifti", "subjects": []}]), "'datasets[0].subjects'"),
+    (_config(postprocess=True, datasets=[{"name": "d", "format": "nifti", "label_names": {1: "knee_bone"},
+                                          "subjects": [{"id": "s", "image": "i.nii", "labels": "l.nii"}]}]),
+     "'datasets[0].label_names.1'"),
+    ({"datasets": []}, "'models'"),
+])
+def test_config_errors_name_the_key(raw, key):
+    with pytest.raises(ValueError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        parse_experiment_config(raw)
+
+
+def test_a_bad_config_file_stops_the_command_naming_the_key(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_config(overlay_every=-1)))
+    assert cli.main(["segment", "--config", str(path)]) == 2
+    assert "'overlay_every'" in capsys.readouterr().err
+
+
+# --- biomarkers --------------------------------------------------------------------------------------
+
+
+def test_biomarkers_of_truth_against_truth_are_identical(tmp_path):
+    phantom = write_phantom("spine", tmp_path / "spine", seed=SEED)
+    series = json.loads((phantom / "truth.json").read_text())["series"][0]["folder"]
+    code = cli.main(["biomarkers", "--image", str(phantom / series), "--labels",
+                     str(phantom / "truth_labels.nii.gz"), "--model", "truth", "--postprocess", "off",
+                     "--out", str(tmp_path / "run")])
+    assert code == 0
+    table = pd.read_csv(tmp_path / "run" / "biomarkers.csv")
+    assert {"subject", "structure", "measurement", "truth_value", "model_value", "unit"} <= set(table.columns)
+    assert {"disc_height", "volume"} <= set(table["measurement"])
+    assert set(table.loc[table["measurement"] == "disc_height", "unit"]) == {"mm"}
+    np.testing.assert_array_equal(table["model_value"], table["truth_value"])
+    long = pd.read_csv(tmp_path / "run" / "biomarkers_long.csv")
+    assert set(long["model"]) == {"manual", "truth"}
+    assert len(long) == 2 * len(table)
+
+
+def test_biomarkers_need_a_dicom_series(nifti_run, tmp_path, capsys):
+    files, _ = nifti_run
+    code = cli.main(["biomarkers", "--image", str(files["image"]), "--labels", str(files["labels"]),
+                     "--label-names", str(files["names"]), "--model", "truth", "--out", str(tmp_path)])
+    assert code == 2
+    assert "need a DICOM series" in capsys.readouterr().err
