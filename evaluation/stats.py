@@ -142,6 +142,12 @@ def compare_models(data: pd.DataFrame, columns: Columns = Columns(), alpha: floa
         if complete.shape[1] < 2 or len(complete) < 3:
             raise ValueError(f"dataset {dataset!r}: needs at least 2 models and 3 subjects with "
                              f"values for all of them, has {complete.shape[1]} and {len(complete)}")
+        if (complete.nunique(axis=1) == 1).all():
+            # Every subject scores the same under every model: no test is defined, nothing differs.
+            omnibus.append({columns.dataset: dataset, "n_subjects": len(complete),
+                            "n_incomplete": len(wide) - len(complete), "n_models": complete.shape[1],
+                            "test": "none: identical values", "p": float("nan"), "significant": False})
+            continue
         assumptions = check_assumptions([complete[model].to_numpy() for model in complete], alpha)
         parametric = _use_parametric(path, assumptions)
         long = complete.reset_index().melt(id_vars=columns.subject, var_name=columns.model,

@@ -131,6 +131,14 @@ def test_comparison_per_dataset_and_incomplete_subjects():
         stats.compare_models(data, path="bayesian")
 
 
+def test_models_with_identical_values_are_reported_without_a_test(weeks):
+    same = pd.DataFrame({"a": weeks["Before"], "b": weeks["Before"], "c": weeks["Before"]})
+    omnibus, pairwise = stats.compare_models(_long(same), path="nonparametric")
+    assert omnibus.iloc[0]["test"] == "none: identical values"
+    assert not omnibus.iloc[0]["significant"] and np.isnan(omnibus.iloc[0]["p"])
+    assert pairwise.empty
+
+
 def test_assumption_checks_decide_between_paths():
     rng = np.random.default_rng(3)
     normal = [rng.normal(0.8, 0.05, 40) for _ in range(3)]
