@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,21 @@ def main(argv: list[str] | None = None) -> int:
         "preprocess", help="labelled MRI (DICOM or NIfTI) -> normalised slices, masks, YOLO labels, Parquet tables")
     preprocessing.add_argument("config", type=Path)
     preprocessing.add_argument("--out", type=Path, help="output folder (default: the config's 'output')")
+    finetuning = commands.add_parser(
+        "finetune", help="finetune a SAM-family segmenter on preprocessed slices (also under torchrun)")
+    finetuning.add_argument("config", type=Path)
+    finetuning.add_argument("--run-dir", type=Path, help="run folder (default: the config's 'run_dir')")
+    embedding = commands.add_parser("embed", help="run the frozen encoder once over the slices into a store")
+    embedding.add_argument("config", type=Path)
+    embedding.add_argument("--out", type=Path, help="store folder (default: the config's 'embeddings')")
+    exporting = commands.add_parser("export", help="a finetuning run -> the node's segmenter model folder")
+    exporting.add_argument("run", type=Path)
+    exporting.add_argument("--to", type=Path, required=True, help="models folder; writes <TO>/segmenter")
+    exporting.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    bench = commands.add_parser(
+        "bench-training", help="seconds per epoch, encoder in the loop vs cached embeddings, and peak memory (JSON)")
+    bench.add_argument("config", type=Path)
+    bench.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -47,6 +64,24 @@ def main(argv: list[str] | None = None) -> int:
 
         config = load_preprocess_config(args.config)
         print(f"preprocessed: {preprocess(config, args.out)}")
+    if args.command == "finetune":
+        from training.finetune import finetune, load_finetune_config, result_json
+
+        result = finetune(load_finetune_config(args.config), args.run_dir)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(result_json(result))
+    if args.command == "embed":
+        from training.finetune import embed, load_finetune_config
+
+        print(f"embedded: {embed(load_finetune_config(args.config), args.out)}")
+    if args.command == "export":
+        from training.finetune import export_run
+
+        print(f"exported: {export_run(args.run, args.to, args.checkpoint)}")
+    if args.command == "bench-training":
+        from training.bench_training import bench_training
+
+        print(json.dumps(bench_training(args.config, args.epochs), indent=2))
     return 0
 
 
