@@ -244,6 +244,11 @@ def test_losses_prefer_the_right_mask():
         assert loss(right, targets) < 0.1 < loss(wrong, targets)
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "training" / "configs").glob("finetune_*.yaml")), ids=lambda p: p.stem)
+def test_the_example_configs_are_valid(path):
+    load_finetune_config(path)
+
+
 @pytest.mark.parametrize("change, key", [
     ({"learning_rat": 0.1}, "learning_rat"),
     ({"epochs": "many"}, "epochs"),

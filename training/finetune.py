@@ -252,8 +252,6 @@ def _parse_model(raw: dict[str, Any]) -> ModelSpec:
     if family in ("sam", "medsam"):
         model_config = model_config or "vit_b"
     checkpoint = _value(raw, "checkpoint", "model", "string")
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        raise ValueError(f"key 'model.checkpoint': file {checkpoint} does not exist")
     image_size = _value(raw, "image_size", "model", "integer")
     if image_size is not None and (family != "sam2" or image_size <= 0 or image_size % 32):
         raise ValueError(f"key 'model.image_size' applies to family sam2 and must be a positive multiple of 32, "
