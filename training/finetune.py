@@ -98,6 +98,7 @@ from training.sam_family import FAMILIES, MODES, ModelSpec, PromptedModel, build
 logger = logging.getLogger(__name__)
 
 AMP_MODES = ("bf16", "fp16", "none")
+LOG_EVERY_BATCHES = 100
 DEVICES = ("auto", "cpu", "cuda")
 _TOP_KEYS = ("data", "run_dir", "model", "mode", "embeddings", "datasets", "mix", "subjects_per_dataset",
              "min_samples_per_dataset", "prompt", "box_shift_px", "max_prompts_per_slice", "min_component_pixels",
@@ -472,6 +473,9 @@ def _train(config: FinetuneConfig, run_dir: Path, processes: Processes) -> Finet
                 scheduler.step(epoch - 1 + (step + 1) / n_batches)
             loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
             samples += len(batch["boxes"])
+            if run is not None and (step + 1) % LOG_EVERY_BATCHES == 0:
+                logger.info("epoch %d: batch %d/%d, mean loss %.4f", epoch, step + 1, n_batches,
+                            loss_sum[0] / loss_sum[1])
         train_seconds = time.perf_counter() - started
         loss_sum = processes.sum(loss_sum)
         val_sums = processes.sum(_validate(model, val_loader, datasets, mask_size, device, config.amp))
@@ -554,7 +558,7 @@ def export_run(run_dir: Path, models_dir: Path, checkpoint: str = "best") -> Pat
     if state["image_size"] is not None:
         raise ValueError(f"run {run_dir} trained {family} at input size {state['image_size']}; the node builds it at "
                          "its config's size, so train without 'model.image_size' to export")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config = parse_finetune_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
     target.mkdir(parents=True, exist_ok=True)
     entries: dict[str, Any] = {"name": f"{family}-{run_dir.name}", "family": family,
                                "version": f"{run_dir.name}-epoch{state['epoch']}"}
@@ -575,9 +579,9 @@ def export_run(run_dir: Path, models_dir: Path, checkpoint: str = "best") -> Pat
     summary = pd.read_csv(run_dir / "dataset_summary.csv")
     datasets = "; ".join(f"{row.dataset} ({row.train_subjects} train subjects, {row.train_slices} slices)"
                          for row in summary.itertuples())
-    entries["training_data"] = (f"{datasets}; {state['mode']} finetune, prompt {config.get('prompt', 'box')}, "
-                                f"loss {config.get('loss', 'dice_bce')}; val Dice {state['val_dice']:.4f} at epoch "
-                                f"{state['epoch']}; reproduce: msk-train finetune {run_dir / 'config.yaml'}")
+    entries["training_data"] = (f"{datasets}; {state['mode']} finetune, prompt {config.prompt}, loss {config.loss}; "
+                                f"val Dice {state['val_dice']:.4f} at epoch {state['epoch']}; "
+                                f"reproduce: msk-train finetune {run_dir / 'config.yaml'}")
     shutil.copyfile(run_dir / "label_map.yaml", target / "label_map.yaml")
     shutil.copyfile(run_dir / "config.yaml", target / "training_config.yaml")
     shutil.copyfile(run_dir / "dataset_summary.csv", target / "dataset_summary.csv")
