@@ -51,6 +51,17 @@ class SquareFrame:
         tensor = F.interpolate(tensor, size=(self.size, self.size), mode="bilinear", align_corners=False)
         return tensor.expand(1, 3, self.size, self.size).contiguous()
 
+    def labels_to_model(self, labels: np.ndarray) -> np.ndarray:
+        """Label or mask slice(s) ``[..., rows, cols]`` onto the model's square, nearest neighbour.
+
+        Padded like :meth:`image_to_model`; each output pixel takes the source pixel under its centre.
+        """
+        side = max(self.rows, self.cols)
+        padded = np.zeros((*labels.shape[:-2], side, side), dtype=labels.dtype)
+        padded[..., : self.rows, : self.cols] = labels
+        source = np.minimum(((np.arange(self.size) + 0.5) * self.scale).astype(int), side - 1)
+        return padded[..., source[:, None], source[None, :]]
+
     def boxes_to_model(self, boxes: np.ndarray) -> np.ndarray:
         """xyxy boxes in slice pixels -> model pixels."""
         return np.asarray(boxes, dtype=np.float32) / self.scale

@@ -512,19 +512,6 @@ def _large_components(mask: np.ndarray, structure: np.ndarray, min_size: int) ->
     return large[components]
 
 
-def labels_to_frame(labels: np.ndarray, frame: SquareFrame) -> np.ndarray:
-    """A label slice onto ``frame``'s square, nearest neighbour.
-
-    Padded at the bottom and right like :meth:`SquareFrame.image_to_model`; each output
-    pixel takes the source pixel under its centre.
-    """
-    side = max(frame.rows, frame.cols)
-    padded = np.zeros((side, side), dtype=labels.dtype)
-    padded[: frame.rows, : frame.cols] = labels
-    source = np.minimum(((np.arange(frame.size) + 0.5) * frame.scale).astype(int), side - 1)
-    return padded[np.ix_(source, source)]
-
-
 # --- splits -------------------------------------------------------------------------------------
 
 def split_sizes(n_subjects: int, ratios: dict[str, float], dataset: str = "") -> dict[str, int]:
@@ -671,7 +658,7 @@ def _write_subject(dataset: DatasetConfig, source: SubjectSource, config: Prepro
         arrays = {"image": image_frame.image_to_model(images[k])[0].numpy()}
         label_file, n_boxes = None, None
         if labels is not None:
-            arrays["mask"] = labels_to_frame(labels[k], mask_frame)
+            arrays["mask"] = mask_frame.labels_to_model(labels[k])
             label_file = Path("labels") / relative / f"{k:04d}.txt"
             # Boxes on the source slice, normalised to the square frame the image is stored on.
             n_boxes = write_yolo_labels(out_dir / label_file, labels[k], config.label_map, 1, side, side)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 
 from msk_node.dicom_input import read_study_folder
@@ -28,9 +27,10 @@ from msk_node.labels import LabelMap, load_label_map
 from msk_node.models import file_sha256
 from msk_node.phantoms import write_phantom
 from msk_node.segmenters.base import box_prompt_logits
-from msk_node.segmenters.litemedsam import INPUT_SIZE, LiteMedSAMSegmenter
+from msk_node.segmenters.litemedsam import LiteMedSAMSegmenter
 from msk_node.volume import labels_on_volume_grid, series_to_volume
 from training.boxes import instance_boxes
+from training.losses import dice_bce_loss
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +99,9 @@ def cache_phantom_slices(
                         continue
                     embedding = segmenter.encode(images[k])
                     masks = np.stack([_component_mask(labels[k], value, box) for value, box in found])
+                    targets = torch.from_numpy(embedding.frame.labels_to_model(masks).astype(np.float32))[:, None]
                     cached.append(CachedSlice(embedding.features.half(), np.array([b for _, b in found], np.float32),
-                                              _to_model(masks, embedding.frame), embedding.frame))
+                                              targets, embedding.frame))
             logger.info("cached %d slices after %s", len(cached), kind)
     return cached
 
@@ -110,20 +111,6 @@ def _component_mask(label_slice: np.ndarray, value: int, box: tuple[int, int, in
     mask = np.zeros(label_slice.shape, dtype=bool)
     mask[y0:y1 + 1, x0:x1 + 1] = label_slice[y0:y1 + 1, x0:x1 + 1] == value
     return mask
-
-
-def _to_model(masks: np.ndarray, frame: SquareFrame) -> torch.Tensor:
-    side = max(frame.rows, frame.cols)
-    padded = np.zeros((len(masks), side, side), dtype=np.float32)
-    padded[:, : frame.rows, : frame.cols] = masks
-    return F.interpolate(torch.from_numpy(padded)[:, None], size=(INPUT_SIZE, INPUT_SIZE), mode="nearest")
-
-
-def dice_bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    probabilities = torch.sigmoid(logits)
-    intersection = (probabilities * targets).sum(dim=(1, 2, 3))
-    dice = 1 - (2 * intersection + 1) / (probabilities.sum(dim=(1, 2, 3)) + targets.sum(dim=(1, 2, 3)) + 1)
-    return dice.mean() + F.binary_cross_entropy_with_logits(logits, targets)
 
 
 def finetune_decoder(segmenter: LiteMedSAMSegmenter, cached: list[CachedSlice], config: SegmenterConfig) -> list[float]:
