@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from msk_node.cli import DEFAULT_MODELS
+
 # the `path` values of evaluation.stats, spelled out so that msk-eval starts without importing it
 PATH_CHOICES = ("auto", "parametric", "nonparametric")
 # evaluation.config's prompt sources and model families, spelled out for the same reason
@@ -27,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     add_segment_command(commands)
     add_experiment_command(commands)
     add_biomarkers_command(commands)
+    add_autolabel_command(commands)
+    add_bench_autolabel_command(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 
@@ -370,6 +374,104 @@ def run_biomarkers(args: argparse.Namespace) -> int:
                "unit"]
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {len(written)} files to {out}")
+    return 0
+
+
+# --- msk-eval autolabel / bench-autolabel ----------------------------------------------------
+
+
+def add_autolabel_command(commands: argparse._SubParsersAction) -> None:
+    autolabel = commands.add_parser(
+        "autolabel", help="the node's detector, segmenter and post-processing over a folder of studies",
+        description="Label every study (subfolder) of INPUT with the node's pipeline, on this machine's cores or "
+                    "a Ray cluster: OUT/<study>/ gets the SEGs as the node writes them; a progress bar, then a "
+                    "summary (OUT/autolabel-summary.csv/.json). Studies done by an earlier run are skipped. "
+                    "Exit status 1 when a study failed.")
+    autolabel.add_argument("input", type=Path, help="one subfolder per study: DICOM files, or one NIfTI image")
+    autolabel.add_argument("--out", type=Path, required=True, help="output folder, outside INPUT")
+    autolabel.add_argument("-m", "--models", type=Path, default=DEFAULT_MODELS, help="node models folder")
+    autolabel.add_argument("--nifti", action="store_true",
+                           help="also write labels-<SeriesInstanceUID>.nii.gz per SEG, on the series' grid")
+    autolabel.add_argument("--anatomy", help="anatomy of the NIfTI studies (a label-map anatomy: knee, thigh, "
+                                             "spine); they have no headers to choose it by")
+    autolabel.add_argument("--workers", type=int, help="worker processes or Ray actors, one model instance each "
+                                                       "(default: the cores, or the cluster's CPUs / --threads)")
+    autolabel.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers, at "
+                                                       "least 1); give the same value for identical outputs")
+    autolabel.add_argument("--ray", metavar="ADDRESS", help="run on this existing Ray cluster (host:port of its "
+                                                            "head); paths must be the same on every node")
+    autolabel.set_defaults(run=run_autolabel)
+
+
+def add_bench_autolabel_command(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser(
+        "bench-autolabel", help="studies per hour of autolabel: local processes and a local 2-worker Ray cluster",
+        description="Run autolabel on one cohort locally and on a Ray cluster started on 127.0.0.1; print JSON "
+                    "with studies per hour and whether the SEG pixel data of both runs are identical.")
+    bench.add_argument("--studies", type=Path, help="cohort folder (default: phantom studies made for the run)")
+    bench.add_argument("--phantoms", type=int, default=4, help="number of phantom studies (default 4)")
+    bench.add_argument("--kind", default="spine", choices=("knee", "thigh", "spine"), help="phantom kind")
+    bench.add_argument("--n-slices", type=int, default=8, help="slices per phantom study (default 8)")
+    bench.add_argument("-m", "--models", type=Path, default=DEFAULT_MODELS, help="node models folder")
+    bench.add_argument("--workers", type=int, help="local worker processes (default: the cores)")
+    bench.add_argument("--ray-workers", type=int, default=2, help="Ray actors (default 2)")
+    bench.add_argument("--work", type=Path, help="folder for the scratch data (default: the system's temp)")
+    bench.add_argument("--out", type=Path, help="also write the JSON here")
+    bench.set_defaults(run=run_bench_autolabel)
+
+
+def _autolabel_workers(args: argparse.Namespace, cpus: int) -> tuple[int, int]:
+    """(workers, threads per worker) on ``cpus`` cores: what is given, the rest shared out."""
+    for name in ("workers", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    threads = args.threads or max(1, cpus // (args.workers or cpus))
+    return args.workers or max(1, cpus // threads), threads
+
+
+def run_autolabel(args: argparse.Namespace) -> int:
+    from evaluation.autolabel import AutolabelSettings, autolabel_cohort, available_cores, format_summary
+    from msk_node.models import ModelError
+
+    try:
+        if args.ray is None:
+            workers, threads = _autolabel_workers(args, available_cores())
+            settings = AutolabelSettings(args.models.resolve(), args.nifti, args.anatomy, threads)
+            result = autolabel_cohort(args.input, args.out, settings, workers)
+        else:
+            result = _autolabel_on_ray(args)
+    except (ValueError, ModelError) as error:
+        print(f"msk-eval autolabel: error: {error}", file=sys.stderr)
+        return 2
+    print(format_summary(result))
+    print(f"summary: {args.out / 'autolabel-summary.csv'}")
+    return 1 if result.count("failed") else 0
+
+
+def _autolabel_on_ray(args: argparse.Namespace):
+    from evaluation.autolabel import AutolabelSettings, autolabel_cohort, connected_ray, ray_cpus
+
+    with connected_ray(args.ray):
+        cpus = ray_cpus()
+        workers, threads = _autolabel_workers(args, cpus)
+        if workers * threads > cpus:
+            raise ValueError(f"--ray {args.ray}: {workers} workers x {threads} threads need {workers * threads} "
+                             f"CPUs; the cluster has {cpus}")
+        settings = AutolabelSettings(args.models.resolve(), args.nifti, args.anatomy, threads)
+        return autolabel_cohort(args.input, args.out, settings, workers, ray_connected=True)
+
+
+def run_bench_autolabel(args: argparse.Namespace) -> int:
+    import json
+
+    from evaluation.autolabel import benchmark
+
+    report = benchmark(args.models, args.studies, args.phantoms, args.kind, args.n_slices, args.workers,
+                       args.ray_workers, args.work)
+    text = json.dumps(report, indent=2)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    print(text)
     return 0
 
 
