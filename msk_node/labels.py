@@ -18,6 +18,8 @@ entries::
         # optional: the label also takes what another label encloses in each slice
         # (marrow inside the cortical ring), so it is found even when not detected
         interior_of: femoral_cortex
+        # optional: the structure is solid (a whole bone), so holes in a slice are filled
+        fill_holes: true
 
 Every problem found while loading raises :class:`ValueError` naming the file, the
 entry and the key, e.g. ``label_map.yaml: labels[3] (meniscus): unknown key 'colur'``.
@@ -40,7 +42,7 @@ from msk_node.codes import anatomy_codes
 DEFAULT_LABEL_MAP_PATH = Path(__file__).resolve().parent.parent / "models" / "detector" / "label_map.yaml"
 
 _REQUIRED_KEYS = ("name", "value", "class_id", "anatomy", "colour", "smoothing_mm", "priority", "min_area_mm2")
-_OPTIONAL_KEYS = ("category", "type", "interior_of")
+_OPTIONAL_KEYS = ("category", "type", "interior_of", "fill_holes")
 _CODED_KEYS = ("category", "type")
 _CODE_KEYS = ("scheme", "value", "meaning")
 _NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
@@ -74,6 +76,8 @@ class LabelSpec:
         2D components smaller than this are removed.
     interior_of : str or None
         Name of a label whose enclosed holes (per slice) belong to this label.
+    fill_holes : bool
+        The structure is solid: holes inside it in a slice belong to it.
     """
 
     name: str
@@ -87,6 +91,7 @@ class LabelSpec:
     priority: int
     min_area_mm2: float
     interior_of: str | None = None
+    fill_holes: bool = False
 
 
 @dataclass(frozen=True)
@@ -240,6 +245,9 @@ def _parse_entry(entry: Any, where: str) -> LabelSpec:
     interior_of = entry.get("interior_of")
     if interior_of is not None and not isinstance(interior_of, str):
         raise ValueError(f"{where}: key 'interior_of' must be a label name, got {interior_of!r}")
+    fill_holes = entry.get("fill_holes", False)
+    if not isinstance(fill_holes, bool):
+        raise ValueError(f"{where}: key 'fill_holes' must be true or false, got {fill_holes!r}")
     return LabelSpec(
         name=name,
         value=value,
@@ -252,6 +260,7 @@ def _parse_entry(entry: Any, where: str) -> LabelSpec:
         priority=_integer(entry, "priority", where),
         min_area_mm2=_non_negative_number(entry, "min_area_mm2", where),
         interior_of=interior_of,
+        fill_holes=fill_holes,
     )
 
 

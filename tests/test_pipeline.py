@@ -33,15 +33,7 @@ def models():
     return load_models(MODELS)
 
 
-THIGH_SHORTFALL = (
-    "zero-shot LiteMedSAM with phantom-trained detector boxes does not reach the thigh targets: measured "
-    "quadriceps 0.62, hamstrings 0.75, adductors 0.74, sartorius 0.65, gracilis 0.48; the box around the "
-    "femoral cortex ring yields the marrow disc (cortex Dice 0.01) and marrow is not detected"
-)
-
-
-@pytest.mark.parametrize("kind", ["knee", pytest.param("thigh", marks=pytest.mark.xfail(reason=THIGH_SHORTFALL)),
-                                  "spine"])
+@pytest.mark.parametrize("kind", ["knee", "thigh", "spine"])
 def test_default_pipeline_reaches_the_dice_targets_on_phantoms(tmp_path, models, kind):
     case = write_phantom(kind, tmp_path / "case", seed=TEST_SEED)
     work = process_study(case / "dicom", tmp_path / "out", models)

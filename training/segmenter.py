@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,8 @@ class SegmenterConfig:
     min_box_pixels: int = 10
     precision: str = "bf16"
     label_map: str = "models/detector/label_map.yaml"
+    #: Anatomies the exported decoder serves in the node (empty: all); the others keep the shipped decoder.
+    decoder_anatomies: list = field(default_factory=list)
 
 
 def load_segmenter_config(path: Path) -> SegmenterConfig:
@@ -162,6 +164,7 @@ def export_segmenter(segmenter: LiteMedSAMSegmenter, config: SegmenterConfig, co
         "decoder_weights": "decoder.pt",
         "decoder_sha256": file_sha256(target / "decoder.pt"),
         "precision": config.precision,
+        **({"decoder_anatomies": sorted(config.decoder_anatomies)} if config.decoder_anatomies else {}),
         "training_data": f"phantom cases {dict(config.cases)}, seed {config.seed}; "
                          f"reproduce: msk-train segmenter {config_path} --export {target}",
     }
