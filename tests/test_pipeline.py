@@ -8,15 +8,20 @@ import sys
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
+import pandas as pd
 import pydicom
 import pytest
+import SimpleITK as sitk
+import yaml
 from pydicom.uid import JPEG2000Lossless
 
+from evaluation import cli as eval_cli
 from msk_node.metrics import dice_per_label
 from msk_node.models import load_models
 from msk_node.phantoms import write_phantom
 from msk_node.pipeline import process_study
-from msk_node.volume import labels_on_volume_grid
+from msk_node.volume import labels_on_volume_grid, volume_to_sitk
 from tests.dicom_checks import assert_frames_on_sources, dciodvfy_errors, make_mr_series, seg_label_volume
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,9 +128,15 @@ def test_application_refuses_corrupted_models_at_start_up(tmp_path):
 REAL_KNEE = Path(os.environ.get("MSK_NODE_REAL_KNEE", REPO.parent / "shared" / "data" / "knee-mri-ge-3t"))
 
 
-@pytest.mark.skipif(not (REAL_KNEE / "dess-echo1").is_dir(), reason=f"real knee data not found at {REAL_KNEE}")
-def test_real_knee_dess_without_patient_id_gives_a_valid_aligned_seg(tmp_path, models):
-    work = process_study(REAL_KNEE, tmp_path / "out", models)
+@pytest.fixture(scope="module")
+def real_knee_work(tmp_path_factory, models):
+    if not (REAL_KNEE / "dess-echo1").is_dir():
+        pytest.skip(f"real knee data not found at {REAL_KNEE}")
+    return process_study(REAL_KNEE, tmp_path_factory.mktemp("real-knee"), models)
+
+
+def test_real_knee_dess_without_patient_id_gives_a_valid_aligned_seg(real_knee_work, models):
+    work = real_knee_work
 
     (job,) = work.jobs  # the DESS; the four CubeQuant spin-lock series are not segmentation targets
     assert "DESS" in job.selected.series.description
@@ -140,3 +151,23 @@ def test_real_knee_dess_without_patient_id_gives_a_valid_aligned_seg(tmp_path, m
     assert (seg_label_volume(seg, job.volume.datasets, models.label_map) == job.label_volume).all()
     found = set(work.report["series"][0]["labels"])
     assert {"femur", "tibia"} <= found, found
+
+
+def test_real_knee_as_nifti_with_named_labels_evaluates_with_truth_boxes(real_knee_work, tmp_path, capsys):
+    """The NIfTI evaluation path on a real scan: the node's bone labels stand in for manual ones."""
+    (job,) = real_knee_work.jobs
+    names = {1: "femur", 2: "tibia"}
+    files = {"image": tmp_path / "dess.nii.gz", "labels": tmp_path / "labels.nii.gz", "names": tmp_path / "names.yaml"}
+    sitk.WriteImage(volume_to_sitk(job.volume.volume, job.volume.array.astype(np.int16)), str(files["image"]))
+    bones = np.where(np.isin(job.label_volume, list(names)), job.label_volume, 0).astype(np.uint8)
+    sitk.WriteImage(volume_to_sitk(job.volume.volume, bones), str(files["labels"]))
+    files["names"].write_text(yaml.safe_dump(names))
+
+    assert eval_cli.main(["segment", "--image", str(files["image"]), "--labels", str(files["labels"]),
+                          "--label-names", str(files["names"]), "--model", "litemedsam", "--prompts", "gt",
+                          "--slice-step", "8", "--out", str(tmp_path / "eval")]) == 0
+    table = pd.read_csv(tmp_path / "eval" / "labels.csv").set_index("label")
+    print(table[["dice", "hd95_mm"]])
+    assert set(table.index) == set(names.values())
+    assert (table["dice"] > 0.7).all(), table["dice"]
+    assert (table["hd95_mm"] > 0).all() and (table["hd95_mm"] < 20).all(), table["hd95_mm"]
