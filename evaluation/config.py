@@ -50,6 +50,7 @@ from typing import Any
 
 import yaml
 
+from msk_node import config_checks as checks
 from msk_node.labels import DEFAULT_LABEL_MAP_PATH, LabelMap, load_label_map
 from msk_node.phantoms.api import PHANTOM_KINDS
 from msk_node.segmenters.registry import FAMILIES
@@ -64,8 +65,6 @@ DEFAULT_SHIFT_PX = 20.0
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _LABEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
-_KINDS = {"integer": (int,), "number": (int, float), "string": (str,), "mapping": (dict,), "list": (list,),
-          "boolean": (bool,)}
 
 
 @dataclass(frozen=True)
@@ -125,27 +124,19 @@ class ExperimentConfig:
 
 def load_experiment_config(path: str | Path) -> ExperimentConfig:
     """Read and validate an experiment YAML; errors name the file and the key."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML: {error}") from error
-    try:
-        return parse_experiment_config(raw)
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+    return checks.load_yaml_config(path, parse_experiment_config)
 
 
 def parse_experiment_config(raw: Any) -> ExperimentConfig:
     """Validate a config mapping as read from YAML; see the module docstring for the keys."""
     top = ("models", "datasets", "prompts", "shift_px", "seed", "postprocess", "slice_step", "min_box_pixels",
            "overlay_every", "detector_models", "label_map", "output")
-    _check_keys(raw, "", top, required=("models", "datasets"))
+    checks.check_keys(raw, "", top, required=("models", "datasets"))
     models = tuple(_parse_model(entry, f"models[{i}]") for i, entry in enumerate(_non_empty(raw, "models")))
     _no_duplicates([m.name for m in models], "models[{}].name", "model name")
     datasets = tuple(_parse_dataset(entry, f"datasets[{i}]") for i, entry in enumerate(_non_empty(raw, "datasets")))
     _no_duplicates([d.name for d in datasets], "datasets[{}].name", "dataset name")
-    prompts = tuple(_value(raw, "prompts", "", "list", ["gt"]))
+    prompts = tuple(checks.value(raw, "prompts", "", "list", ["gt"]))
     for index, source in enumerate(prompts):
         if source not in PROMPT_SOURCES:
             raise ValueError(f"key 'prompts[{index}]' must be one of {', '.join(PROMPT_SOURCES)}, got {source!r}")
@@ -156,22 +147,22 @@ def parse_experiment_config(raw: Any) -> ExperimentConfig:
     if not isinstance(postprocess, list) or not postprocess or len(set(postprocess)) != len(postprocess):
         raise ValueError(f"key 'postprocess' must be true, false or a list of both, got {postprocess!r}")
     for index, item in enumerate(postprocess):
-        _typed(item, "boolean", f"postprocess[{index}]")
-    detector_models = _value(raw, "detector_models", "", "string")
-    label_map_path = Path(_value(raw, "label_map", "", "string", str(DEFAULT_LABEL_MAP_PATH)))
+        checks.typed(item, "boolean", f"postprocess[{index}]")
+    detector_models = checks.value(raw, "detector_models", "", "string")
+    label_map_path = Path(checks.value(raw, "label_map", "", "string", str(DEFAULT_LABEL_MAP_PATH)))
     config = ExperimentConfig(
         models=models,
         datasets=datasets,
         prompts=prompts,
-        shift_px=float(_value(raw, "shift_px", "", "number", DEFAULT_SHIFT_PX)),
-        seed=_value(raw, "seed", "", "integer", 0),
+        shift_px=float(checks.value(raw, "shift_px", "", "number", DEFAULT_SHIFT_PX)),
+        seed=checks.value(raw, "seed", "", "integer", 0),
         postprocess=tuple(postprocess),
-        slice_step=_value(raw, "slice_step", "", "integer", 1),
-        min_box_pixels=_value(raw, "min_box_pixels", "", "integer", 10),
-        overlay_every=_value(raw, "overlay_every", "", "integer", 0),
+        slice_step=checks.value(raw, "slice_step", "", "integer", 1),
+        min_box_pixels=checks.value(raw, "min_box_pixels", "", "integer", 10),
+        overlay_every=checks.value(raw, "overlay_every", "", "integer", 0),
         detector_models=None if detector_models is None else Path(detector_models),
         label_map_path=label_map_path,
-        output=Path(_value(raw, "output", "", "string", "runs/eval")),
+        output=Path(checks.value(raw, "output", "", "string", "runs/eval")),
         raw=raw,
     )
     for key, low in (("shift_px", 0), ("seed", 0), ("slice_step", 1), ("min_box_pixels", 1), ("overlay_every", 0)):
@@ -198,19 +189,20 @@ def _check_label_names(config: ExperimentConfig) -> None:
 
 
 def _parse_model(raw: Any, where: str) -> ModelSpec:
-    _check_keys(raw, where, ("name", "family", "models_dir", "checkpoint", "config", "precision"), required=("name",))
-    family = _value(raw, "family", where, "string")
-    models_dir = _value(raw, "models_dir", where, "string")
+    checks.check_keys(raw, where, ("name", "family", "models_dir", "checkpoint", "config", "precision"),
+                      required=("name",))
+    family = checks.value(raw, "family", where, "string")
+    models_dir = checks.value(raw, "models_dir", where, "string")
     if (family is None) == (models_dir is None):
         raise ValueError(f"{where}: give exactly one of 'family' (zero-shot) and 'models_dir' (a node models folder)")
     if family is not None and family not in MODEL_FAMILIES:
         raise ValueError(f"key '{where}.family' must be one of {', '.join(MODEL_FAMILIES)}, got {family!r}")
-    checkpoint = _value(raw, "checkpoint", where, "string")
+    checkpoint = checks.value(raw, "checkpoint", where, "string")
     if family in ("sam2", "sam", "medsam") and checkpoint is None:
         raise ValueError(f"missing key '{where}.checkpoint': {family} has no bundled weights")
     if checkpoint is not None and family in (None, "truth"):
         raise ValueError(f"key '{where}.checkpoint' applies to a zero-shot family only")
-    precision = _value(raw, "precision", where, "string", "bf16")
+    precision = checks.value(raw, "precision", where, "string", "bf16")
     if precision not in PRECISIONS or ("precision" in raw and family != "litemedsam"):
         raise ValueError(f"key '{where}.precision' must be one of {', '.join(PRECISIONS)} "
                          f"and applies to family litemedsam only, got {precision!r}")
@@ -219,7 +211,7 @@ def _parse_model(raw: Any, where: str) -> ModelSpec:
         family=family,
         models_dir=None if models_dir is None else Path(models_dir),
         checkpoint=None if checkpoint is None else Path(checkpoint),
-        config=_value(raw, "config", where, "string"),
+        config=checks.value(raw, "config", where, "string"),
         precision=precision,
     )
 
@@ -227,24 +219,24 @@ def _parse_model(raw: Any, where: str) -> ModelSpec:
 def _parse_dataset(raw: Any, where: str) -> DatasetSpec:
     keys = ("name", "phantom", "seeds", "n_slices", "format", "root", "subjects", "image", "labels",
             "label_names", "series", "anatomy")
-    _check_keys(raw, where, keys, required=("name",))
+    checks.check_keys(raw, where, keys, required=("name",))
     name = _identifier(raw, "name", where)
-    phantom = _value(raw, "phantom", where, "string")
-    data_format = _value(raw, "format", where, "string")
+    phantom = checks.value(raw, "phantom", where, "string")
+    data_format = checks.value(raw, "format", where, "string")
     if (phantom is None) == (data_format is None):
         raise ValueError(f"{where}: give exactly one of 'phantom' and 'format'")
-    anatomy = _value(raw, "anatomy", where, "string")
+    anatomy = checks.value(raw, "anatomy", where, "string")
     if phantom is not None:
         if phantom not in PHANTOM_KINDS:
             raise ValueError(f"key '{where}.phantom' must be one of {', '.join(PHANTOM_KINDS)}, got {phantom!r}")
         for key in ("root", "subjects", "image", "labels", "label_names", "series", "anatomy"):
             if key in raw:
                 raise ValueError(f"key '{where}.{key}' does not apply to a phantom dataset")
-        seeds = _value(raw, "seeds", where, "list", [0])
+        seeds = checks.value(raw, "seeds", where, "list", [0])
         for index, seed in enumerate(seeds):
-            _typed(seed, "integer", f"{where}.seeds[{index}]")
+            checks.typed(seed, "integer", f"{where}.seeds[{index}]")
         _no_duplicates([str(s) for s in seeds], where + ".seeds[{}]", "seed")
-        n_slices = _value(raw, "n_slices", where, "integer")
+        n_slices = checks.value(raw, "n_slices", where, "integer")
         if n_slices is not None and n_slices < 2:
             raise ValueError(f"key '{where}.n_slices' must be >= 2, got {n_slices}")
         return DatasetSpec(name=name, phantom=phantom, seeds=tuple(seeds), n_slices=n_slices)
@@ -254,11 +246,11 @@ def _parse_dataset(raw: Any, where: str) -> DatasetSpec:
     for key in ("seeds", "n_slices"):
         if key in raw:
             raise ValueError(f"key '{where}.{key}' applies to a phantom dataset only")
-    series = _value(raw, "series", where, "string")
+    series = checks.value(raw, "series", where, "string")
     if series is not None and data_format != "dicom":
         raise ValueError(f"key '{where}.series' applies to format dicom only")
-    root = _value(raw, "root", where, "string")
-    subjects = _value(raw, "subjects", where, "list")
+    root = checks.value(raw, "root", where, "string")
+    subjects = checks.value(raw, "subjects", where, "list")
     if (root is None) == (subjects is None):
         raise ValueError(f"{where}: give exactly one of 'root' and 'subjects'")
     if subjects is not None:
@@ -269,8 +261,8 @@ def _parse_dataset(raw: Any, where: str) -> DatasetSpec:
             raise ValueError(f"key '{where}.subjects' must be a non-empty list")
         parsed = tuple(_parse_subject(entry, f"{where}.subjects[{i}]") for i, entry in enumerate(subjects))
     else:
-        image = _value(raw, "image", where, "string", "." if data_format == "dicom" else "image.nii.gz")
-        labels = _value(raw, "labels", where, "string", "labels.nii.gz")
+        image = checks.value(raw, "image", where, "string", "." if data_format == "dicom" else "image.nii.gz")
+        labels = checks.value(raw, "labels", where, "string", "labels.nii.gz")
         folders = sorted(p for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
         if not folders:
             raise ValueError(f"key '{where}.root': {root} is not a folder with one sub-folder per subject")
@@ -282,9 +274,9 @@ def _parse_dataset(raw: Any, where: str) -> DatasetSpec:
 
 
 def _parse_subject(raw: Any, where: str) -> SubjectSpec:
-    _check_keys(raw, where, ("id", "image", "labels"), required=("id", "image", "labels"))
-    return SubjectSpec(_identifier(raw, "id", where), Path(_value(raw, "image", where, "string")),
-                       Path(_value(raw, "labels", where, "string")))
+    checks.check_keys(raw, where, ("id", "image", "labels"), required=("id", "image", "labels"))
+    return SubjectSpec(_identifier(raw, "id", where), Path(checks.value(raw, "image", where, "string")),
+                       Path(checks.value(raw, "labels", where, "string")))
 
 
 def parse_label_names(raw: Any, key: str = "label_names") -> dict[int, str]:
@@ -308,40 +300,14 @@ def parse_label_names(raw: Any, key: str = "label_names") -> dict[int, str]:
 
 
 def _non_empty(raw: dict[str, Any], key: str) -> list:
-    entries = _value(raw, key, "", "list")
+    entries = checks.value(raw, key, "", "list")
     if not entries:
         raise ValueError(f"key {key!r} must be a non-empty list")
     return entries
 
 
-def _check_keys(raw: Any, where: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> None:
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where or 'the config'} must be a mapping, got {type(raw).__name__}")
-    prefix = f"{where}." if where else ""
-    for key in raw:
-        if key not in allowed:
-            raise ValueError(f"unknown key '{prefix}{key}' (known: {', '.join(allowed)})")
-    for key in required:
-        if raw.get(key) is None:
-            raise ValueError(f"missing key '{prefix}{key}'")
-
-
-def _value(raw: dict[str, Any], key: str, where: str, kind: str, default: Any = None) -> Any:
-    """``raw[key]`` checked to be of ``kind``; ``default`` when absent or null."""
-    item = raw.get(key)
-    return default if item is None else _typed(item, kind, f"{where}.{key}" if where else key)
-
-
-def _typed(item: Any, kind: str, key: str) -> Any:
-    # bool is an int subclass, but ``true`` is never a meaningful count or size
-    if (isinstance(item, bool) and kind != "boolean") or not isinstance(item, _KINDS[kind]):
-        article = "an" if kind[0] in "aeiou" else "a"
-        raise ValueError(f"key {key!r} must be {article} {kind}, got {type(item).__name__} {item!r}")
-    return item
-
-
 def _identifier(raw: dict[str, Any], key: str, where: str) -> str:
-    item = _value(raw, key, where, "string")
+    item = checks.value(raw, key, where, "string")
     if not _NAME.fullmatch(item):
         raise ValueError(f"key '{where}.{key}' must be letters, digits, '.', '_' or '-' (it names files), "
                          f"got {item!r}")

@@ -77,6 +77,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from msk_node import config_checks as checks
 from msk_node.models import file_sha256
 from training.embed_store import EmbeddingStore, write_store
 from training.finetune_data import (
@@ -91,7 +92,7 @@ from training.finetune_data import (
     select_slices,
 )
 from training.losses import LOSSES
-from training.preprocess import _check_keys, _identifier, _typed, _value
+from training.preprocess import _identifier
 from training.run_dir import RunDir, check_run_dir_free
 from training.sam_family import FAMILIES, MODES, ModelSpec, PromptedModel, build_base_model
 
@@ -162,31 +163,25 @@ def load_finetune_config(path: str | Path) -> FinetuneConfig:
         type or range; the message names the file and the key.
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML: {error}") from error
-    try:
-        return parse_finetune_config(raw, default_run_dir=Path("runs/finetune") / path.stem)
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+    return checks.load_yaml_config(
+        path, lambda raw: parse_finetune_config(raw, default_run_dir=Path("runs/finetune") / path.stem))
 
 
 def parse_finetune_config(raw: Any, default_run_dir: Path = Path("runs/finetune/run")) -> FinetuneConfig:
     """Validate a config mapping as read from YAML; see :func:`load_finetune_config`."""
-    _check_keys(raw, "", _TOP_KEYS, required=("data", "model"))
-    model = _parse_model(_value(raw, "model", "", "mapping"))
+    checks.check_keys(raw, "", _TOP_KEYS, required=("data", "model"))
+    model = _parse_model(checks.value(raw, "model", "", "mapping"))
     mode = _choice(raw, "mode", MODES, "full")
-    embeddings = _value(raw, "embeddings", "", "string")
+    embeddings = checks.value(raw, "embeddings", "", "string")
     if embeddings is not None and mode != "decoder":
         raise ValueError("key 'embeddings' needs mode 'decoder': cached features leave the encoder frozen")
-    entries = tuple(_parse_dataset(entry, f"datasets[{i}]") for i, entry in enumerate(_value(raw, "datasets", "",
+    entries = tuple(_parse_dataset(entry, f"datasets[{i}]") for i, entry in enumerate(checks.value(raw, "datasets", "",
                                                                                               "list", [])))
     names = [entry.name for entry in entries]
     for index, name in enumerate(names):
         if name in names[:index]:
             raise ValueError(f"key 'datasets[{index}].name': duplicate dataset {name!r}")
-    mix = _value(raw, "mix", "", "string", "all")
+    mix = checks.value(raw, "mix", "", "string", "all")
     groups = {group for entry in entries for group in entry.groups}
     if mix != "all" and mix not in groups:
         known = ", ".join(sorted(groups)) or "none"
@@ -195,38 +190,38 @@ def parse_finetune_config(raw: Any, default_run_dir: Path = Path("runs/finetune/
     if subjects == "all":
         subjects = None
     elif subjects is not None:
-        _typed(subjects, "integer", "subjects_per_dataset")
+        checks.typed(subjects, "integer", "subjects_per_dataset")
     config = FinetuneConfig(
-        data=Path(_value(raw, "data", "", "string")),
+        data=Path(checks.value(raw, "data", "", "string")),
         model=model,
-        run_dir=Path(_value(raw, "run_dir", "", "string", str(default_run_dir))),
+        run_dir=Path(checks.value(raw, "run_dir", "", "string", str(default_run_dir))),
         mode=mode,
         embeddings=None if embeddings is None else Path(embeddings),
         datasets=entries,
         mix=mix,
         subjects_per_dataset=subjects,
-        min_samples_per_dataset=_value(raw, "min_samples_per_dataset", "", "integer", 0),
+        min_samples_per_dataset=checks.value(raw, "min_samples_per_dataset", "", "integer", 0),
         prompt=_choice(raw, "prompt", PROMPTS, "box"),
-        box_shift_px=float(_value(raw, "box_shift_px", "", "number", 20.0)),
-        max_prompts_per_slice=_value(raw, "max_prompts_per_slice", "", "integer"),
-        min_component_pixels=_value(raw, "min_component_pixels", "", "integer", 10),
+        box_shift_px=float(checks.value(raw, "box_shift_px", "", "number", 20.0)),
+        max_prompts_per_slice=checks.value(raw, "max_prompts_per_slice", "", "integer"),
+        min_component_pixels=checks.value(raw, "min_component_pixels", "", "integer", 10),
         loss=_choice(raw, "loss", tuple(LOSSES), "dice_bce"),
-        epochs=_value(raw, "epochs", "", "integer", 100),
-        batch_size=_value(raw, "batch_size", "", "integer", 2),
-        grad_accumulation=_value(raw, "grad_accumulation", "", "integer", 4),
-        learning_rate=float(_value(raw, "learning_rate", "", "number", 1e-4)),
-        weight_decay=float(_value(raw, "weight_decay", "", "number", 0.01)),
-        restart_epochs=_value(raw, "restart_epochs", "", "integer", 10),
-        restart_mult=_value(raw, "restart_mult", "", "integer", 1),
-        min_learning_rate=float(_value(raw, "min_learning_rate", "", "number", 0.0)),
-        grad_clip=float(_value(raw, "grad_clip", "", "number", 1.0)),
-        early_stopping_patience=_value(raw, "early_stopping_patience", "", "integer", 10),
-        early_stopping_min_delta=float(_value(raw, "early_stopping_min_delta", "", "number", 1e-4)),
+        epochs=checks.value(raw, "epochs", "", "integer", 100),
+        batch_size=checks.value(raw, "batch_size", "", "integer", 2),
+        grad_accumulation=checks.value(raw, "grad_accumulation", "", "integer", 4),
+        learning_rate=float(checks.value(raw, "learning_rate", "", "number", 1e-4)),
+        weight_decay=float(checks.value(raw, "weight_decay", "", "number", 0.01)),
+        restart_epochs=checks.value(raw, "restart_epochs", "", "integer", 10),
+        restart_mult=checks.value(raw, "restart_mult", "", "integer", 1),
+        min_learning_rate=float(checks.value(raw, "min_learning_rate", "", "number", 0.0)),
+        grad_clip=float(checks.value(raw, "grad_clip", "", "number", 1.0)),
+        early_stopping_patience=checks.value(raw, "early_stopping_patience", "", "integer", 10),
+        early_stopping_min_delta=float(checks.value(raw, "early_stopping_min_delta", "", "number", 1e-4)),
         amp=_choice(raw, "amp", AMP_MODES, "bf16"),
         device=_choice(raw, "device", DEVICES, "auto"),
-        num_workers=_value(raw, "num_workers", "", "integer", 0),
-        max_batches_per_epoch=_value(raw, "max_batches_per_epoch", "", "integer"),
-        seed=_value(raw, "seed", "", "integer", 0),
+        num_workers=checks.value(raw, "num_workers", "", "integer", 0),
+        max_batches_per_epoch=checks.value(raw, "max_batches_per_epoch", "", "integer"),
+        seed=checks.value(raw, "seed", "", "integer", 0),
         raw=raw,
     )
     positive = ("subjects_per_dataset", "max_prompts_per_slice", "min_component_pixels", "epochs", "batch_size",
@@ -243,17 +238,17 @@ def parse_finetune_config(raw: Any, default_run_dir: Path = Path("runs/finetune/
 
 
 def _parse_model(raw: dict[str, Any]) -> ModelSpec:
-    _check_keys(raw, "model", _MODEL_KEYS, required=("family",))
+    checks.check_keys(raw, "model", _MODEL_KEYS, required=("family",))
     family = _choice(raw, "family", FAMILIES, None, "model")
-    model_config = _value(raw, "model_config", "model", "string")
+    model_config = checks.value(raw, "model_config", "model", "string")
     if family == "sam2" and model_config is None:
         raise ValueError("missing key 'model.model_config' (a SAM2 config, e.g. configs/sam2.1/sam2.1_hiera_t.yaml)")
     if family == "litemedsam" and model_config is not None:
         raise ValueError("key 'model.model_config' does not apply to family litemedsam")
     if family in ("sam", "medsam"):
         model_config = model_config or "vit_b"
-    checkpoint = _value(raw, "checkpoint", "model", "string")
-    image_size = _value(raw, "image_size", "model", "integer")
+    checkpoint = checks.value(raw, "checkpoint", "model", "string")
+    image_size = checks.value(raw, "image_size", "model", "integer")
     if image_size is not None and (family != "sam2" or image_size <= 0 or image_size % 32):
         raise ValueError(f"key 'model.image_size' applies to family sam2 and must be a positive multiple of 32, "
                          f"got {image_size!r}")
@@ -261,18 +256,18 @@ def _parse_model(raw: dict[str, Any]) -> ModelSpec:
 
 
 def _parse_dataset(raw: Any, where: str) -> DatasetEntry:
-    _check_keys(raw, where, _DATASET_KEYS, required=("name",))
-    weight = float(_value(raw, "weight", where, "number", 1.0))
+    checks.check_keys(raw, where, _DATASET_KEYS, required=("name",))
+    weight = float(checks.value(raw, "weight", where, "number", 1.0))
     if weight <= 0:
         raise ValueError(f"key '{where}.weight' must be > 0, got {weight}")
-    groups = _value(raw, "groups", where, "list", [])
+    groups = checks.value(raw, "groups", where, "list", [])
     for index, group in enumerate(groups):
-        _typed(group, "string", f"{where}.groups[{index}]")
+        checks.typed(group, "string", f"{where}.groups[{index}]")
     return DatasetEntry(_identifier(raw, "name", where), weight, tuple(groups))
 
 
 def _choice(raw: dict[str, Any], key: str, allowed: tuple[str, ...], default: str | None, where: str = "") -> str:
-    item = _value(raw, key, where, "string", default)
+    item = checks.value(raw, key, where, "string", default)
     if item not in allowed:
         name = f"{where}.{key}" if where else key
         raise ValueError(f"key {name!r} must be one of {', '.join(allowed)}, got {item!r}")

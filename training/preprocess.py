@@ -86,6 +86,7 @@ from scipy import ndimage
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
+from msk_node import config_checks as checks
 from msk_node.dicom_input import read_study_folder
 from msk_node.intensity import SquareFrame, normalise_volume
 from msk_node.labels import DEFAULT_LABEL_MAP_PATH, LabelMap, load_label_map
@@ -124,7 +125,6 @@ SUBJECT_COLUMNS = (
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _AGE = re.compile(r"(\d{3})([DWMY])")
 _DAYS_PER_AGE_UNIT = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
-_KINDS = {"integer": (int,), "number": (int, float), "string": (str,), "mapping": (dict,), "list": (list,)}
 
 
 @dataclass(frozen=True)
@@ -185,42 +185,34 @@ def load_preprocess_config(path: str | Path) -> PreprocessConfig:
         type or range; the message names the file and the key, e.g.
         ``preprocess.yaml: unknown key 'datasets[0].rot'``.
     """
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML: {error}") from error
-    try:
-        return parse_preprocess_config(raw)
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+    return checks.load_yaml_config(path, parse_preprocess_config)
 
 
 def parse_preprocess_config(raw: Any) -> PreprocessConfig:
     """Validate a config mapping as read from YAML; see :func:`load_preprocess_config`."""
     top = ("datasets", "output", "label_map", "image_size", "mask_size", "min_object_pixels",
            "min_object_voxels", "splits", "stratify", "seed")
-    _check_keys(raw, "", top, required=("datasets",))
-    label_map_path = Path(_value(raw, "label_map", "", "string", str(DEFAULT_LABEL_MAP_PATH)))
+    checks.check_keys(raw, "", top, required=("datasets",))
+    label_map_path = Path(checks.value(raw, "label_map", "", "string", str(DEFAULT_LABEL_MAP_PATH)))
     label_map = load_label_map(label_map_path)
-    entries = _value(raw, "datasets", "", "list")
+    entries = checks.value(raw, "datasets", "", "list")
     if not entries:
         raise ValueError("key 'datasets' must be a non-empty list")
     datasets = tuple(_parse_dataset(entry, f"datasets[{index}]", label_map) for index, entry in enumerate(entries))
     _no_duplicates([d.name for d in datasets], "datasets[{}].name", "dataset name")
-    image_size = _value(raw, "image_size", "", "integer", 1024)
+    image_size = checks.value(raw, "image_size", "", "integer", 1024)
     config = PreprocessConfig(
         datasets=datasets,
         label_map=label_map,
         label_map_path=label_map_path,
-        output=Path(_value(raw, "output", "", "string", "runs/preprocess")),
+        output=Path(checks.value(raw, "output", "", "string", "runs/preprocess")),
         image_size=image_size,
-        mask_size=_value(raw, "mask_size", "", "integer", image_size),
-        min_object_pixels=_value(raw, "min_object_pixels", "", "integer", 100),
-        min_object_voxels=_value(raw, "min_object_voxels", "", "integer", 1000),
-        splits=_parse_splits(_value(raw, "splits", "", "mapping", DEFAULT_SPLITS)),
-        stratify=_value(raw, "stratify", "", "string"),
-        seed=_value(raw, "seed", "", "integer", 0),
+        mask_size=checks.value(raw, "mask_size", "", "integer", image_size),
+        min_object_pixels=checks.value(raw, "min_object_pixels", "", "integer", 100),
+        min_object_voxels=checks.value(raw, "min_object_voxels", "", "integer", 1000),
+        splits=_parse_splits(checks.value(raw, "splits", "", "mapping", DEFAULT_SPLITS)),
+        stratify=checks.value(raw, "stratify", "", "string"),
+        seed=checks.value(raw, "seed", "", "integer", 0),
         raw=raw,
     )
     for key in ("image_size", "mask_size"):
@@ -234,23 +226,23 @@ def parse_preprocess_config(raw: Any) -> PreprocessConfig:
 
 def _parse_dataset(raw: Any, where: str, label_map: LabelMap) -> DatasetConfig:
     keys = ("name", "format", "root", "subjects", "image", "labels", "label_names", "series", "plane")
-    _check_keys(raw, where, keys, required=("name", "format"))
+    checks.check_keys(raw, where, keys, required=("name", "format"))
     name = _identifier(raw, "name", where)
-    data_format = _value(raw, "format", where, "string")
+    data_format = checks.value(raw, "format", where, "string")
     if data_format not in FORMATS:
         raise ValueError(f"key '{where}.format' must be one of {', '.join(FORMATS)}, got {data_format!r}")
-    root = _value(raw, "root", where, "string")
-    subjects = _value(raw, "subjects", where, "list")
+    root = checks.value(raw, "root", where, "string")
+    subjects = checks.value(raw, "subjects", where, "list")
     if (root is None) == (subjects is None):
         raise ValueError(f"{where}: give exactly one of 'root' and 'subjects'")
     if subjects is not None:
         for key in ("image", "labels"):
             if key in raw:
                 raise ValueError(f"key '{where}.{key}' applies to 'root' only; give each subject its own")
-    series = _value(raw, "series", where, "string")
+    series = checks.value(raw, "series", where, "string")
     if series is not None and data_format != "dicom":
         raise ValueError(f"key '{where}.series' applies to format dicom only")
-    plane = _value(raw, "plane", where, "string")
+    plane = checks.value(raw, "plane", where, "string")
     if plane is not None and (data_format != "nifti" or plane not in PLANE_ORIENTATIONS):
         raise ValueError(f"key '{where}.plane' must be one of {', '.join(PLANE_ORIENTATIONS)} "
                          f"and applies to format nifti only, got {plane!r}")
@@ -264,7 +256,7 @@ def _parse_dataset(raw: Any, where: str, label_map: LabelMap) -> DatasetConfig:
         format=data_format,
         root=None if root is None else Path(root),
         subjects=parsed,
-        image=_value(raw, "image", where, "string", "." if data_format == "dicom" else "image.nii.gz"),
+        image=checks.value(raw, "image", where, "string", "." if data_format == "dicom" else "image.nii.gz"),
         labels=_labels(raw.get("labels"), f"{where}.labels", label_map),
         label_names=_label_names(raw.get("label_names"), f"{where}.label_names", label_map),
         series=series,
@@ -273,9 +265,9 @@ def _parse_dataset(raw: Any, where: str, label_map: LabelMap) -> DatasetConfig:
 
 
 def _parse_subject(raw: Any, where: str, label_map: LabelMap) -> SubjectSource:
-    _check_keys(raw, where, ("id", "image", "labels", "metadata"), required=("id", "image"))
+    checks.check_keys(raw, where, ("id", "image", "labels", "metadata"), required=("id", "image"))
     labels = _labels(raw.get("labels"), f"{where}.labels", label_map)
-    metadata = _value(raw, "metadata", where, "mapping", {})
+    metadata = checks.value(raw, "metadata", where, "mapping", {})
     for key, item in metadata.items():
         if not isinstance(key, str) or key in SUBJECT_COLUMNS:
             raise ValueError(f"key '{where}.metadata.{key}' is not allowed: the name is a subject column")
@@ -283,7 +275,7 @@ def _parse_subject(raw: Any, where: str, label_map: LabelMap) -> SubjectSource:
             raise ValueError(f"key '{where}.metadata.{key}' must be a string, number or boolean, got {item!r}")
     return SubjectSource(
         id=_identifier(raw, "id", where),
-        image=Path(_value(raw, "image", where, "string")),
+        image=Path(checks.value(raw, "image", where, "string")),
         labels=None if labels is None else _paths(labels),
         metadata=metadata,
     )
@@ -323,7 +315,7 @@ def _parse_splits(raw: dict[Any, Any]) -> dict[str, float]:
     for name, ratio in raw.items():
         if name not in SPLIT_NAMES:
             raise ValueError(f"unknown key 'splits.{name}' (known: {', '.join(SPLIT_NAMES)})")
-        _typed(ratio, "number", f"splits.{name}")
+        checks.typed(ratio, "number", f"splits.{name}")
         if ratio <= 0:
             raise ValueError(f"key 'splits.{name}' must be > 0, got {ratio}")
     if not raw or not math.isclose(sum(raw.values()), 1.0, abs_tol=1e-6):
@@ -331,34 +323,8 @@ def _parse_splits(raw: dict[Any, Any]) -> dict[str, float]:
     return {name: float(ratio) for name, ratio in raw.items()}
 
 
-def _check_keys(raw: Any, where: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> None:
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where or 'the config'} must be a mapping, got {type(raw).__name__}")
-    prefix = f"{where}." if where else ""
-    for key in raw:
-        if key not in allowed:
-            raise ValueError(f"unknown key '{prefix}{key}' (known: {', '.join(allowed)})")
-    for key in required:
-        if raw.get(key) is None:
-            raise ValueError(f"missing key '{prefix}{key}'")
-
-
-def _value(raw: dict[str, Any], key: str, where: str, kind: str, default: Any = None) -> Any:
-    """``raw[key]`` checked to be of ``kind``; ``default`` when absent or null."""
-    item = raw.get(key)
-    return default if item is None else _typed(item, kind, f"{where}.{key}" if where else key)
-
-
-def _typed(item: Any, kind: str, key: str) -> Any:
-    # bool is an int subclass, but ``true`` is never a meaningful size or ratio.
-    if isinstance(item, bool) or not isinstance(item, _KINDS[kind]):
-        article = "an" if kind[0] in "aeiou" else "a"
-        raise ValueError(f"key {key!r} must be {article} {kind}, got {type(item).__name__} {item!r}")
-    return item
-
-
 def _identifier(raw: dict[str, Any], key: str, where: str) -> str:
-    item = _value(raw, key, where, "string")
+    item = checks.value(raw, key, where, "string")
     if not _NAME.fullmatch(item):
         raise ValueError(f"key '{where}.{key}' must be letters, digits, '.', '_' or '-' (it names folders), "
                          f"got {item!r}")

@@ -1,0 +1,54 @@
+"""Checks shared by the YAML configs of training and evaluation: errors name the file and the key."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+Config = TypeVar("Config")
+
+KINDS = {"integer": (int,), "number": (int, float), "string": (str,), "mapping": (dict,), "list": (list,),
+         "boolean": (bool,)}
+
+
+def load_yaml_config(path: str | Path, parse: Callable[[Any], Config]) -> Config:
+    """Read ``path`` and validate it with ``parse``; any error is prefixed with the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from error
+    try:
+        return parse(raw)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def check_keys(raw: Any, where: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> None:
+    """``raw`` is a mapping with only ``allowed`` keys and every ``required`` one."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where or 'the config'} must be a mapping, got {type(raw).__name__}")
+    prefix = f"{where}." if where else ""
+    for key in raw:
+        if key not in allowed:
+            raise ValueError(f"unknown key '{prefix}{key}' (known: {', '.join(allowed)})")
+    for key in required:
+        if raw.get(key) is None:
+            raise ValueError(f"missing key '{prefix}{key}'")
+
+
+def value(raw: dict[str, Any], key: str, where: str, kind: str, default: Any = None) -> Any:
+    """``raw[key]`` checked to be of ``kind``; ``default`` when absent or null."""
+    item = raw.get(key)
+    return default if item is None else typed(item, kind, f"{where}.{key}" if where else key)
+
+
+def typed(item: Any, kind: str, key: str) -> Any:
+    """``item`` if it is of ``kind`` (a key of :data:`KINDS`), else an error naming ``key``."""
+    # bool is an int subclass, but ``true`` is never a meaningful count, size or ratio
+    if (isinstance(item, bool) and kind != "boolean") or not isinstance(item, KINDS[kind]):
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise ValueError(f"key {key!r} must be {article} {kind}, got {type(item).__name__} {item!r}")
+    return item
