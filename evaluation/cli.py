@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from msk_node.cli import DEFAULT_MODELS
+from msk_node.precision import PRECISIONS
 
 # the `path` values of evaluation.stats, spelled out so that msk-eval starts without importing it
 PATH_CHOICES = ("auto", "parametric", "nonparametric")
@@ -237,7 +238,8 @@ def _add_evaluation_options(parser: argparse.ArgumentParser, postprocess_default
     case.add_argument("--models-dir", type=Path, help="a node models folder (finetuned segmenter, detector) instead")
     case.add_argument("--checkpoint", type=Path, help="weights of sam2, sam or medsam")
     case.add_argument("--model-config", help="sam2 config (hiera_b+) or sam variant (vit_b)")
-    case.add_argument("--precision", choices=("fp32", "bf16"), help="litemedsam precision (default bf16)")
+    case.add_argument("--precision", choices=PRECISIONS,
+                      help="litemedsam precision (default auto: bf16 where the CPU has it natively, else fp32)")
     run = parser.add_argument_group("run settings (override the --config keys)")
     run.add_argument("--prompts", nargs="+", choices=PROMPT_CHOICES, help="prompt sources (default gt)")
     run.add_argument("--shift-px", type=float, help="largest shift of a box corner for 'shifted' (default 20)")

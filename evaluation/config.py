@@ -7,7 +7,7 @@ Config (YAML)::
         family: litemedsam               # zero-shot: litemedsam | sam2 | sam | medsam, or truth
         checkpoint: null                 #   weights file; required for sam2, sam, medsam
         config: null                     #   sam2 config (hiera_b+) or sam variant (vit_b)
-        precision: bf16                  #   litemedsam only: fp32 | bf16
+        precision: auto                  #   litemedsam only: auto (bf16 where native) | fp32 | bf16
       - name: node-finetuned
         models_dir: models               # ... or a node models folder (load_models): its segmenter,
                                          #   and its detector for `detector` prompts
@@ -59,7 +59,7 @@ PROMPT_SOURCES = ("gt", "shifted", "detector")
 FORMATS = ("dicom", "nifti")
 #: Zero-shot families, plus ``truth``: the truth labels themselves, to check the measurements.
 MODEL_FAMILIES = (*FAMILIES, "truth")
-PRECISIONS = ("fp32", "bf16")
+from msk_node.precision import PRECISIONS
 #: The papers' box-shift robustness check moves boxes by up to 20 px.
 DEFAULT_SHIFT_PX = 20.0
 
@@ -76,7 +76,7 @@ class ModelSpec:
     models_dir: Path | None = None
     checkpoint: Path | None = None
     config: str | None = None
-    precision: str = "bf16"
+    precision: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ def _parse_model(raw: Any, where: str) -> ModelSpec:
         raise ValueError(f"missing key '{where}.checkpoint': {family} has no bundled weights")
     if checkpoint is not None and family in (None, "truth"):
         raise ValueError(f"key '{where}.checkpoint' applies to a zero-shot family only")
-    precision = checks.value(raw, "precision", where, "string", "bf16")
+    precision = checks.value(raw, "precision", where, "string", "auto")
     if precision not in PRECISIONS or ("precision" in raw and family != "litemedsam"):
         raise ValueError(f"key '{where}.precision' must be one of {', '.join(PRECISIONS)} "
                          f"and applies to family litemedsam only, got {precision!r}")

@@ -5,7 +5,8 @@ Layout (the MAP contract's model path, or ``models/`` in this repository)::
     <models>/detector/manifest.yaml    family: yolo, weights, sha256, label_map, image_size, confidence
     <models>/detector/<weights>.pt
     <models>/detector/label_map.yaml
-    <models>/segmenter/manifest.yaml   family: litemedsam|sam2|sam|medsam, weights, sha256, config, precision,
+    <models>/segmenter/manifest.yaml   family: litemedsam|sam2|sam|medsam, weights, sha256, config,
+                                       precision (auto|fp32|bf16), backend (auto|openvino|torch),
                                        optional decoder_weights + decoder_sha256 (a decoder-only finetune),
                                        optional decoder_anatomies (the anatomies it serves; default all)
 
@@ -21,11 +22,13 @@ from pathlib import Path
 import yaml
 
 from msk_node.labels import LabelMap, load_label_map
+from msk_node.precision import PRECISIONS
+from msk_node.segmenters.encoder_backend import BACKENDS
 
 DETECTOR_KEYS = {"name", "family", "version", "weights", "sha256", "label_map", "image_size", "confidence",
                  "reproduce", "training_data"}
-SEGMENTER_KEYS = {"name", "family", "version", "weights", "sha256", "config", "precision", "training_data",
-                  "decoder_weights", "decoder_sha256", "decoder_anatomies"}
+SEGMENTER_KEYS = {"name", "family", "version", "weights", "sha256", "config", "precision", "backend",
+                  "training_data", "decoder_weights", "decoder_sha256", "decoder_anatomies"}
 
 
 class ModelError(RuntimeError):
@@ -109,6 +112,7 @@ class ModelSet:
         return self.segmenters_by_anatomy.get(anatomy, self.segmenter)
 
     def provenance(self) -> dict[str, str]:
+        """Model names, versions and hashes, and the precision and encoder backend actually used."""
         return {
             "detector": self.detector_manifest.name,
             "detector_version": self.detector_manifest.version,
@@ -117,6 +121,8 @@ class ModelSet:
             "segmenter_family": str(self.segmenter_manifest.entries["family"]),
             "segmenter_version": self.segmenter_manifest.version,
             "segmenter_sha256": self.segmenter_manifest.entries.get("decoder_sha256", self.segmenter_manifest.sha256),
+            "precision": str(getattr(self.segmenter, "precision", "fp32")),
+            "backend": str(getattr(self.segmenter, "backend", "torch")),
         }
 
 
@@ -144,6 +150,12 @@ def verify_models(models_dir: Path) -> tuple[ModelManifest, ModelManifest]:
         decoder_manifest = ModelManifest(segmenter.folder,
                                          {**segmenter.entries, "sha256": segmenter.entries["decoder_sha256"]})
         verify_weights(decoder_manifest, segmenter.folder / str(decoder))
+    for key, allowed in (("precision", PRECISIONS), ("backend", BACKENDS)):
+        if str(segmenter.entries.get(key, "auto")) not in allowed:
+            raise ModelError(f"{segmenter.folder}/manifest.yaml: '{key}' must be one of {', '.join(allowed)}, "
+                             f"got {segmenter.entries[key]!r}")
+    if decoder is not None and segmenter.entries["family"] != "litemedsam":
+        raise ModelError(f"{segmenter.folder}/manifest.yaml: 'decoder_weights' applies to family litemedsam only")
     anatomies = segmenter.entries.get("decoder_anatomies")
     if anatomies is not None and (decoder is None or not isinstance(anatomies, list)
                                   or not all(isinstance(a, str) for a in anatomies)):
@@ -173,25 +185,23 @@ def load_models(models_dir: Path) -> ModelSet:
         confidence=float(detector_manifest.entries.get("confidence", 0.25)),
     )
     entries = segmenter_manifest.entries
-
-    def build(with_decoder: bool):
-        return build_segmenter(
-            str(entries["family"]),
-            segmenter_manifest.weights_path(),
-            config=entries.get("config"),
-            decoder_weights=(segmenter_manifest.folder / entries["decoder_weights"]
-                             if with_decoder and "decoder_weights" in entries else None),
-            precision=str(entries.get("precision", "fp32")),
-        )
-
     anatomies = entries.get("decoder_anatomies")
+    decoder = segmenter_manifest.folder / entries["decoder_weights"] if "decoder_weights" in entries else None
+    segmenter = build_segmenter(
+        str(entries["family"]),
+        segmenter_manifest.weights_path(),
+        config=entries.get("config"),
+        decoder_weights=decoder if anatomies is None else None,
+        precision=str(entries.get("precision", "auto")),
+        backend=str(entries.get("backend", "auto")),
+    )
     if anatomies is None:
-        return ModelSet(detector, build(True), label_map, detector_manifest, segmenter_manifest)
+        return ModelSet(detector, segmenter, label_map, detector_manifest, segmenter_manifest)
     unknown = sorted(set(anatomies) - set(label_map.anatomies))
     if unknown:
         raise ModelError(f"{segmenter_manifest.folder}/manifest.yaml: 'decoder_anatomies' names {unknown}, "
                          f"not in the label map ({', '.join(label_map.anatomies)})")
     # The finetuned decoder serves only the listed anatomies; the others keep the base weights.
-    finetuned = build(True)
-    return ModelSet(detector, build(False), label_map, detector_manifest, segmenter_manifest,
+    finetuned = segmenter.with_decoder(decoder)
+    return ModelSet(detector, segmenter, label_map, detector_manifest, segmenter_manifest,
                     {anatomy: finetuned for anatomy in anatomies})

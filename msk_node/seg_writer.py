@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import highdicom as hd
@@ -53,11 +53,18 @@ class AlgorithmInfo:
     weights_sha256 : str
         SHA-256 of the model weights (or a ``;``-joined list of named hashes),
         recorded as an algorithm parameter.
+    parameters : dict of str to str
+        How the algorithm ran (numeric precision, encoder backend), recorded as algorithm
+        parameters beside the weights hash.
     """
 
     name: str
     version: str
     weights_sha256: str
+    parameters: dict[str, str] = field(default_factory=dict)
+
+    def parameter_items(self) -> dict[str, str]:
+        return {"weights_sha256": self.weights_sha256, **self.parameters}
 
 
 def with_type2_patient_attributes(ds: Dataset) -> Dataset:
@@ -154,7 +161,7 @@ def build_segmentation(
         name=algorithm.name,
         family=ALGORITHM_FAMILY,
         version=algorithm.version,
-        parameters={"weights_sha256": algorithm.weights_sha256},
+        parameters=algorithm.parameter_items(),
     )
     descriptions = []
     for number, spec in enumerate(specs, start=1):

@@ -83,8 +83,9 @@ def build_measurement_report(
     if len(set(names)) != len(names):
         raise ValueError(f"groups: tracking names repeat: {names}")
     source_series = hd.sr.SourceSeriesForSegmentation(str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID))
-    algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version,
-                                                 family=msk_codes.ALGORITHM_FAMILY)
+    algorithm_id = hd.sr.AlgorithmIdentification(
+        name=algorithm.name, version=algorithm.version, family=msk_codes.ALGORITHM_FAMILY,
+        parameters=[f"{key}={value}" for key, value in algorithm.parameter_items().items()])
     content_groups = []
     for group in groups:
         if group.segment_label not in numbers:

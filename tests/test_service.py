@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pydicom
 import pytest
 import yaml
@@ -119,6 +120,7 @@ def test_example_config_documents_and_loads_every_key():
     ({"tls": {"cert": "missing.pem", "key": "missing.key"}}, "'tls.cert'"),
     ({"stable_after_s_by_ae": {"PACS": "slow"}}, "'stable_after_s_by_ae.PACS'"),
     ({"max_attempts": 0}, "'max_attempts'"),
+    ({"worker_memory_limit_mb": 0}, "'worker_memory_limit_mb'"),
     ({"colour": "blue"}, "'colour'"),
 ])
 def test_config_errors_name_the_key(tmp_path, change, key):
@@ -552,11 +554,78 @@ def test_info_logs_carry_no_patient_identifiers(tmp_path, nodes, dest, caplog):
         assert identifier not in text
 
 
-# -- the real application ------------------------------------------------------------------
+# -- the warm worker and the real application ----------------------------------------------
 
-@pytest.mark.skipif(not (MODELS / "detector" / "manifest.yaml").is_file()
-                    or not (MODELS / "segmenter" / "manifest.yaml").is_file(),
-                    reason=f"default models not found under {MODELS}")
+needs_models = pytest.mark.skipif(not (MODELS / "detector" / "manifest.yaml").is_file()
+                                  or not (MODELS / "segmenter" / "manifest.yaml").is_file(),
+                                  reason=f"default models not found under {MODELS}")
+
+
+def _phantom_study(tmp_path: Path, kind: str, seed: int = 7) -> Path:
+    """A 4-slice phantom: a thigh is segmented (seconds of work), a knee is too short to segment (instant)."""
+    from msk_node.phantoms import write_phantom
+
+    return write_phantom(kind, tmp_path / f"{kind}-{seed}", seed=seed, n_slices=4) / "dicom"
+
+
+def test_warm_worker_reports_why_the_models_did_not_load(tmp_path):
+    from msk_node.service.app_worker import WarmApp
+
+    result = WarmApp(tmp_path / "no-models").run(tmp_path, tmp_path, tmp_path / "app.log", 60, lambda: False)
+    assert not result.ok
+    manifest = tmp_path / "no-models" / "detector" / "manifest.yaml"
+    assert result.reason == f"model load failed: ModelError: model manifest not found: {manifest}"
+
+
+@needs_models
+def test_killed_warm_worker_fails_one_attempt_and_a_fresh_one_serves_the_next_studies(tmp_path, nodes, dest,
+                                                                                        caplog):
+    caplog.set_level(logging.INFO, logger="msk_node.service")
+    thigh, knee = _phantom_study(tmp_path, "thigh"), _phantom_study(tmp_path, "knee")
+    config = node_config(tmp_path, None, [dest.destination()], models_dir=str(MODELS), max_attempts=2,
+                         job_timeout_s=600)
+    node = nodes(config)
+    assert storescu(node.port, [thigh]).returncode == 0
+    # app.log appears when the warm worker takes the study.
+    wait_for((config.spool_dir / "jobs" / "1" / "attempt-1" / "app.log").is_file, 120, what="the study started")
+    killed_pid = node.worker.app.pid
+    os.kill(killed_pid, signal.SIGKILL)
+    assert storescu(node.port, [knee]).returncode == 0
+    wait_for(lambda: states(config) == ["delivered", "delivered"], 600, interval=0.5, what="both delivered")
+
+    retried, second = jobs_of(config)
+    assert (retried["attempts"], second["attempts"]) == (2, 1)
+    assert "series: segmented 1" in retried["reason"]
+    assert set(dest.study_uids) == {study_uid_of(sorted(thigh.rglob("*.dcm")))}  # the knee has no result
+    messages = [record.getMessage() for record in caplog.records]
+    failures = [m for m in messages if "failed after" in m]
+    assert len(failures) == 1 and failures[0].endswith(": worker killed by signal 9"), failures
+    # Two warm workers in all, the second serving the retry and the next study: no model load per study.
+    assert len([m for m in messages if "ready: models loaded" in m]) == 2
+    assert node.worker.app.pid not in (None, killed_pid)
+
+
+@needs_models
+def test_warm_worker_over_its_memory_limit_fails_the_attempt_and_a_fresh_one_takes_the_next_study(tmp_path, nodes,
+                                                                                                   dest):
+    config = node_config(tmp_path, None, [dest.destination()], models_dir=str(MODELS), worker_memory_limit_mb=1,
+                         max_attempts=1, job_timeout_s=600)
+    node = nodes(config)
+    assert storescu(node.port, [_phantom_study(tmp_path, "thigh")]).returncode == 0
+    wait_for(lambda: states(config) == ["dead"], 120, what="dead job")
+    assert jobs_of(config)[0]["reason"] == "worker exceeded memory limit of 1 MB"
+
+    node.worker.app.memory_limit_mb = None
+    assert storescu(node.port, [_phantom_study(tmp_path, "thigh", seed=8)]).returncode == 0
+    wait_for((config.spool_dir / "jobs" / "2" / "attempt-1" / "app.log").is_file, 120, what="the next study started")
+    # A stop mid-study kills the worker and requeues the job without counting the attempt.
+    pid = node.worker.app.pid
+    node.stop()
+    assert not psutil.pid_exists(pid)
+    assert [(job["state"], job["attempts"]) for job in jobs_of(config)] == [("dead", 1), ("stable", 0)]
+
+
+@needs_models
 @pytest.mark.skipif(shutil.which("storescp") is None or shutil.which("dciodvfy") is None,
                     reason="dcmtk storescp or dicom3tools dciodvfy not on PATH")
 def test_real_application_end_to_end_to_a_dcmtk_storescp(tmp_path, nodes):

@@ -49,7 +49,7 @@ def finetuned(tmp_path_factory):
 
 def test_a_short_decoder_finetune_beats_zero_shot_on_held_out_phantoms(finetuned, held_out_thigh):
     segmenter, losses, _, _ = finetuned
-    zero_shot = mean_dice(LiteMedSAMSegmenter(precision="bf16"), held_out_thigh)
+    zero_shot = mean_dice(LiteMedSAMSegmenter(), held_out_thigh)
     tuned = mean_dice(segmenter, held_out_thigh)
     print(f"held-out thigh, truth boxes, mean Dice over labels: zero-shot {zero_shot:.3f}, finetuned {tuned:.3f}")
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
@@ -68,7 +68,7 @@ def test_the_exported_decoder_loads_in_the_node_and_gives_the_finetuned_output(f
     boxes = np.array([[30, 30, 150, 140]], dtype=np.float32)
     node_output = node_segmenter.decode(node_segmenter.encode(images[index]), boxes)
     tuned_output = segmenter.decode(segmenter.encode(images[index]), boxes)
-    shipped = LiteMedSAMSegmenter(precision="bf16")
+    shipped = LiteMedSAMSegmenter()
     shipped_output = shipped.decode(shipped.encode(images[index]), boxes)
     assert np.abs(node_output - tuned_output).max() < 0.05
     assert np.abs(node_output - shipped_output).max() > 0.2

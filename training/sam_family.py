@@ -65,7 +65,8 @@ def build_base_model(spec: ModelSpec) -> nn.Module:
         return build_sam2(SAM2_CONFIGS.get(spec.model_config, spec.model_config),
                           ckpt_path=None if spec.checkpoint is None else str(spec.checkpoint), device="cpu",
                           hydra_overrides_extra=[f"++model.image_size={spec.image_size}"])
-    segmenter = build_segmenter(spec.family, spec.checkpoint, config=spec.model_config,
+    # Training needs the PyTorch encoder itself, not an accelerated copy of it.
+    segmenter = build_segmenter(spec.family, spec.checkpoint, config=spec.model_config, backend="torch",
                                 allow_random_weights=True, device="cpu")
     return segmenter.predictor.model if spec.family == "sam2" else segmenter.model
 

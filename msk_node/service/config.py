@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,9 +113,14 @@ class NodeConfig:
     max_retry_backoff_s : float
         Upper bound of the wait between attempts (also between delivery tries).
     models_dir : pathlib.Path
-        Passed to the application as ``-m``.
-    app_command : tuple of str
-        Command that runs the application; ``-i IN -o OUT -m MODELS`` are appended.
+        The models the warm worker loads (or passed to ``app_command`` as ``-m``).
+    app_command : tuple of str, optional
+        A one-shot command run per study (``-i IN -o OUT -m MODELS`` appended), e.g. a
+        packaged MAP container; None (default): studies run in the warm worker, which
+        keeps the models loaded.
+    worker_memory_limit_mb : int, optional
+        The warm worker is replaced when its resident memory passes this; during a
+        study, that attempt fails. None: no limit.
     destinations : tuple of Destination
         Where results are sent.
     tls : TlsConfig, optional
@@ -142,7 +146,8 @@ class NodeConfig:
     retry_backoff_s: float = 10.0
     max_retry_backoff_s: float = 600.0
     models_dir: Path = DEFAULT_MODELS_DIR
-    app_command: tuple[str, ...] = (sys.executable, "-m", "app")
+    app_command: tuple[str, ...] | None = None
+    worker_memory_limit_mb: int | None = None
     destinations: tuple[Destination, ...] = ()
     tls: TlsConfig | None = None
     poll_interval_s: float = 1.0
@@ -224,7 +229,8 @@ class NodeConfig:
 _TOP_KEYS = {
     "ae_title", "host", "port", "allowed_calling_aes", "spool_dir", "stable_after_s", "stable_after_s_by_ae",
     "late_instance_policy", "job_timeout_s", "max_attempts", "retry_backoff_s", "max_retry_backoff_s",
-    "models_dir", "app_command", "destinations", "tls", "poll_interval_s", "max_associations", "db_path",
+    "models_dir", "app_command", "worker_memory_limit_mb", "destinations", "tls", "poll_interval_s",
+    "max_associations", "db_path",
 }
 _DESTINATION_KEYS = {"cstore": {"type", "ae_title", "host", "port"}, "stow": {"type", "url"},
                      "folder": {"type", "path"}}
@@ -267,7 +273,7 @@ def _parse(document: Any, base: Path) -> NodeConfig:
         if policy not in LATE_INSTANCE_POLICIES:
             raise ConfigError(f"'late_instance_policy' must be one of {', '.join(LATE_INSTANCE_POLICIES)}, got {policy!r}")
         kwargs["late_instance_policy"] = policy
-    for key in ("max_attempts", "max_associations"):
+    for key in ("max_attempts", "max_associations", "worker_memory_limit_mb"):
         if get(key) is not None:
             kwargs[key] = _positive_int(get(key), key)
     if get("models_dir") is not None:

@@ -1,12 +1,14 @@
 """The scheduler: studies become stable, jobs run one at a time, results go out once.
 
-The application runs as a subprocess (``app_command -i IN -o OUT -m MODELS``) with a
-timeout, so a crash, a hang or an out-of-memory kill fails one attempt and the node goes
-on. Failed attempts are retried with exponential backoff up to ``max_attempts``; then
-the job is ``dead`` and its reason stays visible in ``msk-node status``. Results are
-delivered per instance per destination, each confirmation recorded at once, so a restart
-sends only what was not confirmed; a destination that is down keeps the job in
-``delivering`` and is tried again with backoff.
+Jobs run in a warm worker process that keeps the models loaded
+(:mod:`msk_node.service.app_worker`), or, when ``app_command`` is set, as a one-shot
+subprocess ``app_command -i IN -o OUT -m MODELS``. Either way a crash, a hang (timeout)
+or a memory blow-up fails one attempt and the node goes on; the warm worker is replaced
+by a fresh one. Failed attempts are retried with exponential backoff up to
+``max_attempts``; then the job is ``dead`` and its reason stays visible in ``msk-node
+status``. Results are delivered per instance per destination, each confirmation recorded
+at once, so a restart sends only what was not confirmed; a destination that is down
+keeps the job in ``delivering`` and is tried again with backoff.
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
+from msk_node.service.app_worker import AppResult, WarmApp, WarmAppError
 from msk_node.service.config import NodeConfig
 from msk_node.service.delivery import DeliveryError, read_results, send
 from msk_node.service.jobs import Job, JobStore
@@ -76,6 +80,35 @@ def success_summary(output_dir: Path, n_results: int) -> str:
     return text
 
 
+def run_command(command: list[str], cwd: Path, log_path: Path, timeout_s: float,
+                should_stop: Callable[[], bool]) -> AppResult | None:
+    """Run a one-shot application, its output to ``log_path``, killed after ``timeout_s``.
+
+    Returns
+    -------
+    AppResult or None
+        None when ``should_stop()`` interrupted it.
+    """
+    begin = time.monotonic()
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd)
+        while True:
+            try:
+                returncode = process.wait(timeout=_WAIT_STEP_S)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            elapsed = time.monotonic() - begin
+            if elapsed > timeout_s or should_stop():
+                process.kill()
+                process.wait()
+                return AppResult(False, f"timed out after {timeout_s:g} s", elapsed) if elapsed > timeout_s else None
+    elapsed = time.monotonic() - begin
+    if returncode != 0:
+        return AppResult(False, failure_reason(log_path, returncode), elapsed)
+    return AppResult(True, elapsed_s=elapsed)
+
+
 class Worker:
     """The scheduler thread.
 
@@ -90,6 +123,8 @@ class Worker:
         self.config = config
         self.spool = spool
         self.store = store
+        #: The warm worker; None when ``app_command`` runs a one-shot process per study.
+        self.app = None if config.app_command else WarmApp(config.models_dir, config.worker_memory_limit_mb)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -104,7 +139,7 @@ class Worker:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop after the current step; a running application is killed and its job
-        goes back to ``stable`` without counting the attempt."""
+        goes back to ``stable`` without counting the attempt; the warm worker ends."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -119,19 +154,34 @@ class Worker:
 
     def _loop(self) -> None:
         logger.info("worker started")
-        while not self._stop.is_set():
-            try:
-                busy = self.step()
-            except (sqlite3.Error, OSError) as error:
-                logger.error("worker step failed: %s", error)
-                busy = False
-            except Exception:  # noqa: BLE001 - the scheduler must outlive a bug; the traceback is logged
-                logger.exception("worker step failed unexpectedly")
-                busy = False
-            if not busy:
-                self._wake.wait(self.config.poll_interval_s)
-                self._wake.clear()
+        try:
+            self._start_app()
+            while not self._stop.is_set():
+                try:
+                    busy = self.step()
+                except (sqlite3.Error, OSError) as error:
+                    logger.error("worker step failed: %s", error)
+                    busy = False
+                except Exception:  # noqa: BLE001 - the scheduler must outlive a bug; the traceback is logged
+                    logger.exception("worker step failed unexpectedly")
+                    busy = False
+                if not busy:
+                    self._wake.wait(self.config.poll_interval_s)
+                    self._wake.clear()
+        finally:
+            if self.app is not None:  # only this thread touches the warm worker
+                self.app.stop()
         logger.info("worker stopped")
+
+    def _start_app(self) -> None:
+        """Load the models now, so the first study does not wait for them; on failure
+        the first job tries again and fails with the reason."""
+        if self.app is None:
+            return
+        try:
+            self.app.start(self._stop.is_set, self.config.job_timeout_s)
+        except WarmAppError as error:
+            logger.error("warm worker did not start: %s", error)
 
     def step(self, now: float | None = None) -> bool:
         """One scheduling pass: mark settled studies stable, then run or deliver one job.
@@ -184,53 +234,40 @@ class Worker:
         output_dir.mkdir()
         logger.info("job %d: attempt %d of %d on study %s (%d instance(s))", job.id, started.attempts,
                     self.config.max_attempts, job.study_uid, count)
-        command = [*self.config.app_command, "-i", str(input_dir), "-o", str(output_dir),
-                   "-m", str(self.config.models_dir)]
-        begin = time.monotonic()
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       cwd=folder)
-            returncode, timed_out = self._wait(process, begin)
+        result = self._run_app(folder, input_dir, output_dir, log_path)
         shutil.rmtree(input_dir, ignore_errors=True)
-        if returncode is None and not timed_out:  # stopped by Node.stop()
+        if result is None:  # stopped by Node.stop()
             self.store.interrupt_attempt(job.id)
             logger.info("job %d: interrupted by stop; back to stable", job.id)
             return "stable"
-        elapsed = time.monotonic() - begin
-        if timed_out:
-            ok, reason = False, f"timed out after {self.config.job_timeout_s:g} s"
-        elif returncode != 0:
-            ok, reason = False, failure_reason(log_path, returncode)
-        else:
+        ok, reason = result.ok, result.reason
+        if ok:
             results, problems = read_results(output_dir)
-            ok, reason = True, success_summary(output_dir, len(results))
+            reason = success_summary(output_dir, len(results))
             if problems:
                 reason += "; " + "; ".join(problems[:3])
         state = self.store.finish_attempt(job.id, ok, reason, self.config.max_attempts,
                                           self.config.backoff(started.attempts))
         if ok:
-            logger.info("job %d: application finished in %.1f s: %s", job.id, elapsed, reason)
+            logger.info("job %d: application finished in %.1f s: %s", job.id, result.elapsed_s, reason)
             return self.deliver(self.store.job(job.id))
         if state == "dead":
             logger.error("job %d: attempt %d of %d failed after %.1f s; job is dead: %s", job.id, started.attempts,
-                         self.config.max_attempts, elapsed, reason)
+                         self.config.max_attempts, result.elapsed_s, reason)
         else:
             logger.warning("job %d: attempt %d of %d failed after %.1f s; next attempt in %.1f s: %s", job.id,
-                           started.attempts, self.config.max_attempts, elapsed,
+                           started.attempts, self.config.max_attempts, result.elapsed_s,
                            self.config.backoff(started.attempts), reason)
         return state
 
-    def _wait(self, process: subprocess.Popen, begin: float) -> tuple[int | None, bool]:
-        while True:
-            try:
-                return process.wait(timeout=_WAIT_STEP_S), False
-            except subprocess.TimeoutExpired:
-                pass
-            timed_out = time.monotonic() - begin > self.config.job_timeout_s
-            if timed_out or self._stop.is_set():
-                process.kill()
-                process.wait()
-                return None, timed_out
+    def _run_app(self, folder: Path, input_dir: Path, output_dir: Path, log_path: Path) -> AppResult | None:
+        """The application on one attempt's folders, in the warm worker or as ``app_command``;
+        None when a stop interrupted it."""
+        if self.app is not None:
+            return self.app.run(input_dir, output_dir, log_path, self.config.job_timeout_s, self._stop.is_set)
+        command = [*self.config.app_command, "-i", str(input_dir), "-o", str(output_dir),
+                   "-m", str(self.config.models_dir)]
+        return run_command(command, folder, log_path, self.config.job_timeout_s, self._stop.is_set)
 
     def deliver(self, job: Job) -> str:
         """Send the job's results to every destination not yet confirmed.

@@ -1,0 +1,265 @@
+"""The warm application worker: one child process keeps the models loaded and serves
+studies one at a time.
+
+The child runs :func:`msk_node.pipeline.process_study`, the job the application's
+operators run, so a study pays neither interpreter, Holoscan nor model start-up. The
+parent kills and replaces the child after a crash, a timeout, or when its resident
+memory passes a limit; that attempt fails with a one-line reason and the next study
+gets a fresh warm child.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psutil
+
+if TYPE_CHECKING:
+    from msk_node.models import ModelSet
+
+logger = logging.getLogger(__name__)
+
+_POLL_S = 0.2
+#: The format of ``app/__main__.py``, so an attempt's ``app.log`` reads the same either way.
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@dataclass(frozen=True)
+class AppResult:
+    """What one application run came to; ``reason`` says why it failed."""
+
+    ok: bool
+    reason: str = ""
+    elapsed_s: float = 0.0
+
+
+class WarmAppError(RuntimeError):
+    """The warm worker did not come up; the message says why."""
+
+
+def _describe(error: BaseException) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())[:300]
+
+
+# -- the child -------------------------------------------------------------------------
+
+def _exit_with_parent(parent_pid: int) -> None:
+    # The child reads the pipe only between studies, so a node killed with -9 during a
+    # study would go unnoticed until inference ends; polling the parent ends the orphan.
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _serve(conn: Connection, models_dir: str, parent_pid: int) -> None:
+    """The child: load the models once, then answer ``(input, output, log)`` requests."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the node decides
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+    begin = time.monotonic()
+    try:
+        # Imported here: the node process never loads torch and the models.
+        from msk_node.models import load_models
+        from msk_node.pipeline import process_study
+
+        models = load_models(Path(models_dir))
+    except Exception as error:  # noqa: BLE001 - reported to the parent as the reason
+        conn.send(("failed", _describe(error)))
+        return
+    conn.send(("ready", time.monotonic() - begin))
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:  # the parent closed the pipe
+            return
+        conn.send(_run_study(process_study, models, *map(Path, request)))
+
+
+def _run_study(process_study: Callable[[Path, Path, ModelSet], object], models: ModelSet, input_dir: Path,
+               output_dir: Path, log_path: Path) -> AppResult:
+    """One study, with the root logger also writing to the attempt's own log."""
+    handler = logging.FileHandler(log_path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    begin = time.monotonic()
+    try:
+        logger.info("warm worker %d; models: %s", os.getpid(), models.provenance())
+        process_study(input_dir, output_dir, models)
+        return AppResult(True, elapsed_s=time.monotonic() - begin)
+    except Exception as error:  # noqa: BLE001 - one bad study fails its attempt; the worker serves the next
+        logger.exception("study failed")
+        return AppResult(False, _describe(error), time.monotonic() - begin)
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+# -- the parent ------------------------------------------------------------------------
+
+class WarmApp:
+    """The parent's handle on the warm child.
+
+    Parameters
+    ----------
+    models_dir : pathlib.Path
+        Passed to :func:`msk_node.models.load_models` in the child.
+    memory_limit_mb : int, optional
+        Resident memory above which the child is killed (during a study: the attempt
+        fails) and replaced; None for no limit.
+    """
+
+    def __init__(self, models_dir: Path, memory_limit_mb: int | None = None) -> None:
+        self.models_dir = Path(models_dir)
+        self.memory_limit_mb = memory_limit_mb
+        # spawn, not fork: the node has threads, and a forked child could inherit a held lock.
+        self._context = multiprocessing.get_context("spawn")
+        self._process: BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._ready = False
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id; None when there is no child."""
+        return self._process.pid if self._process is not None else None
+
+    def start(self, should_stop: Callable[[], bool] = lambda: False, timeout_s: float = 3600.0) -> bool:
+        """Start a child unless a live one is ready, and wait until it has loaded the models.
+
+        Returns
+        -------
+        bool
+            False when ``should_stop()`` became true first (the child is killed).
+
+        Raises
+        ------
+        WarmAppError
+            If loading failed, the child died, or it took longer than ``timeout_s``.
+        """
+        if self._ready and self._process is not None and not self._process.is_alive():
+            logger.warning("warm worker %d %s while idle; starting a fresh one", self.pid, self._exit_reason())
+            self.stop()
+        if self._ready:
+            return True
+        if self._process is None:
+            self._spawn()
+        assert self._conn is not None
+        deadline = time.monotonic() + timeout_s
+        while not self._conn.poll(_POLL_S):
+            if should_stop():
+                self.stop()
+                return False
+            if time.monotonic() > deadline:
+                self.stop()
+                raise WarmAppError(f"worker did not load the models within {timeout_s:g} s")
+        try:
+            kind, detail = self._conn.recv()
+        except EOFError:
+            reason = self._exit_reason()
+            self.stop()
+            raise WarmAppError(f"{reason} while loading the models") from None
+        if kind != "ready":
+            self.stop()
+            raise WarmAppError(f"model load failed: {detail}")
+        self._ready = True
+        logger.info("warm worker %d ready: models loaded in %.1f s", self.pid, detail)
+        if self._over_limit():
+            logger.warning("warm worker %d is over worker_memory_limit_mb (%d MB) with only the models loaded",
+                           self.pid, self.memory_limit_mb)
+        return True
+
+    def run(self, input_dir: Path, output_dir: Path, log_path: Path, timeout_s: float,
+            should_stop: Callable[[], bool]) -> AppResult | None:
+        """Serve one study; ``timeout_s`` counts from the hand-over to the ready child.
+
+        Returns
+        -------
+        AppResult or None
+            None when ``should_stop()`` interrupted the study (the child is killed).
+        """
+        try:
+            if not self.start(should_stop, timeout_s):
+                return None
+        except WarmAppError as error:
+            return AppResult(False, str(error))
+        assert self._conn is not None
+        begin = time.monotonic()
+        try:
+            self._conn.send((str(input_dir), str(output_dir), str(log_path)))
+            while not self._conn.poll(_POLL_S):
+                if should_stop():
+                    self.stop()
+                    return None
+                reason = self._kill_reason(time.monotonic() - begin, timeout_s)
+                if reason:
+                    self._restart()
+                    return AppResult(False, reason, time.monotonic() - begin)
+            result: AppResult = self._conn.recv()
+        except (EOFError, OSError):  # the child died: EOF on recv, broken pipe on send
+            reason = self._exit_reason()
+            self._restart()
+            return AppResult(False, reason, time.monotonic() - begin)
+        if self._over_limit():
+            logger.info("warm worker %d is over %d MB after the study; replacing it", self.pid, self.memory_limit_mb)
+            self._restart()
+        return result
+
+    def stop(self) -> None:
+        """Kill the child (a study in progress is abandoned). Safe to call twice."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.join()
+        if self._conn is not None:
+            self._conn.close()
+        self._process, self._conn, self._ready = None, None, False
+
+    def _spawn(self) -> None:
+        parent, child = self._context.Pipe()
+        # daemon: ended by multiprocessing's exit handler should the node exit without stop().
+        self._process = self._context.Process(target=_serve, args=(child, str(self.models_dir), os.getpid()),
+                                              name="msk-node-app", daemon=True)
+        self._process.start()
+        child.close()  # else our copy keeps the pipe open and a dead child is never seen as EOF
+        self._conn = parent
+
+    def _restart(self) -> None:
+        """Replace the child at once, so the next study finds the models loading or loaded."""
+        self.stop()
+        self._spawn()
+
+    def _kill_reason(self, elapsed_s: float, timeout_s: float) -> str:
+        if elapsed_s > timeout_s:
+            return f"timed out after {timeout_s:g} s"
+        if self._over_limit():
+            return f"worker exceeded memory limit of {self.memory_limit_mb} MB"
+        return ""
+
+    def _over_limit(self) -> bool:
+        if self.memory_limit_mb is None or self.pid is None:
+            return False
+        try:
+            rss = psutil.Process(self.pid).memory_info().rss
+        except psutil.Error:  # gone: the next poll sees it dead
+            return False
+        return rss > self.memory_limit_mb * 1024 * 1024
+
+    def _exit_reason(self) -> str:
+        """How the child ended: ``worker killed by signal 9``, ``worker exited with code 1``."""
+        assert self._process is not None
+        self._process.join(5.0)
+        code = self._process.exitcode
+        if code is None:
+            return "worker stopped answering"
+        return f"worker killed by signal {-code}" if code < 0 else f"worker exited with code {code}"
