@@ -22,6 +22,7 @@ from msk_node.biomarkers.volume import tissue_volumes
 from msk_node.dicom_input import Series
 from msk_node.codes import DISC_LEVELS
 from msk_node.labels import LabelMap
+from msk_node.parallel import thread_map
 from msk_node.sr_writer import MeasurementGroup
 from msk_node.volume import SeriesVolume, series_to_volume
 
@@ -67,9 +68,12 @@ def _knee(volume: SeriesVolume, label_volume: np.ndarray, label_map: LabelMap, s
     if not plates:
         return
     splits = _medial_lateral_split(volume, label_volume, plates)
-    for method in ("2d", "3d"):
-        for m in cartilage_thickness(label_volume, spacing, plates, method, affine=volume.volume.affine,
-                                     split_planes=splits):
+    methods = ("2d", "3d")
+    thicknesses = thread_map(lambda method: cartilage_thickness(label_volume, spacing, plates, method,
+                                                                affine=volume.volume.affine, split_planes=splits),
+                             methods)
+    for method, measurements in zip(methods, thicknesses):
+        for m in measurements:
             by_segment[_plate_of(m.label)].append(_renamed(m, f"mean_thickness_{method}"))
     for kind, pattern in RELAXOMETRY_PATTERNS.items():
         group = [s for s in study_series if re.search(pattern, s.description, re.IGNORECASE)

@@ -14,6 +14,7 @@ from scipy import ndimage
 from skimage.morphology import disk
 
 from msk_node.labels import LabelMap, LabelSpec
+from msk_node.parallel import thread_map
 
 THRESHOLD = 0.5
 #: 3D components smaller than this share of the label's largest component are dropped.
@@ -71,7 +72,9 @@ def postprocess_masks(masks: dict[str, np.ndarray], label_map: LabelMap,
 
     Labels left empty are dropped.
     """
-    cleaned = {name: postprocess_label(mask, label_map.by_name(name), pixel_spacing) for name, mask in masks.items()}
+    names = list(masks)
+    cleaned = dict(zip(names, thread_map(
+        lambda name: postprocess_label(masks[name], label_map.by_name(name), pixel_spacing), names)))
     return {name: mask for name, mask in add_interiors(cleaned, label_map).items() if mask.any()}
 
 

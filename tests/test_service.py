@@ -673,7 +673,7 @@ REAL_KNEE = Path(os.environ.get("MSK_NODE_REAL_KNEE", Path(__file__).resolve().p
 @pytest.mark.skipif(not (MODELS / "detector" / "manifest.yaml").is_file(),
                     reason=f"default models not found under {MODELS}")
 def test_real_knee_study_sent_by_storescu_becomes_one_job_with_a_valid_seg(tmp_path, nodes):
-    """The five real series (DESS + four CubeQuant spin-lock series) as the one study they were on the scanner."""
+    """The real series (DESS echoes 1 and 2, four CubeQuant spin-lock series) as the one study they were on the scanner."""
     study_uid = generate_uid()
     sent_dir = tmp_path / "sent"
     count = 0
@@ -693,11 +693,16 @@ def test_real_knee_study_sent_by_storescu_becomes_one_job_with_a_valid_seg(tmp_p
              what="the real knee study")
     (job,) = jobs_of(config)
     assert job["state"] == "delivered", job["reason"]
-    assert job["input_instances"] == count == 160
-    results = {pydicom.dcmread(p).Modality: p for p in (tmp_path / "store" / study_uid).iterdir()}
-    assert sorted(results) == ["SEG", "SR"]
-    seg = pydicom.dcmread(results["SEG"])
-    assert seg.StudyInstanceUID == study_uid and seg.PatientID == ""
-    assert int(seg.NumberOfFrames) == 80 * len(seg.SegmentSequence)
-    for path in results.values():
+    assert job["input_instances"] == count == 240
+    results = sorted((tmp_path / "store" / study_uid).iterdir())
+    by_modality: dict[str, list] = {}
+    for path in results:
+        by_modality.setdefault(pydicom.dcmread(path, stop_before_pixels=True).Modality, []).append(path)
+    # Each DESS echo is a sagittal knee series of its own: one SEG and one SR each.
+    assert sorted(by_modality) == ["SEG", "SR"] and len(by_modality["SEG"]) == len(by_modality["SR"]) == 2
+    for path in by_modality["SEG"]:
+        seg = pydicom.dcmread(path)
+        assert seg.StudyInstanceUID == study_uid and seg.PatientID == ""
+        assert int(seg.NumberOfFrames) == 80 * len(seg.SegmentSequence)
+    for path in results:
         assert dciodvfy_errors(path) == []

@@ -513,15 +513,26 @@ def _medial_points(
 
 
 def _prune(skeleton: np.ndarray, steps: int) -> np.ndarray:
-    """Remove end points ``steps`` times (end branches, isolated points); loops survive."""
-    kernel = np.ones((3, 3), dtype=np.uint8)
+    """Remove end points ``steps`` times (end branches, isolated points); loops survive.
+
+    Each round removes every point with at most one neighbour at once. Neighbour counts
+    are kept up to date around the removed points only, so a round costs the number of
+    end points, not the size of the image.
+    """
+    skeleton = skeleton.astype(bool)
+    padded = np.pad(skeleton, 1)
+    offsets = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0)]
+    neighbours = ndimage.convolve(padded.astype(np.uint8), np.ones((3, 3), dtype=np.uint8), mode="constant") - 1
+    ends = np.argwhere(padded & (neighbours <= 1))
     for _ in range(steps):
-        neighbours = ndimage.convolve(skeleton.astype(np.uint8), kernel, mode="constant") - 1
-        pruned = skeleton & (neighbours > 1)
-        if pruned.sum() == skeleton.sum():
+        if len(ends) == 0:
             break
-        skeleton = pruned
-    return skeleton
+        padded[ends[:, 0], ends[:, 1]] = False
+        around = np.concatenate([ends + offset for offset in offsets])
+        np.subtract.at(neighbours, (around[:, 0], around[:, 1]), 1)
+        around = np.unique(around, axis=0)
+        ends = around[padded[around[:, 0], around[:, 1]] & (neighbours[around[:, 0], around[:, 1]] <= 1)]
+    return padded[1:-1, 1:-1]
 
 
 def _window(edt: np.ndarray, spacing: Sequence[float]) -> float:
