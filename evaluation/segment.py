@@ -19,6 +19,7 @@ from evaluation.config import ModelSpec
 from msk_node.labels import LabelMap
 from msk_node.metrics import mask_dice
 from msk_node.postprocess import THRESHOLD, merge_labels, postprocess_masks
+from msk_node.progress import progress
 from msk_node.segmenters.base import BoxSegmenter
 from training.boxes import instance_boxes
 
@@ -78,7 +79,7 @@ def segment_prompts(encoded: EncodedSlices, prompts: Prompts, values: Iterable[i
     """Binary masks (one per label value, on the volume's grid) from ``prompts``; unprompted slices stay empty."""
     shape = encoded.normalised.shape
     masks = {value: np.zeros(shape, dtype=bool) for value in values}
-    for index in sorted(prompts):
+    for index in progress(sorted(prompts), "segmenting", "slice"):
         boxes = np.array([box for _, box in prompts[index]], dtype=np.float32)
         probabilities = encoded.segmenter.decode(encoded[index], boxes)
         for (value, _), probability in zip(prompts[index], probabilities):

@@ -1,7 +1,13 @@
-"""``msk-node bench``: wall time per stage and throughput, and Dice on phantoms, as JSON."""
+"""``msk-node bench``: wall time per stage and throughput, and Dice on phantoms, as JSON.
+
+Every ratio in the report (encoder share of peak, node turnaround against the
+in-process pipeline) is measured in the same run on the same machine.
+"""
 from __future__ import annotations
 
-import platform
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -10,10 +16,16 @@ import torch
 
 from msk_node.metrics import dice_per_label
 from msk_node.models import load_models
+from msk_node.parallel import usable_cores
 from msk_node.pipeline import STAGES, StudyWork, process_study
+from msk_node.precision import cpu_info, native_bf16
 from msk_node.volume import labels_on_volume_grid
 
 PHANTOM_KINDS = ("knee", "thigh", "spine")
+#: The knee phantom the pipeline and the node are both timed on.
+KNEE_SEED = 7
+#: CPU flags that decide the speed of the encoder: vector width, bf16 and int8 dot products.
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
 
 
 def _summarise(work: StudyWork, wall: float) -> dict:
@@ -31,7 +43,7 @@ def _summarise(work: StudyWork, wall: float) -> dict:
     }
 
 
-def bench_phantom(kind: str, models, work_dir: Path, seed: int = 7) -> dict:
+def bench_phantom(kind: str, models, work_dir: Path, seed: int = KNEE_SEED) -> dict:
     from msk_node.phantoms import write_phantom
 
     case = write_phantom(kind, work_dir / kind, seed=seed)
@@ -46,15 +58,43 @@ def bench_phantom(kind: str, models, work_dir: Path, seed: int = 7) -> dict:
     return result
 
 
-def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """Sustained dense matmul rate of this machine at ``dtype``: the peak the encoder is compared with."""
+def _timed_rate(operation, operations: float, min_seconds: float = 1.0) -> float:
+    """Operations per second of ``operation`` (one warm-up call, then repeated for at least ``min_seconds``)."""
+    operation()
+    calls, start = 0, time.perf_counter()
+    while True:
+        operation()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return operations * calls / elapsed
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 2048) -> float:
+    """Sustained dense matmul rate of this machine at ``dtype`` (int8: int32-accumulating GOP/s)."""
+    if dtype == torch.int8:
+        a = torch.randint(-128, 127, (size, size), dtype=torch.int8)
+        b = torch.randint(-128, 127, (size, size), dtype=torch.int8)
+        return _timed_rate(lambda: torch._int_mm(a, b), 2 * size**3) / 1e9
+    if dtype == torch.bfloat16 and not native_bf16():
+        size = 512  # emulated: a big product would take minutes
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
-    torch.mm(a, b)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+    return _timed_rate(lambda: torch.mm(a, b), 2 * size**3) / 1e9
+
+
+def machine_report() -> dict:
+    """CPU model and speed-relevant flags, cores and threads, and the measured matmul peaks."""
+    info = cpu_info()
+    return {
+        "cpu": info["model"],
+        "flags": [flag for flag in SPEED_FLAGS if flag in info["flags"]],
+        "native_bf16": native_bf16(),
+        "cores": usable_cores(),
+        "torch_threads": torch.get_num_threads(),
+        "peak_gflops": {name: round(matmul_gflops(dtype), 1)
+                        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", torch.int8))},
+    }
 
 
 def encoder_gflop(segmenter) -> float | None:
@@ -69,10 +109,13 @@ def encoder_gflop(segmenter) -> float | None:
     return counter.get_total_flops() / 1e9
 
 
-def send_files(port: int, files: list[Path], called_ae: str = "MSKNODE", host: str = "127.0.0.1") -> list[int]:
+def send_files(port: int, files: list[Path], called_ae: str = "MSKNODE", host: str = "127.0.0.1",
+               show_progress: bool = False) -> list[int]:
     """C-STORE ``files`` in one association; the status of each."""
     from pydicom import dcmread
     from pynetdicom import AE, StoragePresentationContexts
+
+    from msk_node.progress import progress
 
     sender = AE(ae_title="MSKBENCH")
     sender.requested_contexts = StoragePresentationContexts
@@ -80,27 +123,29 @@ def send_files(port: int, files: list[Path], called_ae: str = "MSKNODE", host: s
     if not association.is_established:
         raise RuntimeError(f"{called_ae} at {host}:{port} refused the association")
     try:
-        return [int(association.send_c_store(dcmread(path)).Status) for path in files]
+        sending = progress(files, "sending", "instance") if show_progress else files
+        return [int(association.send_c_store(dcmread(path)).Status) for path in sending]
     finally:
         association.release()
 
 
 def node_turnaround(models_dir: Path, work_dir: Path, stable_after_s: float = 2.0, timeout_s: float = 900) -> dict:
-    """Last instance received -> result delivered for one knee phantom study sent to a live node.
+    """Last instance received -> result delivered for the knee phantom study sent to a live node.
 
     Split: transfer (C-STORE of the study), waiting (last instance to job start: the
-    inactivity timeout plus scheduling), processing (the application, until its report
+    inactivity timeout plus scheduling), processing (the warm worker, until its report
     is written) and delivery (report written to results confirmed by the local store).
     """
     from msk_node.phantoms import write_phantom
     from msk_node.service import Node, NodeConfig, status
 
-    study = write_phantom("knee", work_dir / "node-study", seed=11)
+    study = write_phantom("knee", work_dir / "node-study", seed=KNEE_SEED)
     files = sorted((study / "dicom").rglob("*.dcm"))
     config = NodeConfig.from_mapping({"ae_title": "MSKNODE", "port": 0, "stable_after_s": stable_after_s,
                                       "spool_dir": str((work_dir / "node-spool").resolve()),
                                       "models_dir": str(Path(models_dir).resolve())})
     with Node(config) as node:
+        _wait_until_ready(node, timeout_s)
         start = time.time()
         statuses = send_files(node.port, files)
         received = time.time()
@@ -120,22 +165,45 @@ def node_turnaround(models_dir: Path, work_dir: Path, stable_after_s: float = 2.
     }
 
 
+def _wait_until_ready(node, timeout_s: float) -> None:
+    """Wait for the node's warm worker to have its models loaded: start-up is not turnaround."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and node.worker.app is not None and not node.worker.app.ready:
+        time.sleep(0.2)
+
+
+def app_end_to_end(study: Path, out: Path, models_dir: Path) -> float:
+    """Seconds of ``python -m app`` on ``study``: interpreter, Holoscan and model start-up included."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "app", "-i", str(study), "-o", str(out), "-m", str(models_dir)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return round(time.perf_counter() - start, 3)
+
+
+def default_real_knee() -> Path | None:
+    """The real knee DESS (first echo) of the project's shared data, where present."""
+    root = Path(os.environ.get("MSK_NODE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    folder = root / "knee-mri-ge-3t" / "dess-echo1"
+    return folder if folder.is_dir() else None
+
+
 def run_benchmark(models_dir: Path, real_knee: Path | None, work_dir: Path | None = None,
                   with_node: bool = True) -> dict:
     """Benchmark the default pipeline on one phantom per kind and, if given, the real knee DESS."""
     load_start = time.perf_counter()
     models = load_models(models_dir)
     report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()},
+        "machine": machine_report(),
         "models": models.provenance(),
         "model_load_s": round(time.perf_counter() - load_start, 3),
         "phantoms": {},
     }
+    precision = models.provenance()["precision"]
     gflop = encoder_gflop(models.segmenter)
-    precision = getattr(models.segmenter, "precision", "fp32")
-    peak = matmul_gflops(torch.bfloat16 if precision == "bf16" else torch.float32)
-    report["encoder"] = {"precision": precision, "gflop_per_slice": round(gflop, 2) if gflop else None,
-                         "matmul_peak_gflops": round(peak, 1)}
+    peak = report["machine"]["peak_gflops"][precision]
+    report["encoder"] = {"precision": precision, "backend": models.provenance()["backend"],
+                         "gflop_per_slice": round(gflop, 2) if gflop else None, "peak_gflops": peak,
+                         "floor_s_per_slice": round(gflop / peak, 3) if gflop else None}
     if work_dir is not None:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work_dir) as scratch:
@@ -146,8 +214,18 @@ def run_benchmark(models_dir: Path, real_knee: Path | None, work_dir: Path | Non
             work = process_study(real_knee, Path(scratch) / "real-out", models)
             report["real_knee"] = _summarise(work, time.perf_counter() - start)
             report["real_knee"]["labels"] = [e.get("labels", []) for e in work.report["series"]]
+            report["real_knee"]["app_end_to_end_s"] = app_end_to_end(real_knee, Path(scratch) / "real-app-out",
+                                                                     models_dir)
         if with_node:
-            report["node_turnaround"] = node_turnaround(models_dir, Path(scratch))
+            del models  # the node's warm worker loads its own
+            turnaround = node_turnaround(models_dir, Path(scratch))
+            pipeline_s = report["phantoms"]["knee"]["wall_s"]
+            if "turnaround_s" in turnaround:
+                turnaround["pipeline_s"] = pipeline_s
+                turnaround["turnaround_over_pipeline"] = round(turnaround["turnaround_s"] / pipeline_s, 3)
+                without_wait = turnaround["turnaround_s"] - turnaround["stable_after_s"]
+                turnaround["turnaround_over_pipeline_without_inactivity_wait"] = round(without_wait / pipeline_s, 3)
+            report["node_turnaround"] = turnaround
     if gflop:
         for result in [*report["phantoms"].values(), report.get("real_knee")]:
             if result and result["encoder_s_per_slice"]:

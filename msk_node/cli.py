@@ -33,8 +33,6 @@ def _run(args: argparse.Namespace) -> None:
 
 def _demo(args: argparse.Namespace) -> None:
     """Start the node with its local store, C-STORE a knee phantom study to it, show the results."""
-    import time
-
     from pydicom import dcmread
 
     from msk_node.bench import send_files
@@ -49,14 +47,9 @@ def _demo(args: argparse.Namespace) -> None:
     with Node(config) as node:
         print(f"node MSKNODE listening on 127.0.0.1:{node.port}; results go to {config.spool_dir / 'results'}")
         files = sorted((study / "dicom").rglob("*.dcm"))
-        statuses = send_files(node.port, files)
+        statuses = send_files(node.port, files, show_progress=True)
         print(f"sent {len(files)} instances, {statuses.count(0)} stored")
-        deadline = time.monotonic() + args.timeout
-        while time.monotonic() < deadline:
-            jobs = status(config)
-            if jobs and all(job["state"] in ("delivered", "dead") for job in jobs):
-                break
-            time.sleep(1)
+        follow_jobs(config, args.timeout)
     for job in status(config):
         print(f"job {job['id']}: {job['state']} {job.get('reason') or ''}".rstrip())
     for path in sorted((config.spool_dir / "results").rglob("*.dcm")):
@@ -64,6 +57,25 @@ def _demo(args: argparse.Namespace) -> None:
         print(f"{ds.Modality} {path}")
         for segment in ds.get("SegmentSequence", []):
             print(f"  segment {segment.SegmentNumber}: {segment.SegmentLabel}")
+
+
+def follow_jobs(config, timeout_s: float) -> None:
+    """Print each job's state as it changes, with the time since the study was sent, until all are done."""
+    import time
+
+    from msk_node.service import status
+
+    start, seen = time.monotonic(), {}
+    while time.monotonic() - start < timeout_s:
+        jobs = status(config)
+        for job in jobs:
+            if seen.get(job["id"]) != job["state"]:
+                seen[job["id"]] = job["state"]
+                print(f"  {time.monotonic() - start:6.1f} s  job {job['id']}: {job['state']}", flush=True)
+        if jobs and all(job["state"] in ("delivered", "dead") for job in jobs):
+            return
+        time.sleep(0.5)
+    print(f"gave up waiting after {timeout_s:g} s")
 
 
 def _overlay(args: argparse.Namespace) -> None:
@@ -92,9 +104,10 @@ def _overlay(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from msk_node.bench import run_benchmark
+    from msk_node.bench import default_real_knee, run_benchmark
 
-    print(json.dumps(run_benchmark(args.models, args.real_knee, args.work, with_node=not args.no_node), indent=2))
+    real_knee = args.real_knee if args.real_knee is not None else default_real_knee()
+    print(json.dumps(run_benchmark(args.models, real_knee, args.work, with_node=not args.no_node), indent=2))
 
 
 def _node_config(path: Path):
@@ -171,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     overlay.set_defaults(handler=_overlay)
 
     bench = commands.add_parser("bench", help="time every pipeline stage; prints JSON")
-    bench.add_argument("--real-knee", type=Path, help="folder with the real knee DESS series")
+    bench.add_argument("--real-knee", type=Path, help="folder with the real knee DESS series (default: "
+                       "knee-mri-ge-3t/dess-echo1 under $MSK_NODE_DATA or ../shared/data, where present)")
     bench.add_argument("--work", type=Path, default=Path("runs/bench"))
     bench.add_argument("-m", "--models", type=Path, default=DEFAULT_MODELS)
     bench.add_argument("--no-node", action="store_true", help="skip the end-to-end node turnaround")
@@ -194,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    # pynetdicom logs every DIMSE message at INFO; the node logs one line per association instead.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     args.handler(args)
     return 0
 

@@ -26,6 +26,7 @@ from msk_node.labels import LabelMap
 from msk_node.measure import SeriesMeasurements, measure_series, measurement_groups
 from msk_node.models import ModelSet
 from msk_node.postprocess import merge_labels, postprocess_masks
+from msk_node.progress import progress
 from msk_node.seg_writer import AlgorithmInfo, build_segmentation, write_segmentation
 from msk_node.selection import SelectedSeries, SeriesRule, load_rules, select_series
 from msk_node.sr_writer import build_measurement_report
@@ -127,7 +128,8 @@ def segment_boxes(job: SeriesJob, models: ModelSet, times: StageTimes) -> None:
     shape = normalised.shape
     segmenter = models.segmenter_for(job.selected.anatomy)
     masks: dict[str, np.ndarray] = {}
-    for index in sorted(by_slice):
+    slices = progress(sorted(by_slice), f"segmenting {job.selected.anatomy} series", "slice")
+    for index in slices:
         with times.stage("encode"):
             embedding = segmenter.encode(normalised[index])
         with times.stage("decode"):

@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from msk_node.progress import progress
+
 logger = logging.getLogger(__name__)
 
 INDEX_COLUMNS = ("dataset", "subject", "split", "slice_index", "image_file")
@@ -47,7 +49,7 @@ def write_store(model, data_dir: Path, table: pd.DataFrame, out_dir: Path, *, de
     files: dict[str, object] = {}
     shapes: dict[str, list[int]] = {}
     try:
-        for start in range(0, len(table), batch_size):
+        for start in progress(range(0, len(table), batch_size), "embedding", "batch"):
             images = []
             for image_file in table["image_file"].iloc[start:start + batch_size]:
                 with np.load(Path(data_dir) / image_file) as arrays:

@@ -79,6 +79,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from msk_node import config_checks as checks
 from msk_node.models import file_sha256
+from msk_node.progress import progress
 from training.embed_store import EmbeddingStore, write_store
 from training.finetune_data import (
     PROMPTS,
@@ -448,7 +449,10 @@ def _train(config: FinetuneConfig, run_dir: Path, processes: Processes) -> Finet
             min(len(train_loader), config.max_batches_per_epoch)
         loss_sum, samples = torch.zeros(2, dtype=torch.float64), 0
         optimiser.zero_grad(set_to_none=True)
-        for step, batch in enumerate(train_loader):
+        # One bar per job: rank 0's.
+        batches = (progress(enumerate(train_loader), f"epoch {epoch}/{config.epochs}", "batch", total=n_batches)
+                   if processes.rank == 0 else enumerate(train_loader))
+        for step, batch in batches:
             if step == n_batches:
                 break
             update = (step + 1) % config.grad_accumulation == 0 or step + 1 == n_batches

@@ -26,6 +26,7 @@ from msk_node.intensity import SquareFrame, normalise_volume
 from msk_node.labels import LabelMap, load_label_map
 from msk_node.models import file_sha256
 from msk_node.phantoms import write_phantom
+from msk_node.progress import progress
 from msk_node.segmenters.base import box_prompt_logits
 from msk_node.segmenters.litemedsam import LiteMedSAMSegmenter
 from msk_node.volume import labels_on_volume_grid, series_to_volume
@@ -95,7 +96,8 @@ def cache_phantom_slices(
                 volume = series_to_volume(series.datasets)
                 labels = labels_on_volume_grid(case_dir / "truth_labels.nii.gz", volume.volume)
                 images = normalise_volume(volume.array)
-                for k in range(0, len(images), config.slice_stride):
+                for k in progress(range(0, len(images), config.slice_stride), f"encoding {kind} case {case + 1}",
+                                  "slice"):
                     found = instance_boxes(labels[k], values, config.min_box_pixels)
                     if not found:
                         continue
@@ -124,7 +126,7 @@ def finetune_decoder(segmenter: LiteMedSAMSegmenter, cached: list[CachedSlice], 
     decoder.train()
     optimiser = torch.optim.AdamW(decoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     losses = []
-    for step in range(config.steps):
+    for step in progress(range(config.steps), "finetuning the decoder", "step"):
         item = cached[int(rng.integers(len(cached)))]
         chosen = rng.permutation(len(item.boxes))[: config.max_boxes_per_step]
         shift = rng.uniform(-config.box_shift_px, config.box_shift_px, size=(len(chosen), 4)).astype(np.float32)

@@ -131,6 +131,11 @@ class WarmApp:
         self._ready = False
 
     @property
+    def ready(self) -> bool:
+        """True once the child has loaded the models and waits for studies."""
+        return self._ready
+
+    @property
     def pid(self) -> int | None:
         """The child's process id; None when there is no child."""
         return self._process.pid if self._process is not None else None
