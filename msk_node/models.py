@@ -23,7 +23,7 @@ import yaml
 
 from msk_node.labels import LabelMap, load_label_map
 from msk_node.precision import PRECISIONS
-from msk_node.segmenters.encoder_backend import BACKENDS
+from msk_node.segmenters.backends import BACKENDS
 
 DETECTOR_KEYS = {"name", "family", "version", "weights", "sha256", "label_map", "image_size", "confidence",
                  "reproduce", "training_data"}

