@@ -149,7 +149,9 @@ def real_knee_work(tmp_path_factory, models):
 def test_real_knee_dess_without_patient_id_gives_a_valid_aligned_seg(real_knee_work, models):
     work = real_knee_work
 
-    (job,) = work.jobs  # the DESS; the four CubeQuant spin-lock series are not segmentation targets
+    # Both DESS echoes are segmented; the spin-lock series are not segmentation targets. Check the first echo.
+    assert len(work.jobs) == 2
+    job = min(work.jobs, key=lambda j: float(j.selected.series.datasets[0].EchoTime))
     assert "DESS" in job.selected.series.description
     assert job.outcome == "segmented", job.reason
     assert len(job.volume.datasets) == 80 and "PatientID" not in job.volume.datasets[0]
@@ -166,7 +168,7 @@ def test_real_knee_dess_without_patient_id_gives_a_valid_aligned_seg(real_knee_w
 
 def test_real_knee_as_nifti_with_named_labels_evaluates_with_truth_boxes(real_knee_work, tmp_path, capsys):
     """The NIfTI evaluation path on a real scan: the node's bone labels stand in for manual ones."""
-    (job,) = real_knee_work.jobs
+    job = min(real_knee_work.jobs, key=lambda j: float(j.selected.series.datasets[0].EchoTime))
     names = {1: "femur", 2: "tibia"}
     files = {"image": tmp_path / "dess.nii.gz", "labels": tmp_path / "labels.nii.gz", "names": tmp_path / "names.yaml"}
     sitk.WriteImage(volume_to_sitk(job.volume.volume, job.volume.array.astype(np.int16)), str(files["image"]))

@@ -147,7 +147,9 @@ def finetune_decoder(segmenter: LiteMedSAMSegmenter, cached: list[CachedSlice], 
 def train_segmenter(config: SegmenterConfig) -> tuple[LiteMedSAMSegmenter, list[float]]:
     segmenter = LiteMedSAMSegmenter(precision=config.precision)
     cached = cache_phantom_slices(config, load_label_map(config.label_map), segmenter)
-    return segmenter, finetune_decoder(segmenter, cached, config)
+    losses = finetune_decoder(segmenter, cached, config)
+    segmenter.rebuild_decoder()  # the accelerated decoder was converted from the weights before training
+    return segmenter, losses
 
 
 def export_segmenter(segmenter: LiteMedSAMSegmenter, config: SegmenterConfig, config_path: Path, target: Path) -> Path:

@@ -72,6 +72,10 @@ class LiteMedSAMSegmenter:
         other.decoder = build_decoder(other.model, self.backend, FEATURES_SHAPE)
         return other
 
+    def rebuild_decoder(self) -> None:
+        """Run the decoder with the model's current weights (after training it in place)."""
+        self.decoder = build_decoder(self.model, self.backend, FEATURES_SHAPE)
+
     def encode(self, image: np.ndarray) -> SquareEmbedding:
         frame = SquareFrame(image.shape[0], image.shape[1], INPUT_SIZE)
         pixels = frame.image_to_model(image).to(self.device)
