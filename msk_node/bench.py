@@ -181,9 +181,10 @@ def app_end_to_end(study: Path, out: Path, models_dir: Path) -> float:
 
 
 def default_real_knee() -> Path | None:
-    """The real knee DESS (first echo) of the project's shared data, where present."""
-    root = Path(os.environ.get("MSK_NODE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    folder = root / "knee-mri-ge-3t" / "dess-echo1"
+    """The real knee DESS (first echo) where the tests look for it: ``$MSK_NODE_REAL_KNEE`` or the shared data."""
+    knee = Path(os.environ.get("MSK_NODE_REAL_KNEE",
+                               Path(__file__).resolve().parents[2] / "shared" / "data" / "knee-mri-ge-3t"))
+    folder = knee / "dess-echo1"
     return folder if folder.is_dir() else None
 
 
@@ -198,10 +199,10 @@ def run_benchmark(models_dir: Path, real_knee: Path | None, work_dir: Path | Non
         "model_load_s": round(time.perf_counter() - load_start, 3),
         "phantoms": {},
     }
-    precision = models.provenance()["precision"]
+    precision = report["models"]["precision"]
     gflop = encoder_gflop(models.segmenter)
     peak = report["machine"]["peak_gflops"][precision]
-    report["encoder"] = {"precision": precision, "backend": models.provenance()["backend"],
+    report["encoder"] = {"precision": precision, "backend": report["models"]["backend"],
                          "gflop_per_slice": round(gflop, 2) if gflop else None, "peak_gflops": peak,
                          "floor_s_per_slice": round(gflop / peak, 3) if gflop else None}
     if work_dir is not None:

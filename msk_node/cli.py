@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = commands.add_parser("bench", help="time every pipeline stage; prints JSON")
     bench.add_argument("--real-knee", type=Path, help="folder with the real knee DESS series (default: "
-                       "knee-mri-ge-3t/dess-echo1 under $MSK_NODE_DATA or ../shared/data, where present)")
+                       "dess-echo1 under $MSK_NODE_REAL_KNEE or ../shared/data/knee-mri-ge-3t, where present)")
     bench.add_argument("--work", type=Path, default=Path("runs/bench"))
     bench.add_argument("-m", "--models", type=Path, default=DEFAULT_MODELS)
     bench.add_argument("--no-node", action="store_true", help="skip the end-to-end node turnaround")

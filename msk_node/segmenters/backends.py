@@ -121,10 +121,14 @@ def converted_model(module: torch.nn.Module, example: tuple[torch.Tensor, ...], 
         staging = Path(tempfile.mkdtemp(prefix="msk-node-model-"))
         target = staging
     logger.info("converting %s for OpenVINO into %s (once per model and library version)", name, cache_dir)
-    with torch.inference_mode():
-        program = torch.export.export(module.eval(), example, dynamic_shapes=dynamic_shapes)
-    # fp16 weight compression would change the fp32 results; keep the weights as they are.
-    ov.save_model(ov.convert_model(program), staging / "model.xml", compress_to_fp16=False)
+    try:
+        with torch.inference_mode():
+            program = torch.export.export(module.eval(), example, dynamic_shapes=dynamic_shapes)
+        # fp16 weight compression would change the fp32 results; keep the weights as they are.
+        ov.save_model(ov.convert_model(program), staging / "model.xml", compress_to_fp16=False)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if staging != target:
         try:
             staging.rename(target)
