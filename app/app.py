@@ -12,6 +12,7 @@ from msk_node.models import load_models
 from operators import (
     DetectionOperator,
     MeasureOperator,
+    PlausibilityOperator,
     PostprocessOperator,
     SegmentationOperator,
     SegWriterOperator,
@@ -47,6 +48,7 @@ class MskSegmentationApp(Application):
         detection = DetectionOperator(self, models=models, name="detect")
         segmentation = SegmentationOperator(self, models=models, name="segment")
         postprocess = PostprocessOperator(self, label_map=models.label_map, name="postprocess")
+        plausibility = PlausibilityOperator(self, label_map=models.label_map, name="plausibility")
         measure = MeasureOperator(self, label_map=models.label_map, name="measure")
         writer = SegWriterOperator(self, models=models, name="seg_sr_writer")
 
@@ -54,5 +56,6 @@ class MskSegmentationApp(Application):
         self.add_flow(volumes, detection, {("study", "study")})
         self.add_flow(detection, segmentation, {("study", "study")})
         self.add_flow(segmentation, postprocess, {("study", "study")})
-        self.add_flow(postprocess, measure, {("study", "study")})
+        self.add_flow(postprocess, plausibility, {("study", "study")})
+        self.add_flow(plausibility, measure, {("study", "study")})
         self.add_flow(measure, writer, {("study", "study")})

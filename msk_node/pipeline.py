@@ -25,6 +25,7 @@ from msk_node.intensity import normalise_volume
 from msk_node.labels import LabelMap
 from msk_node.measure import SeriesMeasurements, measure_series, measurement_groups
 from msk_node.models import ModelSet
+from msk_node.plausibility import Finding, check_label_volume
 from msk_node.postprocess import merge_labels, postprocess_masks
 from msk_node.progress import progress
 from msk_node.seg_writer import AlgorithmInfo, build_segmentation, write_segmentation
@@ -34,7 +35,7 @@ from msk_node.volume import SeriesVolume, series_to_volume
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("load", "detect", "encode", "decode", "postprocess", "measure", "write")
+STAGES = ("load", "detect", "encode", "decode", "postprocess", "plausibility", "measure", "write")
 #: Columns of measurements.csv, one row per measured value.
 MEASUREMENT_COLUMNS = ("study_instance_uid", "series_instance_uid", "segment", "structure", "measurement", "value",
                        "unit", "method", "reason")
@@ -65,6 +66,7 @@ class SeriesJob:
     detections: list[Detection] = field(default_factory=list)
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     label_volume: np.ndarray | None = None
+    plausibility: list[Finding] | None = None
     measurements: SeriesMeasurements | None = None
     output: Path | None = None
     report_output: Path | None = None
@@ -148,6 +150,19 @@ def postprocess(job: SeriesJob, label_map: LabelMap) -> None:
         return
     job.label_volume = merge_labels(cleaned, label_map)
     job.masks, job.normalised = {}, None
+
+
+def check_plausibility(job: SeriesJob, label_map: LabelMap) -> None:
+    """Drop anatomically implausible components (a tibia above the femur, a disc off the column) before measuring."""
+    result = check_label_volume(job.label_volume, job.volume, job.selected.anatomy, label_map)
+    job.plausibility = list(result.findings)
+    for finding in result.findings:
+        logger.info("series %s: %s %s component (%.0f mm3): %s", job.series_instance_uid, finding.action,
+                    finding.label, finding.volume_mm3, finding.reason)
+    job.label_volume = result.label_volume
+    if not result.label_volume.any():
+        reasons = sorted({f"{f.label}: {f.reason}" for f in result.dropped})
+        job.fail("nothing found", f"every segment failed the plausibility checks ({'; '.join(reasons)})")
 
 
 def measure(job: SeriesJob, label_map: LabelMap, study_series: list[Series]) -> None:
@@ -275,6 +290,8 @@ def study_report(jobs: list[SeriesJob], skipped: list[SkippedFile], models: Mode
         if job.label_volume is not None:
             present = np.unique(job.label_volume)
             entry["labels"] = [models.label_map.by_value(int(v)).name for v in present if v]
+        if job.plausibility is not None:
+            entry["plausibility"] = [finding.as_dict() for finding in job.plausibility]
         series.append(entry)
     report = {"software": f"msk-node {__version__}", "series": series,
               "skipped": [{"source": s.path, "reason": s.reason} for s in skipped]}
@@ -311,6 +328,12 @@ def postprocess_all(work: StudyWork, label_map: LabelMap) -> None:
             postprocess(job, label_map)
 
 
+def plausibility_all(work: StudyWork, label_map: LabelMap) -> None:
+    with work.times.stage("plausibility"):
+        for job in work.active_jobs():
+            check_plausibility(job, label_map)
+
+
 def measure_all(work: StudyWork, label_map: LabelMap) -> None:
     with work.times.stage("measure"):
         for job in work.active_jobs():
@@ -326,6 +349,7 @@ def process_study(input_dir: Path, output_dir: Path, models: ModelSet,
     detect_all(work, models)
     segment_all(work, models)
     postprocess_all(work, models.label_map)
+    plausibility_all(work, models.label_map)
     measure_all(work, models.label_map)
     write_outputs(work, models)
     return work

@@ -5,6 +5,7 @@ Every operator receives the study's :class:`~msk_node.pipeline.StudyWork` on its
 """
 from operators.detection_operator import DetectionOperator
 from operators.measure_operator import MeasureOperator
+from operators.plausibility_operator import PlausibilityOperator
 from operators.postprocess_operator import PostprocessOperator
 from operators.seg_writer_operator import SegWriterOperator
 from operators.segmentation_operator import SegmentationOperator
@@ -14,6 +15,7 @@ from operators.study_loader_operator import StudyLoaderOperator
 __all__ = [
     "DetectionOperator",
     "MeasureOperator",
+    "PlausibilityOperator",
     "PostprocessOperator",
     "SegWriterOperator",
     "SegmentationOperator",
