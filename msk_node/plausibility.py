@@ -109,7 +109,11 @@ class _Component:
     box: tuple[slice, ...]
     volume_mm3: float
     centroid: np.ndarray
-    s_extent_mm: float
+    s_range: tuple[float, float]
+
+    @property
+    def s_extent_mm(self) -> float:
+        return self.s_range[1] - self.s_range[0]
 
 
 class _Geometry:
@@ -143,15 +147,15 @@ def _components(label: str, mask: np.ndarray, geometry: _Geometry) -> tuple[np.n
     counts = np.bincount(ids, minlength=count + 1)[1:]
     index_centroids = np.stack([np.bincount(ids, weights=c, minlength=count + 1)[1:] for c in coords], axis=1)
     index_centroids /= counts[:, None]
-    # Extent along S: voxel centres' range plus one voxel's own extent along S.
-    z = np.stack(coords, axis=1) @ geometry.affine[_S, :3]
+    # Range along S: voxel centres' range widened by half a voxel's own extent along S at each end.
+    z = np.stack(coords, axis=1) @ geometry.affine[_S, :3] + geometry.affine[_S, 3]
     index = np.arange(1, count + 1)
-    extent = (np.asarray(ndimage.maximum(z, ids, index)) - np.asarray(ndimage.minimum(z, ids, index))
-              + np.abs(geometry.affine[_S, :3]).sum())
+    half = np.abs(geometry.affine[_S, :3]).sum() / 2
+    low, high = np.asarray(ndimage.minimum(z, ids, index)) - half, np.asarray(ndimage.maximum(z, ids, index)) + half
     boxes = ndimage.find_objects(labelled)
     centroids = geometry.to_patient(index_centroids)
     return labelled, [_Component(label, i + 1, boxes[i], float(counts[i] * geometry.voxel_mm3), centroids[i],
-                                 float(extent[i])) for i in range(count)]
+                                 (float(low[i]), float(high[i]))) for i in range(count)]
 
 
 def _near(component: _Component, labelled: np.ndarray, anchor: np.ndarray, spacing: tuple[float, ...],
@@ -188,6 +192,9 @@ class _Checker:
 
     def mask(self, label: str) -> np.ndarray:
         return self.volume == self.label_map.by_name(label).value
+
+    def component_mask(self, component: _Component) -> np.ndarray:
+        return self._labelled[component.label] == component.index
 
     def drop(self, component: _Component, rule: str, reason: str) -> None:
         box = component.box
@@ -281,7 +288,7 @@ def _thigh(checker: _Checker) -> None:
         if len(parts) < 2:
             continue
         main = max(parts, key=lambda c: c.volume_mm3)
-        main_mask = checker._labelled[muscle] == main.index
+        main_mask = checker.component_mask(main)
         for part in parts:
             if (part is not main and part.volume_mm3 < MIN_MUSCLE_PIECE_MM3
                     and not checker.near(part, main_mask, MUSCLE_GAP_MM)):
@@ -317,18 +324,41 @@ def _spine(checker: _Checker) -> None:
                                              f"body heights ({height:.0f} mm)")
                 parts.remove(part)
 
-    # Bodies and discs alternate along S; a run of discs with no body between keeps its largest.
-    column = sorted(parts, key=lambda c: c.centroid[_S])
-    run: list[_Component] = []
-    for part in column + [None]:
-        if part is not None and part.label == DISC:
-            run.append(part)
+    # Bodies and discs alternate along S. Pieces of one label whose S ranges overlap are one level (a
+    # disc cut in two, or its lateral edge alone in the outermost slice); of two disc levels with no body
+    # level between them, the smaller goes.
+    levels = _levels(parts)
+    run: list[list[_Component]] = []
+    for level in levels + [None]:
+        if level is not None and level[0].label == DISC:
+            run.append(level)
             continue
-        checker.keep_largest(run, "alternation", "disc not between two vertebral bodies")
+        if len(run) > 1:
+            largest = max(run, key=lambda group: sum(c.volume_mm3 for c in group))
+            for part in [c for group in run if group is not largest for c in group]:
+                checker.drop(part, "alternation", "disc not between two vertebral bodies")
         run = []
-    for lower, upper in zip(column, column[1:]):
-        if lower.label == upper.label == BODY:
-            checker.flag(upper, "alternation", "no disc between this vertebral body and the one below")
+    for lower, upper in zip(levels, levels[1:]):
+        if lower[0].label == upper[0].label == BODY:
+            for part in upper:
+                checker.flag(part, "alternation", "no disc between this vertebral body and the one below")
+
+
+def _levels(parts: list[_Component]) -> list[list[_Component]]:
+    """Components grouped into levels along S, inferior first: same label, S ranges overlapping by half."""
+    levels: list[list[_Component]] = []
+    for part in sorted(parts, key=lambda c: c.centroid[_S]):
+        level = levels[-1] if levels else None
+        if level is not None and level[0].label == part.label and any(_overlap(part, c) for c in level):
+            level.append(part)
+        else:
+            levels.append([part])
+    return levels
+
+
+def _overlap(a: _Component, b: _Component) -> bool:
+    shared = min(a.s_range[1], b.s_range[1]) - max(a.s_range[0], b.s_range[0])
+    return shared >= 0.5 * min(a.s_extent_mm, b.s_extent_mm)
 
 
 def label_figures(label_volume: np.ndarray, volume: SeriesVolume, label_map: LabelMap) -> list[LabelFigures]:

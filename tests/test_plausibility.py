@@ -129,6 +129,21 @@ def _components_along_s(labels: np.ndarray, value: int, volume) -> list[tuple[fl
     return sorted(parts, key=lambda part: part[0])
 
 
+def test_a_slice_missing_from_the_series_does_not_cut_a_bone_in_two(knee, label_map):
+    case, volume, _ = knee
+    gap = 24
+    datasets = [ds for k, ds in enumerate(volume.slices) if k != gap]
+    holed = series_to_volume(datasets)
+    assert holed.missing == [gap]
+    labels = labels_on_volume_grid(case / "truth_labels.nii.gz", holed.volume)
+    labels[gap] = 0  # the pipeline leaves a missing slice blank
+
+    result = check_label_volume(labels, holed, "knee", label_map)
+
+    assert result.dropped == [] and np.array_equal(result.label_volume, labels)
+    assert _figure(labels, holed, label_map, "femur").components == 1
+
+
 def test_spine_drops_a_disc_off_the_column_and_a_tiny_body(spine, label_map):
     _, volume, truth = spine
     disc, body = label_map.by_name("intervertebral_disc").value, label_map.by_name("vertebral_body").value
@@ -168,6 +183,21 @@ def test_spine_keeps_one_disc_between_two_bodies(spine, label_map):
     expected = labels.copy()
     expected[smaller] = 0
     assert np.array_equal(result.label_volume, expected)
+
+
+def test_spine_keeps_both_pieces_of_a_disc_cut_in_two_from_left_to_right(spine, label_map):
+    """Pieces of one disc at the same level (a slice of it missed) are one level, not two discs in a row."""
+    _, volume, truth = spine
+    disc = label_map.by_name("intervertebral_disc").value
+    _, middle = _components_along_s(truth, disc, volume)[2]
+    labels = truth.copy()
+    labels[6][middle[6]] = 0
+    assert len(_components_along_s(labels, disc, volume)) == len(_components_along_s(truth, disc, volume)) + 1
+
+    result = check_label_volume(labels, volume, "spine", label_map)
+
+    assert result.findings == ()
+    assert np.array_equal(result.label_volume, labels)
 
 
 def test_label_figures_are_in_real_units_and_patient_coordinates(knee, label_map):
