@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     add_biomarkers_command(commands)
     add_autolabel_command(commands)
     add_bench_autolabel_command(commands)
+    add_check_command(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 
@@ -474,6 +475,44 @@ def run_bench_autolabel(args: argparse.Namespace) -> int:
     if args.out is not None:
         args.out.write_text(text + "\n")
     print(text)
+    return 0
+
+
+# --- msk-eval check --------------------------------------------------------------------------
+
+
+def add_check_command(commands: argparse._SubParsersAction) -> None:
+    check = commands.add_parser(
+        "check", help="plausibility figures and overlays of the node's labels on studies without truth",
+        description="Run the node's pipeline on each DICOM study folder; OUT/<study>/ gets the node's outputs "
+                    "(SEG, SR, report.json) and, per segmented series, figures.json and figures.csv (per label: "
+                    "volume, 3D components, slices covered, centroid in patient LPS mm, plausibility findings) "
+                    "and overlay PNGs of evenly spaced slices. Prints a summary table.")
+    check.add_argument("studies", type=Path, nargs="+", help="DICOM study folders (series in any subfolders)")
+    check.add_argument("-m", "--models", type=Path, default=DEFAULT_MODELS, help="node models folder")
+    check.add_argument("--out", type=Path, required=True, help="output folder")
+    check.add_argument("--overlays", type=int, default=5, help="overlay PNGs per series (default 5)")
+    check.set_defaults(run=run_check)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    missing = [str(study) for study in args.studies if not study.is_dir()]
+    if missing or args.overlays < 0:
+        reason = f"not a folder: {', '.join(missing)}" if missing else "--overlays must be 0 or more"
+        print(f"msk-eval check: error: {reason}", file=sys.stderr)
+        return 2
+    from evaluation.check import check_study, format_summary, study_names
+    from msk_node.models import ModelError, load_models
+
+    try:
+        models = load_models(args.models)
+    except ModelError as error:
+        print(f"msk-eval check: error: {error}", file=sys.stderr)
+        return 2
+    results = [check_study(study, args.out / name, models, args.overlays)
+               for study, name in zip(args.studies, study_names(args.studies))]
+    print(format_summary(results))
+    print(f"wrote {sum(len(result.written) for result in results)} files to {args.out}")
     return 0
 
 
