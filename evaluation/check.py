@@ -145,7 +145,8 @@ def format_summary(results: list[StudyCheck]) -> str:
     lines = []
     for result in results:
         for entry in result.series:
-            series = (entry.get("description") or entry["series_instance_uid"])[:28]
+            # Series of one study can share a description (two echoes): the UID's tail tells them apart.
+            series = f"...{entry['series_instance_uid'][-6:]} {entry.get('description', '')[:24]}".rstrip()
             if "labels" not in entry:
                 lines.append((result.name, series, f"{entry['outcome']}: {entry.get('reason', '')}"))
                 continue

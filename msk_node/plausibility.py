@@ -120,11 +120,13 @@ class _Geometry:
     """Voxel -> patient mapping of a series volume: affine, spacing and the slices present."""
 
     def __init__(self, volume: SeriesVolume, shape: tuple[int, ...]) -> None:
+        if tuple(shape) != tuple(volume.volume.spatial_shape):
+            raise ValueError(f"label volume of shape {tuple(shape)} is not on the series' grid "
+                             f"{tuple(volume.volume.spatial_shape)}")
         self.affine = np.asarray(volume.volume.affine, dtype=float)
         self.spacing = tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
         self.voxel_mm3 = float(abs(np.linalg.det(self.affine[:3, :3])))
-        present = np.asarray(volume.present, dtype=bool)
-        self.present = present if present.shape == shape[:1] else np.ones(shape[0], dtype=bool)
+        self.present = np.asarray(volume.present, dtype=bool)
 
     def to_patient(self, indices: np.ndarray) -> np.ndarray:
         """(n, 3) voxel indices (slice, row, column) -> (n, 3) LPS mm."""
