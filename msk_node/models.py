@@ -28,7 +28,7 @@ from msk_node.segmenters.backends import BACKENDS
 DETECTOR_KEYS = {"name", "family", "version", "weights", "sha256", "label_map", "image_size", "confidence",
                  "reproduce", "training_data"}
 SEGMENTER_KEYS = {"name", "family", "version", "weights", "sha256", "config", "precision", "backend",
-                  "training_data", "decoder_weights", "decoder_sha256", "decoder_anatomies"}
+                  "training_data", "reproduce", "decoder_weights", "decoder_sha256", "decoder_anatomies"}
 
 
 class ModelError(RuntimeError):

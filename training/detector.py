@@ -9,27 +9,26 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 from PIL import Image
+from scipy import ndimage
 
-from msk_node.dicom_input import read_study_folder
-from msk_node.intensity import normalise_volume
 from msk_node.labels import LabelMap, load_label_map
 from msk_node.models import file_sha256
-from msk_node.phantoms import write_phantom
-from msk_node.volume import labels_on_volume_grid, series_to_volume
 from msk_node.yolo_env import import_yolo
 from training.boxes import instance_boxes
+from training.sources import TrainingVolume, data_description, load_real_data, phantom_volumes, real_spine_volumes, synthetic_volumes
 
 logger = logging.getLogger(__name__)
 
 CONFIG_KEYS = {"cases", "seed", "image_size", "epochs", "batch", "model", "val_fraction", "label_map",
-               "min_box_pixels", "confidence", "augment"}
+               "min_box_pixels", "confidence", "augment", "real_data", "synthetic_per_map", "real_slice_stride",
+               "max_disc_gap_mm"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +44,12 @@ class DetectorConfig:
     min_box_pixels: int = 10
     confidence: float = 0.25
     augment: dict | None = None
+    #: real_data.yaml: knee label maps for synthetic knees and real spine cases (None: phantoms only)
+    real_data: str | None = None
+    synthetic_per_map: int = 0
+    real_slice_stride: int = 2
+    #: real cases with vertebral bodies only: the gap between two bodies up to this height is their disc
+    max_disc_gap_mm: float = 16.0
 
 
 def load_detector_config(path: Path) -> DetectorConfig:
@@ -56,9 +61,10 @@ def load_detector_config(path: Path) -> DetectorConfig:
     if not isinstance(entries.get("cases"), dict) or not entries["cases"]:
         raise ValueError(f"{path}: 'cases' must map phantom kinds to case counts")
     defaults = DetectorConfig(cases={})
+    optional = {"augment": dict, "real_data": str}
     for key, value in entries.items():
-        expected = type(getattr(defaults, key)) if getattr(defaults, key) is not None else dict
-        if key == "val_fraction" and isinstance(value, (int, float)):
+        expected = optional.get(key) or type(getattr(defaults, key))
+        if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             continue
         if not isinstance(value, expected):
             raise ValueError(f"{path}: '{key}' must be {expected.__name__}, got {type(value).__name__}")
@@ -66,19 +72,18 @@ def load_detector_config(path: Path) -> DetectorConfig:
 
 
 def write_yolo_dataset(config: DetectorConfig, label_map: LabelMap, out_dir: Path) -> Path:
-    """Phantom cases -> normalised slice PNGs and YOLO label files; returns data.yaml."""
-    val_every = max(2, round(1 / config.val_fraction)) if config.val_fraction > 0 else None
+    """Every training source -> normalised slice PNGs and YOLO label files; returns data.yaml."""
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {"train": 0, "val": 0}
-    with tempfile.TemporaryDirectory() as scratch:
-        for kind_index, (kind, n_cases) in enumerate(sorted(config.cases.items())):
-            for case in range(n_cases):
-                seed = config.seed + 1000 * case + kind_index
-                case_dir = write_phantom(kind, Path(scratch) / f"{kind}-{case}", seed=seed,
-                                         randomize_appearance=True)
-                split = "val" if val_every and case % val_every == 0 else "train"
-                counts[split] += _write_case(case_dir, f"{kind}-{case:03d}", label_map, config, out_dir / split)
-                shutil.rmtree(case_dir)
+    for volume in training_volumes(config, label_map):
+        split = "val" if volume.validation else "train"
+        stride = config.real_slice_stride if volume.unlabelled else 1
+        labels = volume.labels
+        if volume.unlabelled:
+            labels = with_gap_structures(labels, label_map, volume.unlabelled, config.max_disc_gap_mm,
+                                         volume.pixel_size_mm)
+        counts[split] += _write_slices(volume.images[::stride], labels[::stride], volume.name, label_map, config,
+                                       out_dir / split)
     data = {"path": str(out_dir.resolve()), "train": "train/images", "val": "val/images",
             "names": {spec.class_id: spec.name for spec in label_map.labels}}
     (out_dir / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
@@ -86,12 +91,49 @@ def write_yolo_dataset(config: DetectorConfig, label_map: LabelMap, out_dir: Pat
     return out_dir / "data.yaml"
 
 
-def _write_case(case_dir: Path, stem: str, label_map: LabelMap, config: DetectorConfig, split_dir: Path) -> int:
-    study = read_study_folder(case_dir / "dicom")
-    series = max(study.series, key=len)
-    volume = series_to_volume(series.datasets)
-    labels = labels_on_volume_grid(case_dir / "truth_labels.nii.gz", volume.volume)
-    images = normalise_volume(volume.array)
+def training_volumes(config: DetectorConfig, label_map: LabelMap) -> Iterator[TrainingVolume]:
+    """Phantoms, then synthetic knees and real spines where ``real_data`` names them."""
+    val_every = max(2, round(1 / config.val_fraction)) if config.val_fraction > 0 else None
+    yield from phantom_volumes(config.cases, config.seed, val_every)
+    if config.real_data is None:
+        return
+    data = load_real_data(Path(config.real_data))
+    if config.synthetic_per_map:
+        yield from synthetic_volumes(data.knee_label_maps, label_map, config.synthetic_per_map, config.seed,
+                                     val_every)
+    # only vertebral bodies have boxes here: cases labelling the discs alone would teach bodies as background
+    with_bodies = tuple(case for case in data.spine_training if "vertebral_body" in case.names.values())
+    yield from real_spine_volumes(with_bodies, label_map)
+    yield from real_spine_volumes(data.spine_validation, label_map, validation=True)
+
+
+def with_gap_structures(labels: np.ndarray, label_map: LabelMap, unlabelled: tuple[int, ...], max_gap_mm: float,
+                        pixel_mm: float) -> np.ndarray:
+    """Labels with each disc drawn as the gap between two vertebral bodies of the same slice column.
+
+    Cases labelled with vertebral bodies only still show their discs; without a box
+    the detector would learn them as background. Column by column (anterior to
+    posterior), the rows between one body's lower edge and the next body's upper edge
+    become disc where that gap is at most ``max_gap_mm`` (a disc, not a missing level).
+    """
+    body, disc = label_map.by_name("vertebral_body").value, label_map.by_name("intervertebral_disc").value
+    if disc not in unlabelled:
+        return labels
+    out = labels.copy()
+    max_gap = int(round(max_gap_mm / pixel_mm))
+    for k, label_slice in enumerate(labels):
+        components, _ = ndimage.label(label_slice == body)
+        for column in np.flatnonzero((components > 0).any(axis=0)):
+            ids = components[:, column]
+            rows = np.flatnonzero(ids)
+            for upper, lower in zip(rows[:-1], rows[1:]):
+                if lower - upper > 1 and ids[upper] != ids[lower] and lower - upper - 1 <= max_gap:
+                    out[k, upper + 1:lower, column] = disc
+    return out
+
+
+def _write_slices(images: np.ndarray, labels: np.ndarray, stem: str, label_map: LabelMap, config: DetectorConfig,
+                  split_dir: Path) -> int:
     (split_dir / "images").mkdir(parents=True, exist_ok=True)
     (split_dir / "labels").mkdir(parents=True, exist_ok=True)
     rows, cols = images.shape[1:]
@@ -144,16 +186,17 @@ def export_detector(weights: Path, config: DetectorConfig, config_path: Path, ta
     if Path(config.label_map).resolve() != label_map_target.resolve():
         shutil.copyfile(config.label_map, label_map_target)
     manifest = {
-        "name": "msk-node-phantom-yolov8n",
+        "name": "msk-node-yolov8n",
         "family": "yolo",
-        "version": "0.1.0",
+        "version": "0.2.0",
         "weights": "detector.pt",
         "sha256": file_sha256(target / "detector.pt"),
         "label_map": "label_map.yaml",
         "image_size": config.image_size,
         "confidence": config.confidence,
         "reproduce": f"msk-train detector {config_path} --export {target}",
-        "training_data": json.dumps({"phantom_cases": config.cases, "seed": config.seed}),
+        "training_data": json.dumps(data_description(config.cases, config.seed, config.real_data,
+                                                     config.synthetic_per_map)),
     }
     (target / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     return target

