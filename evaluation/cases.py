@@ -51,6 +51,9 @@ class Case:
 
 def iter_cases(dataset: DatasetSpec, label_map: LabelMap, phantom_root: Path) -> Iterator[Case]:
     """The cases of ``dataset``, one at a time; phantoms are written below ``phantom_root`` once."""
+    if dataset.real_data is not None:
+        yield from real_data_cases(dataset, label_map)
+        return
     if dataset.phantom is not None:
         for seed in dataset.seeds:
             yield phantom_case(dataset.name, dataset.phantom, seed, phantom_root / dataset.name / f"seed-{seed}",
@@ -61,6 +64,21 @@ def iter_cases(dataset: DatasetSpec, label_map: LabelMap, phantom_root: Path) ->
             yield dicom_case(dataset, subject, label_map)
         else:
             yield nifti_case(dataset, subject, label_map)
+
+
+def real_data_cases(dataset: DatasetSpec, label_map: LabelMap) -> Iterator[Case]:
+    """The real spine cases of one split and source folder, read exactly as training reads them."""
+    from training.sources import load_real_data, real_spine_volumes
+
+    data = load_real_data(dataset.real_data)
+    split = data.spine_training if dataset.split == "training" else data.spine_validation
+    chosen = tuple(case for case in split if case.folder.parent.name == dataset.source)
+    if not chosen:
+        raise ValueError(f"{dataset.real_data}: no {dataset.split} cases in {dataset.source!r}")
+    for volume in real_spine_volumes(chosen, label_map):
+        present = [int(v) for v in np.unique(volume.labels) if v]
+        yield Case(dataset.name, volume.name, volume.images, volume.labels,
+                   {label_map.by_value(v).name: v for v in present}, volume.spacing, anatomy="spine")
 
 
 def phantom_case(dataset: str, kind: str, seed: int, folder: Path, n_slices: int | None = None) -> Case:

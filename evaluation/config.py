@@ -16,6 +16,10 @@ Config (YAML)::
         phantom: knee                    # knee | thigh | spine | knee-t1rho, written into the run folder
         seeds: [1, 2, 3]                 #   one subject per seed
         n_slices: 12                     #   optional, fewer slices than the phantom's default
+      - name: spine-validation
+        real_data: training/configs/real_data.yaml   # the real cases of a training data file ...
+        split: validation                #   training | validation
+        source: chu-vb                   #   one dataset folder of it
       - name: thigh-nifti
         format: nifti                    # nifti | dicom
         root: data/thigh                 # one folder per subject ...
@@ -99,6 +103,9 @@ class DatasetSpec:
     label_names: dict[int, str] | None = None
     series: str | None = None
     anatomy: str | None = None
+    real_data: Path | None = None
+    split: str | None = None
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -218,9 +225,11 @@ def _parse_model(raw: Any, where: str) -> ModelSpec:
 
 def _parse_dataset(raw: Any, where: str) -> DatasetSpec:
     keys = ("name", "phantom", "seeds", "n_slices", "format", "root", "subjects", "image", "labels",
-            "label_names", "series", "anatomy")
+            "label_names", "series", "anatomy", "real_data", "split", "source")
     checks.check_keys(raw, where, keys, required=("name",))
     name = _identifier(raw, "name", where)
+    if "real_data" in raw:
+        return _parse_real_data_dataset(raw, where, name)
     phantom = checks.value(raw, "phantom", where, "string")
     data_format = checks.value(raw, "format", where, "string")
     if (phantom is None) == (data_format is None):
@@ -271,6 +280,16 @@ def _parse_dataset(raw: Any, where: str) -> DatasetSpec:
     names = raw.get("label_names")
     return DatasetSpec(name=name, format=data_format, subjects=parsed, series=series, anatomy=anatomy,
                        label_names=None if names is None else parse_label_names(names, f"{where}.label_names"))
+
+
+def _parse_real_data_dataset(raw: dict[str, Any], where: str, name: str) -> DatasetSpec:
+    """The real cases of one split and source folder of a training data file (training.sources)."""
+    checks.check_keys(raw, where, ("name", "real_data", "split", "source"), required=("real_data", "split", "source"))
+    split = checks.value(raw, "split", where, "string")
+    if split not in ("training", "validation"):
+        raise ValueError(f"key '{where}.split' must be training or validation, got {split!r}")
+    return DatasetSpec(name=name, real_data=Path(checks.value(raw, "real_data", where, "string")), split=split,
+                       source=checks.value(raw, "source", where, "string"), anatomy="spine")
 
 
 def _parse_subject(raw: Any, where: str) -> SubjectSpec:

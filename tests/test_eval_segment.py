@@ -248,3 +248,29 @@ def test_biomarkers_need_a_dicom_series(nifti_run, tmp_path, capsys):
                      "--label-names", str(files["names"]), "--model", "truth", "--out", str(tmp_path)])
     assert code == 2
     assert "need a DICOM series" in capsys.readouterr().err
+
+
+def test_a_real_data_dataset_is_one_split_and_source_of_the_training_data_file(tmp_path):
+    """Validation cases read exactly as training reads them: sagittal slices, node label values."""
+    real_data = REPO / "training" / "configs" / "real_data.yaml"
+    config = parse_experiment_config({
+        "models": [{"name": "truth", "family": "truth"}],
+        "datasets": [{"name": "chu", "real_data": str(real_data), "split": "validation", "source": "chu-vb"}]})
+    from evaluation.cases import iter_cases
+    from msk_node.labels import load_label_map
+
+    try:
+        cases = list(iter_cases(config.datasets[0], load_label_map(config.label_map_path), tmp_path))
+    except FileNotFoundError as error:
+        pytest.skip(f"shared data not here: {error}")
+    assert [case.subject for case in cases] == ["lumbar-vb-chu-04"]
+    case = cases[0]
+    assert case.labels == {"vertebral_body": 16} and case.anatomy == "spine" and case.spacing == (1.0, 1.0, 1.0)
+    # rows run superior to inferior: the seven labelled bodies stack down the rows of a mid-sagittal slice
+    middle = case.truth[int(np.argmax((case.truth > 0).sum(axis=(1, 2))))]
+    rows = np.flatnonzero((middle > 0).any(axis=1))
+    columns = np.flatnonzero((middle > 0).any(axis=0))
+    assert rows.max() - rows.min() > 150 > columns.max() - columns.min()
+    with pytest.raises(ValueError, match="split"):
+        parse_experiment_config({"models": [{"name": "truth", "family": "truth"}],
+                                 "datasets": [{"name": "x", "real_data": "r.yaml", "split": "test", "source": "s"}]})

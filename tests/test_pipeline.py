@@ -21,6 +21,7 @@ from msk_node.metrics import dice_per_label
 from msk_node.models import load_models
 from msk_node.phantoms import write_phantom
 from msk_node.pipeline import process_study
+from msk_node.plausibility import label_figures
 from msk_node.precision import resolve_precision
 from msk_node.volume import labels_on_volume_grid, volume_to_sitk
 from tests.dicom_checks import assert_frames_on_sources, dciodvfy_errors, make_mr_series, seg_label_volume
@@ -164,6 +165,25 @@ def test_real_knee_dess_without_patient_id_gives_a_valid_aligned_seg(real_knee_w
     assert (seg_label_volume(seg, job.volume.datasets, models.label_map) == job.label_volume).all()
     found = set(work.report["series"][0]["labels"])
     assert {"femur", "tibia"} <= found, found
+
+
+def test_real_knee_anatomy_is_where_a_knee_has_it(real_knee_work, models):
+    """The first DESS echo: whole bones in their order, cartilage plates of a real knee's size."""
+    job = min(real_knee_work.jobs, key=lambda j: float(j.selected.series.datasets[0].EchoTime))
+    figures = {f.label: f for f in label_figures(job.label_volume, job.volume, models.label_map)}
+    print({name: (round(f.volume_cm3, 2), f.components, np.round(f.centroid_mm, 1).tolist())
+           for name, f in figures.items()})
+    for bone in ("femur", "tibia", "patella"):
+        assert figures[bone].components == 1, bone
+    # patient coordinates are LPS: +z superior, -y anterior
+    assert figures["tibia"].centroid_mm[2] < figures["femur"].centroid_mm[2]
+    assert figures["patella"].centroid_mm[1] < figures["femur"].centroid_mm[1]
+    assert 7.0 <= figures["femoral_cartilage"].volume_cm3 <= 15.0
+    thickness = next(m for m in job.measurements.by_segment["femoral_cartilage"]
+                     if m.name == "mean_thickness_3d" and m.available)
+    assert 1.5 <= thickness.value <= 3.0, thickness
+    for plate in ("tibial_cartilage", "patellar_cartilage"):
+        assert figures[plate].volume_cm3 > 0.5, plate
 
 
 def test_real_knee_as_nifti_with_named_labels_evaluates_with_truth_boxes(real_knee_work, tmp_path, capsys):

@@ -65,11 +65,11 @@ def test_without_deformation_the_truth_keeps_the_label_maps_volumes(knee_b):
 def test_a_written_case_reads_back_as_a_dicom_series_with_its_exact_truth(knee_b, tmp_path):
     folder = write_synthetic(knee_b, LABEL_MAP, tmp_path / "case", seed=5, settings=SMALL)
     case = synthesize(knee_b, LABEL_MAP, 5, SMALL)
-    images, labels, pixel_mm = read_case(folder)
+    images, labels, spacing = read_case(folder)
     # the node stacks slices in highdicom's right-handed order, against the row x column normal
     assert np.array_equal(labels, case.labels[::-1])
     assert np.array_equal(images, normalise_volume(case.pixels.astype(np.float32))[::-1])
-    assert pixel_mm == pytest.approx(case.grid.pixel_spacing[0])
+    assert spacing == pytest.approx((case.grid.slice_spacing, *case.grid.pixel_spacing))
     truth = sitk.ReadImage(str(folder / "truth_labels.nii.gz"))
     assert np.allclose(truth.GetOrigin(), case.grid.origin, atol=1e-4)
 
@@ -114,10 +114,10 @@ def test_a_sagittal_nifti_is_read_like_a_dicom_sagittal_stack(tmp_path):
     affine = np.array([[0, 0, 1, 0], [0, -1, 0, 0], [-1, 0, 0, 0], [0, 0, 0, 1]], float)
     for name in ("image", "labels"):
         nib.save(nib.Nifti1Image(image, affine), tmp_path / f"{name}.nii.gz")
-    array, labels, pixel_mm = oriented_case(tmp_path / "image.nii.gz", tmp_path / "labels.nii.gz")
+    array, labels, spacing = oriented_case(tmp_path / "image.nii.gz", tmp_path / "labels.nii.gz")
     assert array.shape == (5, 30, 20)  # slices, rows (superior->inferior), columns (anterior->posterior)
     assert (array[:, :3, :2] == 200).all() and array.sum() == 200 * 3 * 2 * 5
-    assert np.array_equal(array, labels) and pixel_mm == 1.0
+    assert np.array_equal(array, labels) and spacing == (1.0, 1.0, 1.0)
 
 
 def test_real_data_config_errors_name_the_key_and_missing_files(tmp_path, monkeypatch):

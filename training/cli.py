@@ -9,6 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+#: The real data the default models are trained on (knee label maps, real spine cases).
+REAL_DATA = Path(__file__).resolve().parent / "configs" / "real_data.yaml"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="msk-train", description=__doc__)
@@ -20,6 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     segmenter = commands.add_parser("segmenter", help="finetune the LiteMedSAM decoder on phantoms (cached embeddings)")
     segmenter.add_argument("config", type=Path)
     segmenter.add_argument("--export", type=Path, help="node model folder to write (e.g. models/segmenter)")
+    synthesizing = commands.add_parser(
+        "synthesize", help="synthetic knee MRI from real label maps: DICOM series with exact truth, like phantoms")
+    synthesizing.add_argument("--out", type=Path, required=True, help="folder; one case folder per label map and case")
+    synthesizing.add_argument("--cases", type=int, default=1, help="cases per label map (default 1)")
+    synthesizing.add_argument("--seed", type=int, default=0)
+    synthesizing.add_argument("--real-data", type=Path, default=REAL_DATA,
+                              help=f"real data file naming the label maps (default {REAL_DATA})")
     preprocessing = commands.add_parser(
         "preprocess", help="labelled MRI (DICOM or NIfTI) -> normalised slices, masks, YOLO labels, Parquet tables")
     preprocessing.add_argument("config", type=Path)
@@ -59,6 +69,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loss: first {np.mean(losses[:window]):.4f}, last {np.mean(losses[-window:]):.4f}")
         if args.export:
             print(f"exported: {export_segmenter(model, config, args.config, args.export)}")
+    if args.command == "synthesize":
+        from msk_node.labels import DEFAULT_LABEL_MAP_PATH, load_label_map
+        from msk_node.progress import progress
+        from training.sources import load_real_data
+        from training.synthetic import write_synthetic
+
+        label_map = load_label_map(DEFAULT_LABEL_MAP_PATH)
+        sources = load_real_data(args.real_data).knee_label_maps
+        jobs = [(source, case) for case in range(args.cases) for source in sources]
+        for index, (source, case) in enumerate(progress(jobs, "synthesizing knees", "case")):
+            folder = args.out / f"{source.path.name.split('.')[0]}-{case:03d}"
+            write_synthetic(source, label_map, folder, seed=args.seed + index)
+            print(f"written: {folder}")
     if args.command == "preprocess":
         from training.preprocess import load_preprocess_config, preprocess
 

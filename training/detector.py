@@ -81,7 +81,7 @@ def write_yolo_dataset(config: DetectorConfig, label_map: LabelMap, out_dir: Pat
         labels = volume.labels
         if volume.unlabelled:
             labels = with_gap_structures(labels, label_map, volume.unlabelled, config.max_disc_gap_mm,
-                                         volume.pixel_size_mm)
+                                         volume.pixel_mm)
         counts[split] += _write_slices(volume.images[::stride], labels[::stride], volume.name, label_map, config,
                                        out_dir / split)
     data = {"path": str(out_dir.resolve()), "train": "train/images", "val": "val/images",

@@ -47,10 +47,15 @@ class TrainingVolume:
     anatomy: str
     images: np.ndarray
     labels: np.ndarray
-    pixel_mm: float = 1.0
+    #: slice, row and column spacing in mm
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     validation: bool = False
     #: label values present in the anatomy but not drawn in ``labels`` (never background)
     unlabelled: tuple[int, ...] = ()
+
+    @property
+    def pixel_mm(self) -> float:
+        return self.spacing[1]
 
 
 @dataclass(frozen=True)
@@ -120,8 +125,8 @@ def phantom_volumes(cases: dict[str, int], seed: int, val_every: int | None) -> 
             for case in range(n_cases):
                 folder = write_phantom(kind, Path(scratch) / f"{kind}-{case}", seed=seed + 1000 * case + kind_index,
                                        randomize_appearance=True)
-                images, labels, pixel_mm = read_case(folder)
-                yield TrainingVolume(f"{kind}-{case:03d}", kind, images, labels, pixel_mm,
+                images, labels, spacing = read_case(folder)
+                yield TrainingVolume(f"{kind}-{case:03d}", kind, images, labels, spacing,
                                      bool(val_every and case % val_every == 0))
                 shutil.rmtree(folder)
 
@@ -134,18 +139,18 @@ def synthetic_volumes(sources: tuple[LabelMapSource, ...], label_map: LabelMap, 
         for source, case in progress(jobs, "synthesizing knees", "case"):
             folder = write_synthetic(source, label_map, Path(scratch) / f"{source.path.stem}-{case}",
                                      seed=seed + 100 * case + sources.index(source))
-            images, labels, pixel_mm = read_case(folder)
+            images, labels, spacing = read_case(folder)
             yield TrainingVolume(f"synthetic-{source.path.name.split('.')[0]}-{case:03d}", "knee", images, labels,
-                                 pixel_mm, bool(val_every and case % val_every == 0))
+                                 spacing, bool(val_every and case % val_every == 0))
             shutil.rmtree(folder)
 
 
-def read_case(folder: Path) -> tuple[np.ndarray, np.ndarray, float]:
-    """A written case's morphology series normalised as the node does, its truth on that grid, the pixel size."""
+def read_case(folder: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """A written case's morphology series normalised as the node does, its truth on that grid, its spacing."""
     series = max(read_study_folder(folder / "dicom").series, key=len)
     volume = series_to_volume(series.datasets)
     labels = labels_on_volume_grid(folder / "truth_labels.nii.gz", volume.volume)
-    return normalise_volume(volume.array), labels, float(volume.pixel_spacing[0])
+    return normalise_volume(volume.array), labels, (volume.slice_spacing, *volume.pixel_spacing)
 
 
 def real_spine_volumes(cases: tuple[RealSpineCase, ...], label_map: LabelMap,
@@ -153,21 +158,22 @@ def real_spine_volumes(cases: tuple[RealSpineCase, ...], label_map: LabelMap,
     """Real spine cases as sagittal slices, their labels in node values."""
     spine_values = tuple(spec.value for spec in label_map.for_anatomy("spine").labels)
     for case in cases:
-        image, labels, pixel_mm = oriented_case(case.folder / "image.nii.gz", case.folder / "labels.nii.gz")
+        image, labels, spacing = oriented_case(case.folder / "image.nii.gz", case.folder / "labels.nii.gz")
         lut = np.zeros(256, np.uint8)
         for value, name in case.names.items():
             lut[value] = label_map.by_name(name).value
         truth = lut[labels]
         drawn = {label_map.by_name(name).value for name in case.names.values()}
-        yield TrainingVolume(case.folder.name, "spine", normalise_volume(image), truth, pixel_mm, validation,
+        yield TrainingVolume(case.folder.name, "spine", normalise_volume(image), truth, spacing, validation,
                              tuple(v for v in spine_values if v not in drawn))
 
 
-def oriented_case(image_path: Path, label_path: Path) -> tuple[np.ndarray, np.ndarray, float]:
+def oriented_case(image_path: Path, label_path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """A sagittal NIfTI image and its labels as ``[slice, row, column]`` arrays of a DICOM sagittal stack."""
     image = sitk.DICOMOrient(sitk.ReadImage(str(image_path), sitk.sitkFloat32), SAGITTAL_DISPLAY)
     labels = sitk.DICOMOrient(sitk.ReadImage(str(label_path), sitk.sitkUInt8), SAGITTAL_DISPLAY)
-    return sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(labels), float(image.GetSpacing()[1])
+    column, row, slice_ = image.GetSpacing()
+    return sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(labels), (slice_, row, column)
 
 
 def data_description(phantom_cases: dict[str, int], seed: int, real_data: str | None,
