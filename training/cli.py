@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     synthesizing.add_argument("--seed", type=int, default=0)
     synthesizing.add_argument("--real-data", type=Path, default=REAL_DATA,
                               help=f"real data file naming the label maps (default {REAL_DATA})")
+    holding_out = commands.add_parser(
+        "leave-one-map-out", help="per-label Dice on synthetic knees of each label map, decoder finetuned on the others")
+    holding_out.add_argument("config", type=Path, help="a segmenter config with real_data")
+    holding_out.add_argument("--per-map", type=int, default=4, help="synthetic knees per label map (default 4)")
+    holding_out.add_argument("--steps", type=int, default=600, help="finetuning steps per fold (default 600)")
     preprocessing = commands.add_parser(
         "preprocess", help="labelled MRI (DICOM or NIfTI) -> normalised slices, masks, YOLO labels, Parquet tables")
     preprocessing.add_argument("config", type=Path)
@@ -69,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loss: first {np.mean(losses[:window]):.4f}, last {np.mean(losses[-window:]):.4f}")
         if args.export:
             print(f"exported: {export_segmenter(model, config, args.config, args.export)}")
+    if args.command == "leave-one-map-out":
+        from training.segmenter import leave_one_label_map_out, load_segmenter_config
+
+        config = load_segmenter_config(args.config)
+        if not config.real_data:
+            parser.error(f"{args.config}: 'real_data' must name the knee label maps")
+        print(json.dumps(leave_one_label_map_out(config, args.per_map, args.steps), indent=2))
     if args.command == "synthesize":
         from msk_node.labels import DEFAULT_LABEL_MAP_PATH, load_label_map
         from msk_node.progress import progress

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +82,7 @@ class CachedSlice:
     boxes: np.ndarray  # (n, 4) xyxy in slice pixels
     targets: torch.Tensor  # (n, 1, 256, 256) in 0/1
     frame: SquareFrame
+    values: np.ndarray  # (n,) label value of each box
 
 
 def training_volumes(config: SegmenterConfig, label_map: LabelMap) -> Iterator[TrainingVolume]:
@@ -97,8 +98,13 @@ def training_volumes(config: SegmenterConfig, label_map: LabelMap) -> Iterator[T
 
 def cache_slices(config: SegmenterConfig, label_map: LabelMap, segmenter: LiteMedSAMSegmenter) -> list[CachedSlice]:
     """Stage 1: encode every labelled slice of the training volumes once (boxes of drawn labels only)."""
+    return cache_volumes(training_volumes(config, label_map), config, label_map, segmenter)
+
+
+def cache_volumes(volumes: Iterable[TrainingVolume], config: SegmenterConfig, label_map: LabelMap,
+                  segmenter: LiteMedSAMSegmenter) -> list[CachedSlice]:
     cached: list[CachedSlice] = []
-    for volume in training_volumes(config, label_map):
+    for volume in volumes:
         values = [spec.value for spec in label_map.for_anatomy(volume.anatomy).labels
                   if spec.value not in volume.unlabelled]
         stride = config.real_slice_stride if volume.unlabelled else config.slice_stride
@@ -110,7 +116,7 @@ def cache_slices(config: SegmenterConfig, label_map: LabelMap, segmenter: LiteMe
             masks = np.stack([_component_mask(volume.labels[k], value, box) for value, box in found])
             targets = torch.from_numpy(embedding.frame.labels_to_model(masks).astype(np.float32))[:, None]
             cached.append(CachedSlice(embedding.features.half(), np.array([b for _, b in found], np.float32),
-                                      targets, embedding.frame))
+                                      targets, embedding.frame, np.array([v for v, _ in found])))
         logger.info("cached %d slices after %s", len(cached), volume.name)
     return cached
 
@@ -180,3 +186,40 @@ def export_segmenter(segmenter: LiteMedSAMSegmenter, config: SegmenterConfig, co
     }
     (target / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     return target
+
+
+def dice_by_label(segmenter: LiteMedSAMSegmenter, cached: list[CachedSlice], label_map: LabelMap) -> dict[str, float]:
+    """Dice per label with truth boxes, pooled over the slices' boxes at the decoder's mask resolution."""
+    model = segmenter.model
+    overlap: dict[int, float] = {}
+    total: dict[int, float] = {}
+    with torch.no_grad():
+        for item in cached:
+            boxes = torch.as_tensor(item.frame.boxes_to_model(item.boxes))[:, None, :]
+            predicted = box_prompt_logits(model, item.embedding.float(), boxes) > 0
+            truth = item.targets > 0.5
+            for value, p, t in zip(item.values, predicted, truth):
+                overlap[int(value)] = overlap.get(int(value), 0.0) + 2.0 * float((p & t).sum())
+                total[int(value)] = total.get(int(value), 0.0) + float(p.sum() + t.sum())
+    return {label_map.by_value(v).name: round(overlap[v] / total[v], 4) for v in sorted(total) if total[v]}
+
+
+def leave_one_label_map_out(config: SegmenterConfig, per_map: int, steps: int) -> dict[str, dict]:
+    """Per-label Dice (truth boxes) on synthetic knees of each real label map, before and after finetuning the
+    decoder on the synthetic knees of the other maps only; the shapes of the held-out knee are never seen."""
+    label_map = load_label_map(config.label_map)
+    segmenter = LiteMedSAMSegmenter(precision=config.precision)
+    shipped = {k: v.clone() for k, v in segmenter.model.mask_decoder.state_dict().items()}
+    maps = load_real_data(Path(config.real_data)).knee_label_maps
+    cached = {source.path.name: cache_volumes(synthetic_volumes((source,), label_map, per_map, config.seed + index),
+                                              config, label_map, segmenter)
+              for index, source in enumerate(maps)}
+    results = {}
+    for held_out in cached:
+        segmenter.model.mask_decoder.load_state_dict(shipped)
+        before = dice_by_label(segmenter, cached[held_out], label_map)
+        training = [item for name, items in cached.items() if name != held_out for item in items]
+        finetune_decoder(segmenter, training, replace(config, steps=steps))
+        results[held_out] = {"shipped_decoder": before, "finetuned_on_the_other_maps":
+                             dice_by_label(segmenter, cached[held_out], label_map)}
+    return results
