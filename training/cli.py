@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     synthesizing.add_argument("--real-data", type=Path, default=REAL_DATA,
                               help=f"real data file naming the label maps (default {REAL_DATA})")
     holding_out = commands.add_parser(
-        "leave-one-map-out", help="per-label Dice on synthetic knees of each label map, decoder finetuned on the others")
+        "leave-one-map-out",
+        help="per-label Dice on synthetic knees of each label map, decoder finetuned on the others")
     holding_out.add_argument("config", type=Path, help="a segmenter config with real_data")
     holding_out.add_argument("--per-map", type=int, default=4, help="synthetic knees per label map (default 4)")
     holding_out.add_argument("--steps", type=int, default=600, help="finetuning steps per fold (default 600)")

@@ -22,7 +22,8 @@ from msk_node.labels import LabelMap, load_label_map
 from msk_node.models import file_sha256
 from msk_node.yolo_env import import_yolo
 from training.boxes import instance_boxes
-from training.sources import TrainingVolume, data_description, load_real_data, phantom_volumes, real_spine_volumes, synthetic_volumes
+from training.sources import (TrainingVolume, data_description, load_real_data, phantom_volumes, real_spine_volumes,
+                              synthetic_volumes)
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ from msk_node.segmenters.base import box_prompt_logits
 from msk_node.segmenters.litemedsam import LiteMedSAMSegmenter
 from training.boxes import instance_boxes
 from training.losses import dice_bce_loss
-from training.sources import TrainingVolume, data_description, load_real_data, phantom_volumes, real_spine_volumes, synthetic_volumes
+from training.sources import (TrainingVolume, data_description, load_real_data, phantom_volumes, real_spine_volumes,
+                              synthetic_volumes)
 
 logger = logging.getLogger(__name__)
 
@@ -211,9 +212,10 @@ def leave_one_label_map_out(config: SegmenterConfig, per_map: int, steps: int) -
     segmenter = LiteMedSAMSegmenter(precision=config.precision)
     shipped = {k: v.clone() for k, v in segmenter.model.mask_decoder.state_dict().items()}
     maps = load_real_data(Path(config.real_data)).knee_label_maps
-    cached = {source.path.name: cache_volumes(synthetic_volumes((source,), label_map, per_map, config.seed + index),
-                                              config, label_map, segmenter)
-              for index, source in enumerate(maps)}
+    cached = {}
+    for index, source in enumerate(maps):
+        volumes = synthetic_volumes((source,), label_map, per_map, config.seed + index)
+        cached[source.path.name] = cache_volumes(volumes, config, label_map, segmenter)
     results = {}
     for held_out in cached:
         segmenter.model.mask_decoder.load_state_dict(shipped)

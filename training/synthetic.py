@@ -43,6 +43,7 @@ AIR, FAT, MUSCLE, FLUID, CORTEX, LOW_SIGNAL = 0, 1, 2, 3, 4, 5
 MUSCLE_SUBREGIONS = 3
 MARROW_SUBREGIONS = 4
 FIRST_STRUCTURE_TISSUE = 8
+MARROW_TISSUE = FIRST_STRUCTURE_TISSUE + 64  # above every structure id
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,8 @@ def _random_grid(plane: str, centre: np.ndarray, extent: np.ndarray, rng: np.ran
     pixel = round(fov / matrix, 4)
     thickness = round(rng.uniform(*settings.slice_thickness_mm), 3)
     depth = abs(normal) @ extent
-    n_slices = int(min(settings.max_slices, max(8, np.ceil(rng.uniform(*settings.slab_coverage) * depth / thickness))))
+    coverage = rng.uniform(*settings.slab_coverage)
+    n_slices = int(min(settings.max_slices, max(8, np.ceil(coverage * depth / thickness))))
     offset = (rng.uniform(-settings.slab_offset, settings.slab_offset) * depth / 2 * normal
               + rng.uniform(-settings.in_plane_offset_mm, settings.in_plane_offset_mm) * (row_dir + col_dir) / 2)
     grid = SeriesGrid.centred(centre + offset, (n_slices, matrix, matrix),
@@ -321,7 +323,10 @@ def _noise_like(reference: sitk.Image, sigma_mm: float, rng: np.random.Generator
 
 def _tissues(structures: np.ndarray, fields: dict[str, np.ndarray], source: LabelMapSource,
              rng: np.random.Generator, settings: SynthesisSettings) -> np.ndarray:
-    """Tissue id per thin voxel: background tissues, then the label map's structures over them."""
+    """Tissue id and muscle part per thin voxel: background tissues, then the label map's structures over them.
+
+    Marrow sub-regions get ids from ``MARROW_TISSUE`` on, four per structure value.
+    """
     tissue = np.full(structures.shape, AIR, np.uint8)
     # signed distance to the skin: the envelope's thickness varies smoothly around the anatomy
     skin = fields["outside"] - rng.uniform(*settings.envelope_mm) * (1 + 0.35 * fields["envelope"])
@@ -339,9 +344,10 @@ def _tissues(structures: np.ndarray, fields: dict[str, np.ndarray], source: Labe
     present = structures > 0
     tissue[present] = FIRST_STRUCTURE_TISSUE + structures[present]
     bone = np.isin(structures, source.bones)
-    marrow_parts = np.digitize(fields["marrow"], np.quantile(fields["marrow"], np.linspace(0, 1, MARROW_SUBREGIONS + 1)[1:-1]))
-    marrow = bone & (rng.random() < 0.7)
-    tissue[marrow] = (FIRST_STRUCTURE_TISSUE + 64 + 4 * structures[marrow] + marrow_parts[marrow]).astype(np.uint8)
+    edges = np.quantile(fields["marrow"], np.linspace(0, 1, MARROW_SUBREGIONS + 1)[1:-1])
+    marrow_parts = np.digitize(fields["marrow"], edges)
+    marrow = bone & (rng.random() < 0.7)  # else each bone is one tissue
+    tissue[marrow] = (MARROW_TISSUE + MARROW_SUBREGIONS * structures[marrow] + marrow_parts[marrow]).astype(np.uint8)
     tissue[bone & (fields["bone_depth"] < rng.uniform(*settings.cortex_mm))] = CORTEX
     return np.stack([tissue, parts.astype(np.uint8)])
 
