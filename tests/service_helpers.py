@@ -5,8 +5,10 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import json
+import random
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -213,3 +215,49 @@ def echoscu(port: int, calling: str = "SCU", called: str = NODE_AE) -> subproces
     """dcmtk ``echoscu``."""
     command = [shutil.which("echoscu") or "echoscu", "-aet", calling, "-aec", called, "127.0.0.1", str(port)]
     return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+def pdu_header(pdu_type: int, length: int) -> bytes:
+    """The 6-byte header of an upper-layer PDU: type, reserved, length (big endian)."""
+    return struct.pack(">BBL", pdu_type, 0, length)
+
+
+#: What port scanners, health checks and broken peers send instead of an A-ASSOCIATE-RQ.
+GARBAGE: dict[str, bytes] = {
+    "nothing": b"",
+    "http": b"GET / HTTP/1.1\r\nHost: pacs\r\n\r\n",
+    "random": bytes(random.Random(7).randrange(256) for _ in range(300)),
+    # protocol version 1, a called AE title that is not ASCII, calling AE, reserved, no items
+    "bad A-ASSOCIATE-RQ": pdu_header(0x01, 68) + b"\x00\x01\x00\x00" + b"\xff" * 16 + b"SCU".ljust(16) + bytes(32),
+    "4 GB PDU": pdu_header(0x04, 0xFFFFFFFF) + b"\x00" * 64,
+}
+
+
+def raw_connection(port: int, payload: bytes = b"", reset: bool = False) -> None:
+    """Connect, send ``payload``, close (with a TCP reset when ``reset``)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        if payload:
+            sock.sendall(payload)
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def associate(port: int, calling: str = "SCU", called: str = NODE_AE, source: str | None = None):
+    """A pynetdicom association (Verification) from ``source`` (a local address); the caller releases it."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = 10
+    return ae.associate("127.0.0.1", port, ae_title=called,
+                        bind_address=(source, 0) if source is not None else None)
+
+
+def echo_ok(port: int, source: str | None = None) -> bool:
+    """A C-ECHO in its own association succeeded."""
+    assoc = associate(port, source=source)
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_echo()
+        return bool(status) and status.Status == 0x0000
+    finally:
+        assoc.release()

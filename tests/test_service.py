@@ -6,8 +6,10 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -38,13 +40,18 @@ from msk_node.service.listener import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
 from msk_node.service.spool import Spool
 from tests.dicom_checks import dciodvfy_errors
 from tests.service_helpers import (
+    GARBAGE,
     NODE_AE,
     StoreSCP,
     StowServer,
+    associate,
+    echo_ok,
     echoscu,
     free_port,
     make_study,
     node_config,
+    pdu_header,
+    raw_connection,
     storescu,
     stub_app,
     wait_for,
@@ -121,6 +128,9 @@ def test_example_config_documents_and_loads_every_key():
     ({"stable_after_s_by_ae": {"PACS": "slow"}}, "'stable_after_s_by_ae.PACS'"),
     ({"max_attempts": 0}, "'max_attempts'"),
     ({"worker_memory_limit_mb": 0}, "'worker_memory_limit_mb'"),
+    ({"max_associations_per_address": 0}, "'max_associations_per_address'"),
+    ({"artim_timeout_s": 0}, "'artim_timeout_s'"),
+    ({"network_timeout_s": "slow"}, "'network_timeout_s'"),
     ({"colour": "blue"}, "'colour'"),
 ])
 def test_config_errors_name_the_key(tmp_path, change, key):
@@ -135,7 +145,8 @@ def test_config_errors_name_the_key(tmp_path, change, key):
 
 # -- association -------------------------------------------------------------------------
 
-def test_echo_succeeds_and_unknown_calling_or_called_ae_is_rejected(tmp_path, nodes):
+def test_echo_succeeds_and_unknown_calling_or_called_ae_is_rejected(tmp_path, nodes, caplog):
+    caplog.set_level(logging.INFO)
     config = node_config(tmp_path, None, [], allowed_calling_aes=["SCU", "PACS"])
     node = nodes(config)
     ok = echoscu(node.port, calling="SCU")
@@ -146,6 +157,13 @@ def test_echo_succeeds_and_unknown_calling_or_called_ae_is_rejected(tmp_path, no
     wrong_called = echoscu(node.port, calling="SCU", called="SOMEONE")
     assert wrong_called.returncode != 0
     assert "Association Rejected" in wrong_called.stdout + wrong_called.stderr
+    # Each refusal leaves an audit line: why, calling AE, called AE, peer address.
+    refused = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "refused" in r.getMessage()]
+    assert len(refused) == 2, refused
+    assert refused[0].startswith("association refused (calling AE title not allowed): calling AE 'STRANGER', "
+                                 "called AE 'MSKNODE', from 127.0.0.1:")
+    assert refused[1].startswith("association refused (called AE title is not ours): calling AE 'SCU', "
+                                 "called AE 'SOMEONE', from 127.0.0.1:")
     # A rejected association stores nothing.
     study = make_study(tmp_path / "study", n=2)
     assert storescu(node.port, [study[0].parent], calling="STRANGER").returncode != 0
@@ -183,6 +201,97 @@ def test_tls_listener_requires_a_client_certificate_from_the_ca(tmp_path, nodes)
                                capture_output=True, text=True, timeout=60)
     assert anonymous.returncode != 0
     assert echoscu(node.port).returncode != 0  # plain TCP
+    # A peer that connects and never starts the handshake does not hold up the others.
+    with socket.create_connection(("127.0.0.1", node.port)):
+        again = subprocess.run([*echo, "+tls", certs["client.key"], certs["client.pem"], "+cf", certs["ca.pem"],
+                                "127.0.0.1", str(node.port)], capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0, again.stdout + again.stderr
+
+
+# -- broken and noisy peers ------------------------------------------------------------------
+
+def test_connections_that_never_associate_do_not_lock_senders_out(tmp_path, nodes, caplog):
+    caplog.set_level(logging.INFO)
+    command, _ = stub_app(tmp_path / "stub")
+    config = node_config(tmp_path, command, [], max_associations=3, artim_timeout_s=1, network_timeout_s=2)
+    node = nodes(config)
+    # A silent peer is closed by the ARTIM timer; one stuck inside a PDU by the network timeout.
+    begin = time.monotonic()
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as silent, \
+            socket.create_connection(("127.0.0.1", node.port), timeout=10) as stuck:
+        stuck.sendall(pdu_header(0x01, 0xFFFFFFFF) + b"\x00" * 64)
+        assert silent.recv(64) == b"" and stuck.recv(64) == b""
+    assert time.monotonic() - begin < 5
+    wait_for(lambda: "closed: no association request within artim_timeout_s=1" in caplog.text, 2,
+             what="the silent peer's warning")
+    wait_for(lambda: "dropped: Connection closed before the entire PDU was received (TimeoutError" in caplog.text, 2,
+             what="the stuck peer's warning")
+
+    # Connect and close, junk, a header claiming 4 GB, resets: three times the slots.
+    for payload in GARBAGE.values():
+        for reset in (False, True):
+            raw_connection(node.port, payload, reset)
+    wait_for(lambda: echo_ok(node.port), 2, what="a C-ECHO within 2 s of the junk connections")
+    assert echoscu(node.port).returncode == 0
+    wait_for(lambda: not node.server.active_associations, 2, what="every slot free")
+
+
+def test_one_peer_address_cannot_take_every_slot(tmp_path, nodes, caplog):
+    caplog.set_level(logging.INFO)
+    command, _ = stub_app(tmp_path / "stub")
+    config = node_config(tmp_path, command, [], max_associations=4, max_associations_per_address=2)
+    node = nodes(config)
+    held = [associate(node.port) for _ in range(2)]
+    try:
+        assert all(assoc.is_established for assoc in held)
+        third = associate(node.port, calling="NOISY")
+        assert third.is_rejected
+        answer = third.acceptor.primitive
+        assert (answer.result, answer.result_source, answer.diagnostic) == (0x02, 0x03, 0x02)  # transient, local limit
+        assert echo_ok(node.port, source="127.0.0.2")  # another address still gets in
+    finally:
+        for assoc in held:
+            assoc.release()
+    refused = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(refused) == 1 and refused[0].startswith(
+        "association refused (more than max_associations_per_address=2 from this address): calling AE 'NOISY', "
+        "called AE 'MSKNODE', from 127.0.0.1:"), refused
+
+    # Connections that have not associated yet count too: a third one is closed at once,
+    # not after the ARTIM timeout, and other addresses keep their slots.
+    wait_for(lambda: not node.server.active_associations, 5, what="the held associations to end")
+    with socket.create_connection(("127.0.0.1", node.port)), socket.create_connection(("127.0.0.1", node.port)):
+        wait_for(lambda: len(node.server.active_associations) == 2, 5, what="two waiting connections")
+        with socket.create_connection(("127.0.0.1", node.port), timeout=5) as extra:
+            assert extra.recv(64) == b""
+        assert echo_ok(node.port, source="127.0.0.2")
+
+
+def test_malformed_pdus_leave_one_rate_limited_warning_and_no_traceback(tmp_path, nodes, caplog, capfd):
+    caplog.set_level(logging.INFO)
+    command, _ = stub_app(tmp_path / "stub")
+    node = nodes(node_config(tmp_path, command, []))
+    junk = [payload for payload in GARBAGE.values() if payload]
+    for index in range(20):
+        raw_connection(node.port, junk[index % len(junk)], reset=index % 2 == 1)
+    # Accepted after every junk connection: then none of them is still in the listen queue.
+    wait_for(lambda: echo_ok(node.port), 10, what="a C-ECHO after the junk")
+    wait_for(lambda: not node.server.active_associations, 10, what="every junk connection closed")
+    node.stop()  # logs the summary of what the rate limit held back
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.name for r in warnings] == ["msk_node.service.listener"] * 6, [r.getMessage() for r in warnings]
+    assert all(r.getMessage().startswith("connection from 127.0.0.1:") for r in warnings[:5])
+    assert re.fullmatch(r"\d+ more warning\(s\) about connections from 127\.0\.0\.1 in \d+ s not logged",
+                        warnings[5].getMessage())
+    assert "Traceback" not in caplog.text and "Traceback" not in capfd.readouterr().err
+
+    # The details, tracebacks included, are there at DEBUG.
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger="msk_node.service.listener")
+    node = nodes(node_config(tmp_path / "again", command, []))
+    raw_connection(node.port, GARBAGE["bad A-ASSOCIATE-RQ"])
+    wait_for(lambda: "dropped" in caplog.text, 5, what="the warning")
+    assert "Traceback" in caplog.text
 
 
 # -- one study, duplicates, late instances --------------------------------------------------

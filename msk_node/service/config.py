@@ -129,6 +129,21 @@ class NodeConfig:
         How often the scheduler looks for work.
     max_associations : int
         Concurrent associations the listener accepts.
+    max_associations_per_address : int
+        Concurrent associations (and connections still waiting to associate) from one
+        peer address; more are rejected (transient, local limit exceeded), so one noisy
+        host cannot take every slot.
+    artim_timeout_s : float
+        A connection that sends no association request within this time is closed (the
+        DICOM ARTIM timer); also how long the node waits for the peer to close after a
+        reject or an abort.
+    acse_timeout_s : float
+        Longest wait for an association-level reply (A-ASSOCIATE-RQ, A-RELEASE-RP).
+    dimse_timeout_s : float
+        Longest wait for an expected DIMSE message before the association is aborted.
+    network_timeout_s : float
+        An established association silent for this long is aborted; also bounds each
+        socket read and write.
     db_path : pathlib.Path
         SQLite job store; default ``<spool_dir>/node.sqlite``.
     """
@@ -152,6 +167,11 @@ class NodeConfig:
     tls: TlsConfig | None = None
     poll_interval_s: float = 1.0
     max_associations: int = 10
+    max_associations_per_address: int = 4
+    artim_timeout_s: float = 10.0
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
     db_path: Path | None = None
 
     @property
@@ -230,7 +250,8 @@ _TOP_KEYS = {
     "ae_title", "host", "port", "allowed_calling_aes", "spool_dir", "stable_after_s", "stable_after_s_by_ae",
     "late_instance_policy", "job_timeout_s", "max_attempts", "retry_backoff_s", "max_retry_backoff_s",
     "models_dir", "app_command", "worker_memory_limit_mb", "destinations", "tls", "poll_interval_s",
-    "max_associations", "db_path",
+    "max_associations", "max_associations_per_address", "artim_timeout_s", "acse_timeout_s", "dimse_timeout_s",
+    "network_timeout_s", "db_path",
 }
 _DESTINATION_KEYS = {"cstore": {"type", "ae_title", "host", "port"}, "stow": {"type", "url"},
                      "folder": {"type", "path"}}
@@ -258,7 +279,8 @@ def _parse(document: Any, base: Path) -> NodeConfig:
         if not isinstance(values, list):
             raise ConfigError(f"'allowed_calling_aes' must be a list of AE titles, got {values!r}")
         kwargs["allowed_calling_aes"] = tuple(_ae_title(v, f"allowed_calling_aes[{i}]") for i, v in enumerate(values))
-    for key in ("stable_after_s", "job_timeout_s", "retry_backoff_s", "max_retry_backoff_s", "poll_interval_s"):
+    for key in ("stable_after_s", "job_timeout_s", "retry_backoff_s", "max_retry_backoff_s", "poll_interval_s",
+                "artim_timeout_s", "acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
         if get(key) is not None:
             kwargs[key] = _seconds(get(key), key, allow_zero=key in ("stable_after_s", "retry_backoff_s"))
     if get("stable_after_s_by_ae") is not None:
@@ -273,7 +295,7 @@ def _parse(document: Any, base: Path) -> NodeConfig:
         if policy not in LATE_INSTANCE_POLICIES:
             raise ConfigError(f"'late_instance_policy' must be one of {', '.join(LATE_INSTANCE_POLICIES)}, got {policy!r}")
         kwargs["late_instance_policy"] = policy
-    for key in ("max_attempts", "max_associations", "worker_memory_limit_mb"):
+    for key in ("max_attempts", "max_associations", "max_associations_per_address", "worker_memory_limit_mb"):
         if get(key) is not None:
             kwargs[key] = _positive_int(get(key), key)
     if get("models_dir") is not None:

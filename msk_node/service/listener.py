@@ -6,14 +6,27 @@ resources) when the disk or the database fails, ``0xC210`` (cannot understand) w
 dataset cannot be decoded or lacks valid Study/SOP Instance UIDs.
 
 Logs at INFO name AE titles, UIDs and counts, never patient attributes.
+
+Connections are guarded so that broken or hostile peers cannot lock real senders out:
+pynetdicom counts a connection against ``max_associations`` until its thread ends, and
+that thread waits the whole ACSE timeout for an association request even after the
+peer has closed the connection, so a connection closed early (port scan, health check,
+garbage) ends its thread at once. Silent connections are closed by the ARTIM timer,
+socket reads and writes are bounded by the network timeout, and one peer address gets
+at most ``max_associations_per_address`` associations. What pynetdicom logs about
+malformed PDUs (an error per PDU, some with a traceback) becomes one rate-limited
+WARNING per connection; the details and tracebacks are logged at DEBUG.
 """
 from __future__ import annotations
 
 import logging
+import socket
 import sqlite3
 import ssl
 import struct
 import threading
+import time
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 
@@ -37,6 +50,8 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -165,6 +180,261 @@ def tls_context(tls: TlsConfig) -> ssl.SSLContext:
     return context
 
 
+#: A-ASSOCIATE-RJ (result, source, diagnostic) -> why, for the audit line.
+_REJECT_REASONS = {
+    (0x01, 0x01, 0x03): "calling AE title not allowed",
+    (0x01, 0x01, 0x07): "called AE title is not ours",
+    (0x02, 0x03, 0x02): "max_associations reached",
+}
+#: Warnings about one peer address beyond this many a minute are counted, not logged.
+_WARNINGS_PER_MINUTE = 5
+#: Messages pynetdicom logs from an association's own thread about a slow peer.
+_PEER_TIMEOUTS = ("Network timeout reached", "DIMSE timeout reached while waiting for message response")
+
+
+class _PeerWarnings:
+    """WARNING lines about peers, at most ``limit`` per address per ``window_s``; the
+    rest are counted and summed up in one line when the window has passed."""
+
+    def __init__(self, limit: int = _WARNINGS_PER_MINUTE, window_s: float = 60.0) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._lock = threading.Lock()
+        self._windows: dict[str, list] = {}  # address -> [window start, logged, suppressed]
+
+    def warning(self, address: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._flush(now)
+            window = self._windows.setdefault(address, [now, 0, 0])
+            if window[1] >= self.limit:
+                window[2] += 1
+                return
+            window[1] += 1
+        logger.warning(message, *args)
+
+    def flush(self) -> None:
+        """Log every pending summary now (the listener stops)."""
+        with self._lock:
+            self._flush(None)
+
+    def _flush(self, now: float | None) -> None:
+        for address, (start, _, suppressed) in list(self._windows.items()):
+            if now is not None and now - start < self.window_s:
+                continue
+            del self._windows[address]
+            if suppressed:
+                logger.warning("%d more warning(s) about connections from %s in %.0f s not logged",
+                               suppressed, address, (now if now is not None else time.monotonic()) - start)
+
+
+class _ProtocolErrors(logging.Filter):
+    """Collects what pynetdicom logs at WARNING and above about a peer of one of our
+    listeners (malformed PDUs, broken connections, timeouts) instead of letting it
+    through; the listener logs one line per connection when it closes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._problems: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._previous_excepthook = None
+
+    def install(self) -> None:
+        """Filter pynetdicom's loggers and catch exceptions that end a connection's
+        reader thread (pynetdicom raises out of it on some PDU sequences); idempotent."""
+        with self._lock:
+            names = [name for name in logging.Logger.manager.loggerDict if name.startswith("pynetdicom.")]
+            for name in names:
+                # Handler errors stay visible: those are the node's bugs, not the peer's.
+                if name != "pynetdicom.events" and self not in logging.getLogger(name).filters:
+                    logging.getLogger(name).addFilter(self)
+            if self._previous_excepthook is None:
+                self._previous_excepthook = threading.excepthook
+                threading.excepthook = self._excepthook
+
+    def _excepthook(self, args) -> None:
+        thread = args.thread
+        assoc = thread.assoc if isinstance(thread, DULServiceProvider) else thread
+        assoc = assoc if isinstance(assoc, Association) else None
+        guard = _guard_of(assoc) if assoc is not None and assoc.is_acceptor else None
+        if guard is None or args.exc_type is None or not issubclass(args.exc_type, Exception):
+            self._previous_excepthook(args)
+            return
+        logger.debug("connection from %s: %s ended", _peer(assoc), thread.name,
+                     exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+        problems = [*self.pop(assoc), (str(args.exc_value), args.exc_type.__name__)]
+        guard.report(assoc, problems)
+
+    def pop(self, assoc: Association) -> list[tuple[str, str | None]]:
+        """What was logged about the connection: ``(message, exception type or None)``."""
+        with self._lock:
+            return self._problems.pop(assoc, [])
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        thread = threading.current_thread()
+        if isinstance(thread, DULServiceProvider):
+            assoc = thread.assoc
+        elif isinstance(thread, Association) and record.getMessage() in _PEER_TIMEOUTS:
+            assoc = thread
+        else:
+            return True
+        if not assoc.is_acceptor or _guard_of(assoc) is None:
+            return True
+        message = record.getMessage()
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("connection from %s: %s: %s", _peer(assoc), record.name, message, exc_info=record.exc_info)
+        error = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] is not None else None
+        with self._lock:
+            self._problems.setdefault(assoc, []).append((message, error))
+        return False
+
+
+_PROTOCOL_ERRORS = _ProtocolErrors()
+
+
+def _guard_of(assoc: Association) -> _Guard | None:
+    return getattr(getattr(assoc, "_server", None), "msk_guard", None)
+
+
+def _peer(assoc: Association) -> str:
+    try:
+        return f"{assoc.requestor.address}:{assoc.requestor.port}"
+    except (ValueError, AttributeError):
+        return "?"
+
+
+def _acceptors(assoc: Association) -> list[Association]:
+    """The listener's running associations (connections not yet associated included)."""
+    return [a for a in assoc.ae.active_associations if a.is_acceptor and a.requestor.address_info is not None]
+
+
+def _waiting_for_request(assoc: Association) -> bool:
+    return assoc.requestor.primitive is None and not (assoc.is_established or assoc.is_rejected or assoc.is_aborted)
+
+
+class _Guard:
+    """Event handlers that keep the listener's slots for peers that associate."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.warnings = _PeerWarnings()
+        self._refused_here: weakref.WeakSet = weakref.WeakSet()
+
+    def handlers(self) -> list:
+        return [
+            (evt.EVT_CONN_OPEN, self.on_open),
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_REJECTED, self.on_rejected),
+            (evt.EVT_CONN_CLOSE, self.on_close),
+        ]
+
+    def report(self, assoc: Association, problems: list[tuple[str, str | None]]) -> None:
+        """The one WARNING line about a connection that broke the protocol: pynetdicom's
+        first description of what went wrong, with the exception behind it."""
+        described: list[str] = []  # pynetdicom logs an exception after the line that says what it was doing
+        for index, (message, error) in enumerate(problems):
+            if error is None:
+                described.append(message)
+            elif index and problems[index - 1][1] is None:
+                described[-1] += f" ({error}: {message})"
+        what = described[0] if described else f"{problems[0][1]}: {problems[0][0]}"
+        if len(described) > 1:
+            what += f" and {len(described) - 1} more protocol error(s)"
+        self.warnings.warning(assoc.requestor.address, "connection from %s dropped: %s", _peer(assoc), what)
+
+    def on_open(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        # pynetdicom's PDU and DIMSE dumps log only at DEBUG, and raise on some malformed PDUs.
+        for dump in (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT):
+            for handler, _ in list(assoc.get_handlers(dump)):
+                if handler.__module__ == "pynetdicom._handlers":
+                    assoc.unbind(dump, handler)
+        assoc.dul.artim_timer.timeout = self.config.artim_timeout_s
+        sock = assoc.dul.socket.socket
+        # Bounds a read stuck inside a PDU (a header claiming 4 GB, then silence): the
+        # ARTIM and network timers are checked only between reads.
+        sock.settimeout(self.config.network_timeout_s)
+        address = assoc.requestor.address
+        waiting = [a for a in _acceptors(assoc) if a is not assoc and a.requestor.address == address
+                   and _waiting_for_request(a)]
+        if len(waiting) >= self.config.max_associations_per_address:
+            # Not yet an association to reject: close it, before it takes a slot for the ARTIM time.
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.warnings.warning(address, "connection from %s closed at once: %d connection(s) from this address "
+                                  "are still waiting to associate (max_associations_per_address=%d)",
+                                  _peer(assoc), len(waiting), self.config.max_associations_per_address)
+
+    def on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        address = assoc.requestor.address
+        same = [a for a in _acceptors(assoc) if a.requestor.address == address]
+        if len(same) <= self.config.max_associations_per_address:
+            return
+        # As pynetdicom rejects over max_associations: transient, local limit exceeded.
+        self._refused_here.add(assoc)
+        assoc.acse.send_reject(0x02, 0x03, 0x02)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
+
+    def on_rejected(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        request, answer = assoc.requestor.primitive, assoc.acceptor.primitive
+        code = (answer.result, answer.result_source, answer.diagnostic) if answer is not None else None
+        if assoc in self._refused_here:
+            reason = f"more than max_associations_per_address={self.config.max_associations_per_address} from this address"
+        elif code == (0x02, 0x03, 0x02):
+            reason = f"max_associations={self.config.max_associations} reached"
+        else:
+            reason = _REJECT_REASONS.get(code, f"result {code}")
+        self.warnings.warning(assoc.requestor.address, "association refused (%s): calling AE %r, called AE %r, from %s",
+                              reason, str(getattr(request, "calling_ae_title", "")).strip(),
+                              str(getattr(request, "called_ae_title", "")).strip(), _peer(assoc))
+
+    def on_close(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        waiting = _waiting_for_request(assoc)
+        problems = _PROTOCOL_ERRORS.pop(assoc)
+        if problems:
+            self.report(assoc, problems)
+        elif waiting and assoc.dul.artim_timer.expired:
+            self.warnings.warning(assoc.requestor.address, "connection from %s closed: no association request "
+                                  "within artim_timeout_s=%g", _peer(assoc), self.config.artim_timeout_s)
+        elif waiting:
+            logger.debug("connection from %s closed before an association request", _peer(assoc))
+        if waiting and assoc.dul.to_user_queue.empty():
+            # The association thread waits acse_timeout_s for a request that will not come,
+            # holding its slot; None is what it gets when that wait times out.
+            assoc.dul.to_user_queue.put(None)
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's server with the TLS handshake moved out of the accept loop, where a
+    peer that connects and never completes it would stop every other connection."""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = self.socket.accept()
+        client.settimeout(self.msk_guard.config.artim_timeout_s)
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def process_request_thread(self, request: socket.socket, client_address: tuple[str, int]) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.do_handshake()
+            except OSError as error:  # ssl.SSLError, a timeout, a reset
+                self.msk_guard.warnings.warning(client_address[0], "TLS handshake with %s:%d failed: %s",
+                                                client_address[0], client_address[1], error)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+
 def make_ae(config: NodeConfig, storage_transfer_syntaxes: Sequence[str] = STORAGE_TRANSFER_SYNTAXES) -> AE:
     """The node's application entity as SCP: Verification and every storage SOP class.
 
@@ -174,6 +444,9 @@ def make_ae(config: NodeConfig, storage_transfer_syntaxes: Sequence[str] = STORA
     """
     ae = AE(ae_title=config.ae_title)
     ae.maximum_associations = config.max_associations
+    ae.acse_timeout = config.acse_timeout_s
+    ae.dimse_timeout = config.dimse_timeout_s
+    ae.network_timeout = config.network_timeout_s
     ae.require_called_aet = True
     ae.require_calling_aet = list(config.allowed_calling_aes)
     ae.add_supported_context(Verification)
@@ -200,15 +473,30 @@ def start_listener(config: NodeConfig, spool: Spool, store: JobStore) -> Threade
     """
     ae = make_ae(config)
     tally = _AssociationTally()
+    guard = _Guard(config)
     handlers = [
         (evt.EVT_C_STORE, handle_store, [spool, store, config, tally]),
         (evt.EVT_RELEASED, _handle_end, [tally]),
         (evt.EVT_ABORTED, _handle_end, [tally]),
+        *guard.handlers(),
     ]
     ssl_context = tls_context(config.tls) if config.tls is not None else None
-    server = ae.start_server((config.host, config.port), block=False, evt_handlers=handlers,
-                             ssl_context=ssl_context)
+    # What ae.start_server(block=False) does, with the node's server class.
+    server = ae.make_server((config.host, config.port), evt_handlers=handlers, ssl_context=ssl_context,
+                            server_class=_Server)
+    server.msk_guard = guard
+    _PROTOCOL_ERRORS.install()
+    threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{config.ae_title}", daemon=True).start()
+    ae._servers.append(server)  # AssociationServer.shutdown() removes it
     logger.info("listening as %s on %s:%d (TLS %s, calling AEs %s)", config.ae_title, config.host,
                 server.server_address[1], "on" if ssl_context else "off",
                 ", ".join(config.allowed_calling_aes) or "any")
     return server
+
+
+def stop_listener(server: ThreadedAssociationServer) -> None:
+    """Stop accepting associations (running ones finish) and log pending warning summaries."""
+    server.shutdown()
+    guard = getattr(server, "msk_guard", None)
+    if guard is not None:
+        guard.warnings.flush()

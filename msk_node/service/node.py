@@ -9,7 +9,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from msk_node.service.config import NodeConfig
 from msk_node.service.jobs import JobStore
-from msk_node.service.listener import start_listener
+from msk_node.service.listener import start_listener, stop_listener
 from msk_node.service.spool import Spool
 from msk_node.service.worker import Worker
 
@@ -72,7 +72,7 @@ class Node:
         """Stop accepting associations, stop the scheduler (a running job goes back to
         ``stable``) and close the store. Safe to call twice."""
         if self.server is not None:
-            self.server.shutdown()
+            stop_listener(self.server)
             self.server = None
         if self.worker is not None:
             self.worker.stop()
