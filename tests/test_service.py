@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -328,6 +329,22 @@ def test_study_becomes_one_job_delivered_once_and_resend_does_not_duplicate(tmp_
     wait_for(lambda: states(config) == ["delivered", "delivered"], 30, what="second job delivered")
     assert jobs_of(config)[1]["input_instances"] == 6
     assert len(dest.received) == 2 and len(spool_files(config, uid)) == 6
+
+
+def test_spool_jobs_and_results_are_readable_by_the_node_user_only(tmp_path, nodes):
+    command, _ = stub_app(tmp_path / "stub")
+    config = node_config(tmp_path, command, None)  # results to the local store <spool_dir>/results
+    node = nodes(config)
+    assert storescu(node.port, [make_study(tmp_path / "study", n=2)[0].parent]).returncode == 0
+    wait_for(lambda: states(config) == ["delivered"], 30, what="delivered")
+    node.stop()
+    paths = [config.spool_dir, *config.spool_dir.rglob("*")]
+    kinds = {"studies", "jobs", "results", "app.log", "report.json", "node.sqlite"}
+    assert kinds <= {path.name for path in paths}, sorted(path.name for path in paths)
+    assert len([path for path in paths if path.suffix == ".dcm"]) >= 4  # received, result, delivered copy
+    exposed = [f"{path} {stat.filemode(path.stat().st_mode)}" for path in paths
+               if path.stat().st_mode & 0o077 or (path.is_file() and path.stat().st_mode & 0o100)]
+    assert not exposed
 
 
 def test_job_store_late_instance_policy_and_recovery(tmp_path):

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from msk_node.service.spool import APP_UMASK
+
 if TYPE_CHECKING:
     from msk_node.models import ModelSet
 
@@ -64,6 +66,7 @@ def _exit_with_parent(parent_pid: int) -> None:
 def _serve(conn: Connection, models_dir: str, parent_pid: int) -> None:
     """The child: load the models once, then answer ``(input, output, log)`` requests."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the node decides
+    os.umask(APP_UMASK)  # results and logs are patient data
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("highdicom").setLevel(logging.WARNING)

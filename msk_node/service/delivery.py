@@ -24,7 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from msk_node.service.config import Destination
-from msk_node.service.spool import fsync_dir, is_valid_uid
+from msk_node.service.spool import fsync_dir, is_valid_uid, open_private, private_dir
 
 logger = logging.getLogger(__name__)
 
@@ -222,9 +222,9 @@ def send_folder(destination: Destination, results: Sequence[ResultFile], confirm
     for result in results:
         folder = destination.path / result.study_uid
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            private_dir(folder, parents=True)
             temp = folder / f".{result.sop_uid}.{uuid.uuid4().hex}.part"
-            with open(result.path, "rb") as source, open(temp, "wb") as target:
+            with open(result.path, "rb") as source, open_private(temp, exclusive=True) as target:
                 shutil.copyfileobj(source, target)
                 target.flush()
                 os.fsync(target.fileno())

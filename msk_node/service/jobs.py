@@ -19,11 +19,14 @@ The database runs in WAL mode with one connection per thread.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from msk_node.service.spool import DIR_MODE, FILE_MODE
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +127,9 @@ class JobStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        # SQLite gives its -wal and -shm files the database file's mode.
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, FILE_MODE))
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: dict[int, tuple[threading.Thread, sqlite3.Connection]] = {}

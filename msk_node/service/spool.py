@@ -10,16 +10,30 @@ An instance is written to ``tmp/``, flushed and fsynced, renamed into its study 
 and the folder is fsynced, so a crash leaves either the old file or the new one, and a
 study folder never holds a partial file. A second instance with the same SOP Instance
 UID replaces the first.
+
+Everything here is patient data: the node creates its folders ``0700`` and its files
+``0600`` with explicit modes, and runs the application with umask ``077`` (see
+:data:`APP_UMASK`), rather than changing the umask of the whole process, which may
+hold other code (tests, a host program) writing files of its own.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
+import stat
 import uuid
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+
+logger = logging.getLogger(__name__)
+
+#: Modes of what the node writes, and the umask of the application processes it starts.
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+APP_UMASK = 0o077
 
 #: A DICOM UID: dot-separated numbers, at most 64 characters (PS3.5 9.1).
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -28,6 +42,20 @@ _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 def is_valid_uid(value: object) -> bool:
     """True for a syntactically valid DICOM UID (safe as a file name)."""
     return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID.match(value))
+
+
+def private_dir(path: Path, parents: bool = False) -> Path:
+    """Create ``path`` (mode 0700, and so its missing parents with ``parents``) unless it exists; returns it."""
+    if parents and not path.parent.exists():
+        private_dir(path.parent, parents=True)
+    path.mkdir(mode=DIR_MODE, exist_ok=True)
+    return path
+
+
+def open_private(path: Path, exclusive: bool = False):
+    """Open ``path`` for binary writing, created with mode 0600 (truncated if it exists)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    return os.fdopen(os.open(path, flags, FILE_MODE), "wb")
 
 
 def fsync_dir(path: Path) -> None:
@@ -53,8 +81,14 @@ class Spool:
         self.studies = self.root / "studies"
         self.tmp = self.root / "tmp"
         self.jobs = self.root / "jobs"
+        private_dir(self.root, parents=True)
+        if stat.S_IMODE(self.root.stat().st_mode) & 0o077:  # a spool from before modes were set
+            try:
+                os.chmod(self.root, DIR_MODE)
+            except OSError as error:
+                logger.warning("spool %s is readable by others and cannot be made private: %s", self.root, error)
         for folder in (self.studies, self.tmp, self.jobs):
-            folder.mkdir(parents=True, exist_ok=True)
+            private_dir(folder)
 
     def study_dir(self, study_uid: str) -> Path:
         """Folder of one study; :class:`ValueError` for a UID that is not one."""
@@ -90,12 +124,11 @@ class Spool:
             raise ValueError(f"StudyInstanceUID must be a DICOM UID, got {study_uid!r}")
         if not is_valid_uid(sop_uid):
             raise ValueError(f"SOPInstanceUID must be a DICOM UID, got {sop_uid!r}")
-        folder = self.studies / study_uid
-        folder.mkdir(exist_ok=True)
+        folder = private_dir(self.studies / study_uid)
         target = folder / f"{sop_uid}.dcm"
         temp = self.tmp / f"{sop_uid}.{uuid.uuid4().hex}.part"
         try:
-            with open(temp, "wb") as handle:
+            with open_private(temp, exclusive=True) as handle:
                 ds.save_as(handle, enforce_file_format=True)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -114,11 +147,10 @@ class Spool:
     def new_attempt_dir(self, job_id: int) -> Path:
         """A fresh folder for one processing attempt: ``jobs/<id>/attempt-<k>``, ``k``
         one more than any before, so earlier attempts' logs and results are kept."""
-        job_dir = self.jobs / str(int(job_id))
-        job_dir.mkdir(parents=True, exist_ok=True)
+        job_dir = private_dir(self.jobs / str(int(job_id)))
         numbers = [int(p.name.split("-", 1)[1]) for p in job_dir.glob("attempt-*") if p.name.split("-", 1)[1].isdigit()]
         folder = job_dir / f"attempt-{max(numbers, default=0) + 1}"
-        folder.mkdir()
+        folder.mkdir(mode=DIR_MODE)
         return folder
 
     def snapshot_study(self, study_uid: str, target: Path) -> int:
@@ -132,7 +164,7 @@ class Spool:
         int
             Number of instances in the snapshot.
         """
-        target.mkdir(parents=True, exist_ok=True)
+        private_dir(target, parents=True)
         files = self.instance_files(study_uid)
         for source in files:
             destination = target / source.name

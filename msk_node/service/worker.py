@@ -27,7 +27,7 @@ from msk_node.service.app_worker import AppResult, WarmApp, WarmAppError
 from msk_node.service.config import NodeConfig
 from msk_node.service.delivery import DeliveryError, read_results, send
 from msk_node.service.jobs import Job, JobStore
-from msk_node.service.spool import Spool
+from msk_node.service.spool import APP_UMASK, DIR_MODE, Spool, open_private
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +90,9 @@ def run_command(command: list[str], cwd: Path, log_path: Path, timeout_s: float,
         None when ``should_stop()`` interrupted it.
     """
     begin = time.monotonic()
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd)
+    with open_private(log_path) as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
+                                   umask=APP_UMASK)
         while True:
             try:
                 returncode = process.wait(timeout=_WAIT_STEP_S)
@@ -231,7 +232,7 @@ class Worker:
             return job.state
         count = self.spool.snapshot_study(job.study_uid, input_dir)
         self.store.set_input_instances(job.id, count)
-        output_dir.mkdir()
+        output_dir.mkdir(mode=DIR_MODE)
         logger.info("job %d: attempt %d of %d on study %s (%d instance(s))", job.id, started.attempts,
                     self.config.max_attempts, job.study_uid, count)
         result = self._run_app(folder, input_dir, output_dir, log_path)
