@@ -4,6 +4,7 @@ end-to-end run of the real application."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
@@ -37,6 +38,7 @@ from pynetdicom import AE
 
 from msk_node import cli
 from msk_node.service import ConfigError, JobStore, Node, NodeConfig, status
+from msk_node.service.app_worker import AppPidFile, process_start
 from msk_node.service.listener import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
 from msk_node.service.spool import Spool
 from tests.dicom_checks import dciodvfy_errors
@@ -485,24 +487,73 @@ def test_killed_node_resumes_the_job_and_delivers_exactly_once(tmp_path, nodes, 
         study = make_study(tmp_path / "study", n=4)
         assert storescu(port, [study[0].parent]).returncode == 0
         wait_for(lambda: states(config) == ["running"], 30, what="running job")
+        app = wait_for(lambda: AppPidFile(config.spool_dir / "app.pid").read(), 10, what="the pid file")
+        assert app["job"] == 1 and "stub_app.py" in " ".join(psutil.Process(app["pid"]).cmdline())
     finally:
-        os.killpg(server.pid, signal.SIGKILL)  # the node and the application it runs
+        os.killpg(server.pid, signal.SIGKILL)  # the node's group; the application has a group of its own
         server.wait(30)
         log.close()
     assert states(config) == ["running"]
+    assert _alive(app["pid"])  # left running by the crashed node
 
     mode.write_text("copy")
     node = nodes(config)
+    wait_for(lambda: not _alive(app["pid"]), 5, what="the leftover application ended")
     wait_for(lambda: states(config) == ["delivered"], 30, what="delivered after restart")
     assert dest.study_uids == [study_uid_of(study)]
     (job,) = jobs_of(config)
     assert job["attempts"] == 2 and job["input_instances"] == 4
+    assert job["history"] == [f"application process {app['pid']} left running by the previous node was ended",
+                              "interrupted by a node restart; will run again"]
 
     # Another restart sends nothing again.
     node.stop()
     nodes(config)
     time.sleep(1.0)
     assert len(dest.received) == 1 and states(config) == ["delivered"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_pid_file_never_ends_a_process_that_reuses_the_pid(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        pid_file = AppPidFile(tmp_path / "app.pid")
+        pid_file.record(sleeper.pid, 7)
+        record = pid_file.read()
+        assert record == {"pid": sleeper.pid, "start": process_start(sleeper.pid), "job": 7}
+        # The same pid, another start time: the recorded process is gone, this one is not ours.
+        pid_file.path.write_text(json.dumps({**record, "start": record["start"] - 1}))
+        assert pid_file.end_leftover() is None
+        assert sleeper.poll() is None and not pid_file.path.exists()
+        pid_file.record(sleeper.pid, 7)
+        assert pid_file.end_leftover() == record
+        assert sleeper.wait(10) == -signal.SIGKILL
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_stop_ends_the_application_with_everything_it_started(tmp_path, nodes, dest):
+    # A one-shot application that starts a child of its own and waits for it.
+    command = ["/bin/sh", "-c", "sleep 300 & echo $! > child.pid; wait", "app"]
+    config = node_config(tmp_path, command, [dest.destination()])
+    node = nodes(config)
+    assert storescu(node.port, [make_study(tmp_path / "study", n=2)[0].parent]).returncode == 0
+    child_pid_file = config.spool_dir / "jobs" / "1" / "attempt-1" / "child.pid"
+    wait_for(lambda: child_pid_file.is_file() and child_pid_file.read_text().strip(), 30, what="the app's child")
+    app_pid = AppPidFile(config.spool_dir / "app.pid").read()["pid"]
+    child_pid = int(child_pid_file.read_text())
+    assert os.getpgid(app_pid) == app_pid != os.getpgid(0) and os.getpgid(child_pid) == app_pid
+    node.stop()
+    wait_for(lambda: not _alive(app_pid) and not _alive(child_pid), 5, what="the application's group ended")
+    assert not (config.spool_dir / "app.pid").exists()
+    assert [(job["state"], job["attempts"]) for job in jobs_of(config)] == [("stable", 0)]
 
 
 def test_stopped_node_returns_the_running_job_to_the_queue(tmp_path, nodes, dest):
@@ -729,6 +780,28 @@ def test_killed_warm_worker_fails_one_attempt_and_a_fresh_one_serves_the_next_st
     # Two warm workers in all, the second serving the retry and the next study: no model load per study.
     assert len([m for m in messages if "ready: models loaded" in m]) == 2
     assert node.worker.app.pid not in (None, killed_pid)
+
+
+@needs_models
+def test_warm_worker_left_by_a_crashed_node_is_ended_by_the_next(tmp_path, nodes, caplog):
+    caplog.set_level(logging.INFO, logger="msk_node.service")
+    from msk_node.service.app_worker import WarmApp
+
+    config = node_config(tmp_path, None, [], models_dir=str(MODELS))
+    config.spool_dir.mkdir()
+    # The warm worker of a node that died without stopping it.
+    left = WarmApp(MODELS, pid_file=AppPidFile(config.spool_dir / "app.pid"))
+    try:
+        assert left.start(timeout_s=600)
+        pid = left.pid
+        assert os.getpgid(pid) == pid != os.getpgid(0)  # a process group of its own
+        node = nodes(config)
+        wait_for(lambda: not _alive(pid), 5, what="the leftover warm worker ended")
+        assert f"application process {pid} left running by the previous node was ended (no job)" in caplog.text
+        wait_for(lambda: node.worker.app.ready, 600, what="the new warm worker")
+        assert AppPidFile(config.spool_dir / "app.pid").read()["pid"] == node.worker.app.pid != pid
+    finally:
+        left.stop()
 
 
 @needs_models

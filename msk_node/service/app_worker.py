@@ -6,9 +6,15 @@ operators run, so a study pays neither interpreter, Holoscan nor model start-up.
 parent kills and replaces the child after a crash, a timeout, or when its resident
 memory passes a limit; that attempt fails with a one-line reason and the next study
 gets a fresh warm child.
+
+The application, warm child or one-shot command, runs in its own session and process
+group: a signal to the node's terminal does not reach it, the node ends it with the
+whole group (whatever it started included), and :class:`AppPidFile` records it in the
+spool so that a node started after a crash ends what the crashed one left running.
 """
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -24,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from msk_node.service.spool import APP_UMASK
+from msk_node.service.spool import APP_UMASK, FILE_MODE
 
 if TYPE_CHECKING:
     from msk_node.models import ModelSet
@@ -53,6 +59,92 @@ def _describe(error: BaseException) -> str:
     return " ".join(f"{type(error).__name__}: {error}".split())[:300]
 
 
+# -- the application's process group ---------------------------------------------------
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, field 22 of ``/proc/<pid>/stat``);
+    None when there is no such process. With the pid it names one process: a pid is reused,
+    the pair is not."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        return int(text.rsplit(")", 1)[1].split()[19])  # the command name, in parentheses, may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def kill_process_group(pid: int) -> bool:
+    """SIGKILL the process group that process ``pid`` made (the application and whatever it
+    started); False when there is none. A group outlives its leader while members remain,
+    and its id is not given to a new process meanwhile."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class AppPidFile:
+    """The application process the node runs, as JSON: ``pid``, ``start`` (see
+    :func:`process_start`) and the ``job`` it works on (None between studies).
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        In the node's spool, so the next node on it finds it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def record(self, pid: int, job_id: int | None) -> None:
+        """Record ``pid`` (running ``job_id``); written whole (temp + rename), mode 0600."""
+        start = process_start(pid)
+        if start is None:  # already gone: nothing to end later
+            self.clear(pid)
+            return
+        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"pid": pid, "start": start, "job": job_id}, handle)
+        os.replace(temp, self.path)
+
+    def clear(self, pid: int | None = None) -> None:
+        """Remove the record (only if it names ``pid``, when given)."""
+        if pid is None or self.read().get("pid") == pid:
+            self.path.unlink(missing_ok=True)
+
+    def read(self) -> dict:
+        try:
+            record = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def end_leftover(self) -> dict | None:
+        """End the application a previous node left running, then forget it.
+
+        Returns
+        -------
+        dict or None
+            The record (``pid``, ``start``, ``job``) when its process still ran (same pid
+            and start time) and was killed with its group; None when there was nothing to
+            end: no record, or its pid is gone or now names another process.
+        """
+        record = self.read()
+        pid, start = record.get("pid"), record.get("start")
+        ended = None
+        if isinstance(pid, int) and pid > 0 and pid != os.getpid() and start is not None \
+                and process_start(pid) == start:
+            if not kill_process_group(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)  # checked just above: still that process
+                except ProcessLookupError:
+                    pass
+            ended = record
+        self.path.unlink(missing_ok=True)
+        return ended
+
+
 # -- the child -------------------------------------------------------------------------
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -65,7 +157,8 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 def _serve(conn: Connection, models_dir: str, parent_pid: int) -> None:
     """The child: load the models once, then answer ``(input, output, log)`` requests."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the node decides
+    os.setsid()  # its own process group: the node ends it with what it starts
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node decides when it ends
     os.umask(APP_UMASK)  # results and logs are patient data
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     logging.getLogger().setLevel(logging.INFO)
@@ -122,11 +215,15 @@ class WarmApp:
     memory_limit_mb : int, optional
         Resident memory above which the child is killed (during a study: the attempt
         fails) and replaced; None for no limit.
+    pid_file : AppPidFile, optional
+        Where the child and its current job are recorded.
     """
 
-    def __init__(self, models_dir: Path, memory_limit_mb: int | None = None) -> None:
+    def __init__(self, models_dir: Path, memory_limit_mb: int | None = None,
+                 pid_file: AppPidFile | None = None) -> None:
         self.models_dir = Path(models_dir)
         self.memory_limit_mb = memory_limit_mb
+        self.pid_file = pid_file
         # spawn, not fork: the node has threads, and a forked child could inherit a held lock.
         self._context = multiprocessing.get_context("spawn")
         self._process: BaseProcess | None = None
@@ -189,8 +286,8 @@ class WarmApp:
         return True
 
     def run(self, input_dir: Path, output_dir: Path, log_path: Path, timeout_s: float,
-            should_stop: Callable[[], bool]) -> AppResult | None:
-        """Serve one study; ``timeout_s`` counts from the hand-over to the ready child.
+            should_stop: Callable[[], bool], job_id: int | None = None) -> AppResult | None:
+        """Serve one study (of job ``job_id``); ``timeout_s`` counts from the hand-over to the ready child.
 
         Returns
         -------
@@ -204,6 +301,7 @@ class WarmApp:
             return AppResult(False, str(error))
         assert self._conn is not None
         begin = time.monotonic()
+        self._record(job_id)
         try:
             self._conn.send((str(input_dir), str(output_dir), str(log_path)))
             while not self._conn.poll(_POLL_S):
@@ -219,16 +317,21 @@ class WarmApp:
             reason = self._exit_reason()
             self._restart()
             return AppResult(False, reason, time.monotonic() - begin)
+        self._record(None)
         if self._over_limit():
             logger.info("warm worker %d is over %d MB after the study; replacing it", self.pid, self.memory_limit_mb)
             self._restart()
         return result
 
     def stop(self) -> None:
-        """Kill the child (a study in progress is abandoned). Safe to call twice."""
+        """Kill the child and its process group (a study in progress is abandoned). Safe to call twice."""
         if self._process is not None:
-            self._process.kill()
+            if self._process.pid is not None:
+                kill_process_group(self._process.pid)
+            self._process.kill()  # in case it had not made its group yet
             self._process.join()
+            if self.pid_file is not None:
+                self.pid_file.clear(self._process.pid)
         if self._conn is not None:
             self._conn.close()
         self._process, self._conn, self._ready = None, None, False
@@ -241,6 +344,11 @@ class WarmApp:
         self._process.start()
         child.close()  # else our copy keeps the pipe open and a dead child is never seen as EOF
         self._conn = parent
+        self._record(None)
+
+    def _record(self, job_id: int | None) -> None:
+        if self.pid_file is not None and self.pid is not None:
+            self.pid_file.record(self.pid, job_id)
 
     def _restart(self) -> None:
         """Replace the child at once, so the next study finds the models loading or loaded."""

@@ -66,6 +66,12 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs(study_uid);
+CREATE TABLE IF NOT EXISTS job_history (
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    at REAL NOT NULL,
+    event TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS job_history_by_job ON job_history(job_id);
 CREATE TABLE IF NOT EXISTS deliveries (
     job_id INTEGER NOT NULL REFERENCES jobs(id),
     destination TEXT NOT NULL,
@@ -260,12 +266,29 @@ class JobStore:
             rows = db.execute("SELECT id, attempts FROM jobs WHERE state = 'running'").fetchall()
             for row in rows:
                 if row["attempts"] >= max_attempts:
-                    self._set(db, row["id"], now, state="dead", finished=now,
-                              reason=f"interrupted by a node restart on attempt {row['attempts']} of {max_attempts}")
+                    reason = f"interrupted by a node restart on attempt {row['attempts']} of {max_attempts}"
+                    self._set(db, row["id"], now, state="dead", finished=now, reason=reason)
                 else:
-                    self._set(db, row["id"], now, state="stable", next_attempt=None,
-                              reason="interrupted by a node restart; will run again")
+                    reason = "interrupted by a node restart; will run again"
+                    self._set(db, row["id"], now, state="stable", next_attempt=None, reason=reason)
+                self._note(db, row["id"], now, reason)
         return [int(row["id"]) for row in rows]
+
+    def note(self, job_id: int, event: str, now: float | None = None) -> None:
+        """Add one line to the job's history (what happened to it besides its state)."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            self._note(db, job_id, now, event)
+
+    @staticmethod
+    def _note(db: sqlite3.Connection, job_id: int, now: float, event: str) -> None:
+        db.execute("INSERT INTO job_history (job_id, at, event) VALUES (?, ?, ?)", (job_id, now, event))
+
+    def history(self, job_id: int) -> list[str]:
+        """The job's history lines, oldest first."""
+        rows = self._connection().execute("SELECT event FROM job_history WHERE job_id = ? ORDER BY at, rowid",
+                                          (job_id,)).fetchall()
+        return [row["event"] for row in rows]
 
     def received_jobs(self) -> list[tuple[Job, str, float]]:
         """Jobs still receiving, with their study's calling AE and last receive time."""
@@ -397,12 +420,16 @@ class JobStore:
         return [_job(row) for row in rows]
 
     def status_rows(self) -> list[dict]:
-        """Jobs joined with their study and delivery counts, for ``msk-node status``."""
-        rows = self._connection().execute(
+        """Jobs joined with their study, delivery counts and history, for ``msk-node status``."""
+        connection = self._connection()
+        rows = connection.execute(
             "SELECT jobs.*, studies.calling_ae AS calling_ae, studies.instance_count AS instances, "
             "(SELECT COUNT(*) FROM deliveries WHERE deliveries.job_id = jobs.id AND deliveries.state = 'delivered') "
             "AS deliveries FROM jobs JOIN studies ON studies.uid = jobs.study_uid ORDER BY jobs.id").fetchall()
-        return [dict(row) for row in rows]
+        history: dict[int, list[str]] = {}
+        for row in connection.execute("SELECT job_id, event FROM job_history ORDER BY at, rowid"):
+            history.setdefault(row["job_id"], []).append(row["event"])
+        return [{**dict(row), "history": history.get(row["id"], [])} for row in rows]
 
     def study(self, study_uid: str) -> dict | None:
         """The study row as a dict."""

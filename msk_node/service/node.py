@@ -11,7 +11,8 @@ from msk_node.service.config import NodeConfig
 from msk_node.service.jobs import JobStore
 from msk_node.service.listener import start_listener, stop_listener
 from msk_node.service.spool import Spool
-from msk_node.service.worker import Worker
+from msk_node.service.app_worker import AppPidFile
+from msk_node.service.worker import APP_PID_FILE, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +26,12 @@ class Node:
 
     Note
     ----
-    Start-up recovers from a crash first: partial spool writes are removed and jobs
-    left ``running`` go back to ``stable`` (see :meth:`JobStore.recover`). Only one
-    node may use a spool at a time.
+    Start-up recovers from a crash first: an application process the crashed node left
+    running is ended (with its process group; found by the pid file in the spool,
+    checked against its start time so a reused pid is never killed) and noted in its
+    job's history, partial spool writes are removed and jobs left ``running`` go back
+    to ``stable`` (see :meth:`JobStore.recover`). Only one node may use a spool at a
+    time.
     """
 
     def __init__(self, config: NodeConfig) -> None:
@@ -55,6 +59,7 @@ class Node:
         self.spool = Spool(self.config.spool_dir)
         removed = self.spool.clean_tmp()
         self.store = JobStore(self.config.database)
+        self._end_leftover_app()
         recovered = self.store.recover(self.config.max_attempts)
         if removed or recovered:
             logger.info("recovered: %d partial write(s) removed, job(s) %s interrupted", removed,
@@ -67,6 +72,18 @@ class Node:
             raise
         self.worker.start()
         return self
+
+    def _end_leftover_app(self) -> None:
+        """End the application a crashed node left running, before its study runs again."""
+        assert self.spool is not None and self.store is not None
+        ended = AppPidFile(self.spool.root / APP_PID_FILE).end_leftover()
+        if ended is None:
+            return
+        job_id = ended.get("job")
+        event = f"application process {ended['pid']} left running by the previous node was ended"
+        logger.warning("%s%s", event, f" (job {job_id})" if job_id is not None else " (no job)")
+        if isinstance(job_id, int) and self.store.job(job_id) is not None:
+            self.store.note(job_id, event)
 
     def stop(self) -> None:
         """Stop accepting associations, stop the scheduler (a running job goes back to
@@ -119,7 +136,8 @@ def status(config: NodeConfig) -> list[dict]:
     list of dict
         Keys: ``id``, ``study_uid``, ``state``, ``attempts``, ``reason``, ``calling_ae``,
         ``instances``, ``input_instances``, ``deliveries``, ``next_attempt``, ``created``,
-        ``updated``, ``started``, ``finished``, ``output_dir``, ``delivery_tries``.
+        ``updated``, ``started``, ``finished``, ``output_dir``, ``delivery_tries``, ``history``
+        (list of str: what happened to the job besides its state, e.g. a node restart).
     """
     if not config.database.exists():
         return []

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from msk_node.service.app_worker import AppResult, WarmApp, WarmAppError
+from msk_node.service.app_worker import AppPidFile, AppResult, WarmApp, WarmAppError, kill_process_group
 from msk_node.service.config import NodeConfig
 from msk_node.service.delivery import DeliveryError, read_results, send
 from msk_node.service.jobs import Job, JobStore
@@ -32,6 +32,8 @@ from msk_node.service.spool import APP_UMASK, DIR_MODE, Spool, open_private
 logger = logging.getLogger(__name__)
 
 _WAIT_STEP_S = 0.2
+#: The application process the node runs, in the spool (see :class:`AppPidFile`).
+APP_PID_FILE = "app.pid"
 
 
 def failure_reason(log_path: Path, returncode: int | None) -> str:
@@ -81,8 +83,12 @@ def success_summary(output_dir: Path, n_results: int) -> str:
 
 
 def run_command(command: list[str], cwd: Path, log_path: Path, timeout_s: float,
-                should_stop: Callable[[], bool]) -> AppResult | None:
+                should_stop: Callable[[], bool], pid_file: AppPidFile | None = None,
+                job_id: int | None = None) -> AppResult | None:
     """Run a one-shot application, its output to ``log_path``, killed after ``timeout_s``.
+
+    It runs in its own session and process group, killed as a whole; ``pid_file``
+    records it (with ``job_id``) while it runs.
 
     Returns
     -------
@@ -92,18 +98,25 @@ def run_command(command: list[str], cwd: Path, log_path: Path, timeout_s: float,
     begin = time.monotonic()
     with open_private(log_path) as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
-                                   umask=APP_UMASK)
-        while True:
-            try:
-                returncode = process.wait(timeout=_WAIT_STEP_S)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            elapsed = time.monotonic() - begin
-            if elapsed > timeout_s or should_stop():
-                process.kill()
-                process.wait()
-                return AppResult(False, f"timed out after {timeout_s:g} s", elapsed) if elapsed > timeout_s else None
+                                   umask=APP_UMASK, start_new_session=True)
+        if pid_file is not None:
+            pid_file.record(process.pid, job_id)
+        try:
+            while True:
+                try:
+                    returncode = process.wait(timeout=_WAIT_STEP_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                elapsed = time.monotonic() - begin
+                if elapsed > timeout_s or should_stop():
+                    kill_process_group(process.pid)
+                    process.wait()
+                    return AppResult(False, f"timed out after {timeout_s:g} s", elapsed) if elapsed > timeout_s else None
+            kill_process_group(process.pid)  # what it left running
+        finally:
+            if pid_file is not None:
+                pid_file.clear(process.pid)
     elapsed = time.monotonic() - begin
     if returncode != 0:
         return AppResult(False, failure_reason(log_path, returncode), elapsed)
@@ -124,8 +137,11 @@ class Worker:
         self.config = config
         self.spool = spool
         self.store = store
+        #: Records the application process, so a node started after a crash can end it.
+        self.pid_file = AppPidFile(spool.root / APP_PID_FILE)
         #: The warm worker; None when ``app_command`` runs a one-shot process per study.
-        self.app = None if config.app_command else WarmApp(config.models_dir, config.worker_memory_limit_mb)
+        self.app = None if config.app_command else WarmApp(config.models_dir, config.worker_memory_limit_mb,
+                                                           self.pid_file)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -235,7 +251,7 @@ class Worker:
         output_dir.mkdir(mode=DIR_MODE)
         logger.info("job %d: attempt %d of %d on study %s (%d instance(s))", job.id, started.attempts,
                     self.config.max_attempts, job.study_uid, count)
-        result = self._run_app(folder, input_dir, output_dir, log_path)
+        result = self._run_app(job.id, folder, input_dir, output_dir, log_path)
         shutil.rmtree(input_dir, ignore_errors=True)
         if result is None:  # stopped by Node.stop()
             self.store.interrupt_attempt(job.id)
@@ -261,14 +277,17 @@ class Worker:
                            self.config.backoff(started.attempts), reason)
         return state
 
-    def _run_app(self, folder: Path, input_dir: Path, output_dir: Path, log_path: Path) -> AppResult | None:
+    def _run_app(self, job_id: int, folder: Path, input_dir: Path, output_dir: Path,
+                 log_path: Path) -> AppResult | None:
         """The application on one attempt's folders, in the warm worker or as ``app_command``;
         None when a stop interrupted it."""
         if self.app is not None:
-            return self.app.run(input_dir, output_dir, log_path, self.config.job_timeout_s, self._stop.is_set)
+            return self.app.run(input_dir, output_dir, log_path, self.config.job_timeout_s, self._stop.is_set,
+                                job_id)
         command = [*self.config.app_command, "-i", str(input_dir), "-o", str(output_dir),
                    "-m", str(self.config.models_dir)]
-        return run_command(command, folder, log_path, self.config.job_timeout_s, self._stop.is_set)
+        return run_command(command, folder, log_path, self.config.job_timeout_s, self._stop.is_set,
+                           self.pid_file, job_id)
 
     def deliver(self, job: Job) -> str:
         """Send the job's results to every destination not yet confirmed.
