@@ -188,25 +188,30 @@ _REJECT_REASONS = {
 }
 #: Warnings about one peer address beyond this many a minute are counted, not logged.
 _WARNINGS_PER_MINUTE = 5
+#: ARTIM time of a connection from an address with max_associations_per_address others waiting.
+_CROWDED_ARTIM_S = 1.0
 #: Messages pynetdicom logs from an association's own thread about a slow peer.
 _PEER_TIMEOUTS = ("Network timeout reached", "DIMSE timeout reached while waiting for message response")
 
 
 class _PeerWarnings:
-    """WARNING lines about peers, at most ``limit`` per address per ``window_s``; the
-    rest are counted and summed up in one line when the window has passed."""
+    """WARNING lines about peers, at most ``limit`` per address and kind per ``window_s``;
+    the rest are counted and summed up in one line when the window has passed. Refused
+    associations are a kind of their own, so junk from an address cannot hide them."""
+
+    KINDS = {"connection": "warning(s) about connections", "refused": "refused association(s)"}
 
     def __init__(self, limit: int = _WARNINGS_PER_MINUTE, window_s: float = 60.0) -> None:
         self.limit = limit
         self.window_s = window_s
         self._lock = threading.Lock()
-        self._windows: dict[str, list] = {}  # address -> [window start, logged, suppressed]
+        self._windows: dict[tuple[str, str], list] = {}  # (address, kind) -> [window start, logged, suppressed]
 
-    def warning(self, address: str, message: str, *args: object) -> None:
+    def warning(self, address: str, message: str, *args: object, kind: str = "connection") -> None:
         now = time.monotonic()
         with self._lock:
             self._flush(now)
-            window = self._windows.setdefault(address, [now, 0, 0])
+            window = self._windows.setdefault((address, kind), [now, 0, 0])
             if window[1] >= self.limit:
                 window[2] += 1
                 return
@@ -219,13 +224,13 @@ class _PeerWarnings:
             self._flush(None)
 
     def _flush(self, now: float | None) -> None:
-        for address, (start, _, suppressed) in list(self._windows.items()):
+        for (address, kind), (start, _, suppressed) in list(self._windows.items()):
             if now is not None and now - start < self.window_s:
                 continue
-            del self._windows[address]
+            del self._windows[address, kind]
             if suppressed:
-                logger.warning("%d more warning(s) about connections from %s in %.0f s not logged",
-                               suppressed, address, (now if now is not None else time.monotonic()) - start)
+                logger.warning("%d more %s from %s in %.0f s not logged", suppressed, self.KINDS[kind], address,
+                               (now if now is not None else time.monotonic()) - start)
 
 
 class _ProtocolErrors(logging.Filter):
@@ -360,14 +365,10 @@ class _Guard:
         waiting = [a for a in _acceptors(assoc) if a is not assoc and a.requestor.address == address
                    and _waiting_for_request(a)]
         if len(waiting) >= self.config.max_associations_per_address:
-            # Not yet an association to reject: close it, before it takes a slot for the ARTIM time.
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self.warnings.warning(address, "connection from %s closed at once: %d connection(s) from this address "
-                                  "are still waiting to associate (max_associations_per_address=%d)",
-                                  _peer(assoc), len(waiting), self.config.max_associations_per_address)
+            # Silent connections from one address must not hold every slot for the ARTIM
+            # time; a peer that means to associate sends its request at once (and is
+            # rejected if its address is still over the limit then).
+            assoc.dul.artim_timer.timeout = min(_CROWDED_ARTIM_S, self.config.artim_timeout_s)
 
     def on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -393,7 +394,7 @@ class _Guard:
             reason = _REJECT_REASONS.get(code, f"result {code}")
         self.warnings.warning(assoc.requestor.address, "association refused (%s): calling AE %r, called AE %r, from %s",
                               reason, str(getattr(request, "calling_ae_title", "")).strip(),
-                              str(getattr(request, "called_ae_title", "")).strip(), _peer(assoc))
+                              str(getattr(request, "called_ae_title", "")).strip(), _peer(assoc), kind="refused")
 
     def on_close(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -403,7 +404,7 @@ class _Guard:
             self.report(assoc, problems)
         elif waiting and assoc.dul.artim_timer.expired:
             self.warnings.warning(assoc.requestor.address, "connection from %s closed: no association request "
-                                  "within artim_timeout_s=%g", _peer(assoc), self.config.artim_timeout_s)
+                                  "within %g s", _peer(assoc), assoc.dul.artim_timer.timeout)
         elif waiting:
             logger.debug("connection from %s closed before an association request", _peer(assoc))
         if waiting and assoc.dul.to_user_queue.empty():
