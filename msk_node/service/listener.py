@@ -387,7 +387,8 @@ class _Guard:
         request, answer = assoc.requestor.primitive, assoc.acceptor.primitive
         code = (answer.result, answer.result_source, answer.diagnostic) if answer is not None else None
         if assoc in self._refused_here:
-            reason = f"more than max_associations_per_address={self.config.max_associations_per_address} from this address"
+            limit = self.config.max_associations_per_address
+            reason = f"more than max_associations_per_address={limit} from this address"
         elif code == (0x02, 0x03, 0x02):
             reason = f"max_associations={self.config.max_associations} reached"
         else:

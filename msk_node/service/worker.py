@@ -112,7 +112,9 @@ def run_command(command: list[str], cwd: Path, log_path: Path, timeout_s: float,
                 if elapsed > timeout_s or should_stop():
                     kill_process_group(process.pid)
                     process.wait()
-                    return AppResult(False, f"timed out after {timeout_s:g} s", elapsed) if elapsed > timeout_s else None
+                    if elapsed > timeout_s:
+                        return AppResult(False, f"timed out after {timeout_s:g} s", elapsed)
+                    return None
             kill_process_group(process.pid)  # what it left running
         finally:
             if pid_file is not None:
