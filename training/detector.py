@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_KEYS = {"cases", "seed", "image_size", "epochs", "batch", "model", "val_fraction", "label_map",
                "min_box_pixels", "confidence", "augment", "real_data", "synthetic_per_map", "real_slice_stride",
-               "max_disc_gap_mm"}
+               "max_disc_gap_mm", "init_weights"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ class DetectorConfig:
     real_slice_stride: int = 2
     #: real cases with vertebral bodies only: the gap between two bodies up to this height is their disc
     max_disc_gap_mm: float = 16.0
+    #: start from these YOLO weights (e.g. the phantom detector) instead of the bare architecture
+    init_weights: str | None = None
 
 
 def load_detector_config(path: Path) -> DetectorConfig:
@@ -62,7 +64,7 @@ def load_detector_config(path: Path) -> DetectorConfig:
     if not isinstance(entries.get("cases"), dict) or not entries["cases"]:
         raise ValueError(f"{path}: 'cases' must map phantom kinds to case counts")
     defaults = DetectorConfig(cases={})
-    optional = {"augment": dict, "real_data": str}
+    optional = {"augment": dict, "real_data": str, "init_weights": str}
     for key, value in entries.items():
         expected = optional.get(key) or type(getattr(defaults, key))
         if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -165,9 +167,13 @@ def write_yolo_labels(path: Path, label_slice: np.ndarray, label_map: LabelMap, 
 
 
 def train_detector(config: DetectorConfig, run_dir: Path) -> Path:
-    """Build the phantom dataset and train YOLO from its architecture file (no download); returns best.pt."""
-    label_map = load_label_map(config.label_map)
-    data_yaml = write_yolo_dataset(config, label_map, run_dir / "dataset")
+    """Build the dataset and train YOLO from its architecture or from ``init_weights`` (no download); returns best.pt."""
+    data_yaml = write_yolo_dataset(config, load_label_map(config.label_map), run_dir / "dataset")
+    return fit_detector(config, data_yaml, run_dir)
+
+
+def fit_detector(config: DetectorConfig, data_yaml: Path, run_dir: Path) -> Path:
+    """Train YOLO on a written dataset (``data.yaml``); returns best.pt."""
     YOLO = import_yolo()
     model = YOLO(config.model)
     augment = {"fliplr": 0.5, "hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.3, "mosaic": 0.5, "scale": 0.3,
@@ -175,8 +181,17 @@ def train_detector(config: DetectorConfig, run_dir: Path) -> Path:
     model.train(data=str(data_yaml), imgsz=config.image_size, epochs=config.epochs, batch=config.batch,
                 workers=0, device="cpu", amp=False, plots=False, seed=config.seed, deterministic=True,
                 project=str((run_dir / "yolo").resolve()), name="train", exist_ok=True, verbose=False,
-                pretrained=False, **augment)
+                pretrained=_init_weights(config), **augment)
     return run_dir / "yolo" / "train" / "weights" / "best.pt"
+
+
+def _init_weights(config: DetectorConfig) -> str | bool:
+    if config.init_weights is None:
+        return False
+    weights = Path(config.init_weights)
+    if not weights.is_file():
+        raise FileNotFoundError(f"init_weights {weights} not found")
+    return str(weights.resolve())
 
 
 def export_detector(weights: Path, config: DetectorConfig, config_path: Path, target: Path) -> Path:
@@ -198,6 +213,7 @@ def export_detector(weights: Path, config: DetectorConfig, config_path: Path, ta
         "reproduce": f"msk-train detector {config_path} --export {target}",
         "training_data": json.dumps(data_description(config.cases, config.seed, config.real_data,
                                                      config.synthetic_per_map)),
+        **({"initial_weights_sha256": file_sha256(Path(config.init_weights))} if config.init_weights else {}),
     }
     (target / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     return target
