@@ -167,7 +167,7 @@ def write_yolo_labels(path: Path, label_slice: np.ndarray, label_map: LabelMap, 
 
 
 def train_detector(config: DetectorConfig, run_dir: Path) -> Path:
-    """Build the dataset and train YOLO from its architecture or from ``init_weights`` (no download); returns best.pt."""
+    """Build the dataset and train YOLO from its architecture or ``init_weights`` (no download); returns best.pt."""
     data_yaml = write_yolo_dataset(config, load_label_map(config.label_map), run_dir / "dataset")
     return fit_detector(config, data_yaml, run_dir)
 
