@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from msk_node.intensity import normalise_volume
 from msk_node.labels import load_label_map
-from training.detector import with_gap_structures
+from training.detector import fit_detector, load_detector_config, with_gap_structures
 from training.sources import load_real_data, oriented_case, read_case
 from training.synthetic import PLANES, SynthesisSettings, synthesize, write_synthetic
 
@@ -129,3 +129,15 @@ def test_real_data_config_errors_name_the_key_and_missing_files(tmp_path, monkey
     monkeypatch.delenv("MSK_NODE_DATA", raising=False)
     with pytest.raises(FileNotFoundError, match="knee-z"):
         load_real_data(tmp_path / "missing.yaml")
+
+
+def test_detector_config_names_a_wrong_key_and_missing_initial_weights(tmp_path):
+    config_path = REPO / "training" / "configs" / "default_detector.yaml"
+    (tmp_path / "typo.yaml").write_text(config_path.read_text() + "init_weight: x.pt\n")
+    with pytest.raises(ValueError, match="init_weight"):
+        load_detector_config(tmp_path / "typo.yaml")
+    (tmp_path / "missing.yaml").write_text(config_path.read_text().replace(
+        "runs/detector-phantom/yolo/train/weights/best.pt", str(tmp_path / "none.pt")))
+    config = load_detector_config(tmp_path / "missing.yaml")
+    with pytest.raises(FileNotFoundError, match="none.pt"):
+        fit_detector(config, tmp_path / "data.yaml", tmp_path / "run")
