@@ -350,10 +350,11 @@ def run_segment(args: argparse.Namespace) -> int:
     written = write_segmentation_outputs(config, results, out) + results.overlays
     pd_options = {"index": False, "float_format": lambda v: f"{v:.3f}"}
     if results.labels["subject"].nunique() == 1:
-        columns = ["model", "prompts", "postprocess", "label", "dice", "iou", "hd95_mm", "msd_mm"]
-        print("per label (3D, over the evaluated slices):")
+        columns = ["model", "prompts", "postprocess", "label", "dice", "iou", "hd95_mm", "msd_mm", "counted_slices",
+                   "missed_slices", "false_positive_slices", "dice_3d"]
+        print("per label (means over the counted slices; dice_3d over the evaluated volume):")
         print(results.labels[columns].to_string(**pd_options))
-    print("mean Dice (labels, then subjects), datasets x models:")
+    print("mean Dice per slice (over slices, labels, then subjects), datasets x models:")
     print(summarise(results)["table"].to_string(**pd_options))
     print(f"wrote {len(written)} files to {out}")
     return 0
