@@ -243,7 +243,8 @@ def _add_evaluation_options(parser: argparse.ArgumentParser, postprocess_default
                       help="litemedsam precision (default auto: bf16 where the CPU has it natively, else fp32)")
     run = parser.add_argument_group("run settings (override the --config keys)")
     run.add_argument("--prompts", nargs="+", choices=PROMPT_CHOICES, help="prompt sources (default gt)")
-    run.add_argument("--shift-px", type=float, help="largest shift of a box corner for 'shifted' (default 20)")
+    run.add_argument("--shift-px", type=float,
+                     help="largest shift of a box corner for 'shifted', in pixels of the model's input (default 20)")
     run.add_argument("--seed", type=int, help="seed of the box shifts (default 0)")
     run.add_argument("--postprocess", nargs="+", choices=("off", "on"),
                      help=f"the node's post-processing (default {postprocess_default})")

@@ -4,9 +4,9 @@ Prompt sources: ``gt`` gives one box per 2D connected component of each truth la
 ``shifted`` the same boxes with every corner moved by a seeded uniform offset of up to
 ``shift_px`` pixels of the model's input frame (the papers' robustness check, whose 20 px
 are pixels of the resized model input: 256 px for LiteMedSAM, 1024 px for SAM, MedSAM and
-SAM2), ``detector`` the boxes of the node's YOLO detector. Each slice is encoded once per model and case and its boxes decoded together;
-probabilities are thresholded at 0.5 as in the node. Post-processing, when asked for,
-is the node's own (:mod:`msk_node.postprocess`).
+SAM2), ``detector`` the boxes of the node's YOLO detector. Each slice is encoded once per
+model and case and its boxes decoded together; probabilities are thresholded at 0.5 as in
+the node. Post-processing, when asked for, is the node's own (:mod:`msk_node.postprocess`).
 """
 from __future__ import annotations
 
@@ -131,7 +131,8 @@ def segment_from_truth_boxes(
     return segment_prompts(EncodedSlices(segmenter, normalised), prompts, values)
 
 
-def dice_of_masks(masks: dict[int, np.ndarray], labels: np.ndarray, slices: Iterable[int] | None = None) -> dict[int, float]:
+def dice_of_masks(masks: dict[int, np.ndarray], labels: np.ndarray,
+                  slices: Iterable[int] | None = None) -> dict[int, float]:
     """Dice of each predicted mask against its label, over ``slices`` (all by default)."""
     chosen = list(slices) if slices is not None else slice(None)
     return {value: mask_dice(mask[chosen], labels[chosen] == value) for value, mask in masks.items()}
