@@ -70,9 +70,14 @@ def _segmentation_runs(seed: int = 0) -> tuple[pd.DataFrame, dict[str, float]]:
 
 def test_parametric_path_reproduces_published_rm_anova(weeks):
     # pingouin documentation, rm_anova on 'rm_anova_wide': F(3, 24) = 5.200652, p = 0.006557
-    omnibus, _ = stats.compare_models(_long(weeks), path="parametric")
+    omnibus, pairwise = stats.compare_models(_long(weeks), path="parametric")
     row = omnibus.iloc[0]
     assert row["test"] == "repeated-measures ANOVA"
+    # the paired t-tests give the direction as the mean difference
+    means = [(weeks[pair.model_a] - weeks[pair.model_b]).mean() for pair in pairwise.itertuples()]
+    np.testing.assert_allclose(pairwise["difference"], means)
+    assert pairwise["higher"].tolist() == [pair.model_a if mean > 0 else pair.model_b
+                                           for pair, mean in zip(pairwise.itertuples(), means)]
     assert row["statistic"] == pytest.approx(5.200652, abs=1e-6)
     assert row["p"] == pytest.approx(0.006557, abs=1e-6)
     assert row["n_subjects"] == 9 and row["n_models"] == 4
