@@ -243,7 +243,8 @@ def _add_evaluation_options(parser: argparse.ArgumentParser, postprocess_default
                       help="litemedsam precision (default auto: bf16 where the CPU has it natively, else fp32)")
     run = parser.add_argument_group("run settings (override the --config keys)")
     run.add_argument("--prompts", nargs="+", choices=PROMPT_CHOICES, help="prompt sources (default gt)")
-    run.add_argument("--shift-px", type=float, help="largest shift of a box corner for 'shifted' (default 20)")
+    run.add_argument("--shift-px", type=float,
+                     help="largest shift of a box corner for 'shifted', in pixels of the model's input (default 20)")
     run.add_argument("--seed", type=int, help="seed of the box shifts (default 0)")
     run.add_argument("--postprocess", nargs="+", choices=("off", "on"),
                      help=f"the node's post-processing (default {postprocess_default})")
@@ -350,10 +351,11 @@ def run_segment(args: argparse.Namespace) -> int:
     written = write_segmentation_outputs(config, results, out) + results.overlays
     pd_options = {"index": False, "float_format": lambda v: f"{v:.3f}"}
     if results.labels["subject"].nunique() == 1:
-        columns = ["model", "prompts", "postprocess", "label", "dice", "iou", "hd95_mm", "msd_mm"]
-        print("per label (3D, over the evaluated slices):")
+        columns = ["model", "prompts", "postprocess", "label", "dice", "iou", "hd95_mm", "msd_mm", "counted_slices",
+                   "missed_slices", "false_positive_slices", "dice_3d"]
+        print("per label (means over the counted slices; dice_3d over the evaluated volume):")
         print(results.labels[columns].to_string(**pd_options))
-    print("mean Dice (labels, then subjects), datasets x models:")
+    print("mean Dice per slice (over slices, labels, then subjects), datasets x models:")
     print(summarise(results)["table"].to_string(**pd_options))
     print(f"wrote {len(written)} files to {out}")
     return 0

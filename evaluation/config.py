@@ -31,7 +31,7 @@ Config (YAML)::
         anatomy: thigh                   # biomarkers: default from the labels' anatomy in the label map
         subjects:                        # ... or instead of root, a list of {id, image, labels}
     prompts: [gt, shifted, detector]     # default [gt]
-    shift_px: 20                         # largest box shift of `shifted`, per corner, in pixels
+    shift_px: 20                         # largest box shift of `shifted`, per corner, in model input pixels
     seed: 0                              # seed of the shifts
     postprocess: [false, true]           # node post-processing off and/or on; default [false]
     slice_step: 3                        # every Nth slice (k = N//2, N//2 + N, ...); default 1
@@ -64,7 +64,7 @@ FORMATS = ("dicom", "nifti")
 #: Zero-shot families, plus ``truth``: the truth labels themselves, to check the measurements.
 MODEL_FAMILIES = (*FAMILIES, "truth")
 from msk_node.precision import PRECISIONS
-#: The papers' box-shift robustness check moves boxes by up to 20 px.
+#: The papers' box-shift robustness check moves boxes by up to 20 px of the model's input frame.
 DEFAULT_SHIFT_PX = 20.0
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

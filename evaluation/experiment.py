@@ -2,26 +2,38 @@
 
 For every case, model, prompt source and post-processing setting the evaluated slices
 (every ``slice_step``-th) are segmented and scored per label with
-:func:`evaluation.metrics.compute_mask_metrics`: per slice in 2D with the in-plane
-spacing, per subject in 3D over the evaluated slices (their spacing is ``slice_step``
-times the slice spacing), and per dataset as means and SDs of the subjects. With
+:func:`evaluation.metrics.compute_mask_metrics`. The papers' measure is the per-slice one:
+each label is scored in 2D (in-plane spacing) on every evaluated slice where the truth or
+the prediction has it; slices where both are empty are not counted (nothing to agree on,
+and a Dice of 1 there would reward empty background). A subject's value for a label is the
+mean over its counted slices; its Dice in the tables is the mean over its labels, and a
+dataset's the mean over its subjects. An empty prediction on a slice with truth (a miss),
+or the reverse, counts with Dice 0 and the distance penalty of
+:func:`evaluation.metrics.empty_mask_penalty_mm`; both are counted per subject and label.
+The per-volume (3D) metrics over the evaluated slices (their spacing is ``slice_step``
+times the slice spacing) are kept as ``*_3d`` columns and ``table_3d.csv``. With
 ``slice_step`` > 1 the 3D steps of post-processing also see the evaluated slices as
 neighbours. On a stack of few slices most of the 3D surface is its first and last slice,
 so 3D distances compare runs over the same slices only.
 
+Models are compared per dataset on the subjects' mean per-slice Dice as paper 1 does:
+Friedman across models (Wilcoxon signed-rank for two), then pairwise Wilcoxon signed-rank
+tests with Benjamini-Hochberg correction, each pair with the direction of its difference.
+
 Output (run folder)::
 
     config.yaml                       the config as read
-    slices.csv                        one row per slice and label where truth or prediction is non-empty
-    labels.csv                        one row per subject and label: 3D metrics and voxel counts
+    slices.csv                        one row per counted slice and label (truth or prediction non-empty)
+    labels.csv                        one row per subject and label: per-slice means, slice counts, 3D metrics
     summary.csv                       per dataset, model, prompts, post-processing and label: mean and SD
     strata.csv                        slice metrics by object size (share of the slice area)
-    table.csv                         mean Dice (over labels, then subjects), datasets x models
-    metrics.json                      all of the above
+    table.csv                         mean per-slice Dice (over labels, then subjects), datasets x models
+    table_3d.csv                      the same of the per-volume Dice
+    metrics.json                      all of the above, and the comparisons
     dice_<prompts>_postprocess-<on|off>.csv          subject mean Dice, `msk-eval stats` input
     dice_by_model_<prompts>_postprocess-<on|off>.png box/raincloud plot per dataset
-    comparison.csv, pairwise.csv      Friedman/ANOVA and pairwise tests (two or more models,
-                                      three or more subjects per dataset)
+    comparison.csv, pairwise.csv      Friedman (or Wilcoxon) and pairwise Wilcoxon tests with BH-corrected
+                                      p-values (two or more models, three or more subjects per dataset)
     overlays/<dataset>/<subject>/<model>_<prompts>_postprocess-<on|off>/slice-NNN.png
     phantoms/<dataset>/seed-<seed>/   the phantoms written for the run
 """
@@ -40,12 +52,16 @@ import yaml
 
 from evaluation.cases import Case, iter_cases
 from evaluation.config import ExperimentConfig
-from evaluation.metrics import METRICS, SIZE_ORDER, compute_mask_metrics, size_stratum
-from evaluation.segment import (EncodedSlices, EvalModel, Prompts, detector_prompts, load_eval_model, postprocessed,
-                                segment_prompts, truth_prompts)
+from evaluation.metrics import (EMPTY_PREDICTION, EMPTY_TRUTH, METRICS, SIZE_ORDER, compute_mask_metrics, empty_mask,
+                                size_stratum)
+from evaluation.segment import (EncodedSlices, EvalModel, Prompts, detector_prompts, input_pixel_size,
+                                load_eval_model, postprocessed, segment_prompts, truth_prompts)
 from msk_node.labels import LabelMap
 
 KEYS = ["dataset", "model", "prompts", "postprocess"]
+SUBJECT_KEYS = [*KEYS[:1], "subject", *KEYS[1:], "label"]
+METRICS_3D = tuple(f"{metric}_3d" for metric in METRICS)
+SLICE_COUNTS = ("counted_slices", "missed_slices", "false_positive_slices")
 
 
 def _quiet(_: str) -> None:
@@ -66,9 +82,13 @@ def case_prompts(case: Case, source: str, slices: list[int], model: EvalModel, c
                  label_map: LabelMap) -> Prompts:
     if source == "detector":
         return detector_prompts(model.detector, case.normalised, slices, case.labels, label_map)
-    shift_px = config.shift_px if source == "shifted" else 0.0
-    return truth_prompts(case.truth, case.labels.values(), slices, shift_px=shift_px, seed=config.seed,
-                         min_pixels=config.min_box_pixels)
+    if source == "shifted" and model.segmenter is not None:
+        # the shift is in pixels of the model's input, as the papers shift boxes on their resized images
+        rows, cols = case.truth.shape[1:]
+        return truth_prompts(case.truth, case.labels.values(), slices, shift_px=config.shift_px, seed=config.seed,
+                             min_pixels=config.min_box_pixels,
+                             input_pixel=input_pixel_size(model.segmenter, rows, cols))
+    return truth_prompts(case.truth, case.labels.values(), slices, min_pixels=config.min_box_pixels)
 
 
 def predicted_masks(case: Case, model: EvalModel, encoded: EncodedSlices | None,
@@ -82,24 +102,39 @@ def predicted_masks(case: Case, model: EvalModel, encoded: EncodedSlices | None,
 
 def score_case(case: Case, masks: dict[str, np.ndarray], slices: list[int],
                slice_step: int) -> tuple[list[dict], list[dict]]:
-    """Slice rows and subject (3D) rows of one prediction; ``masks`` hold the evaluated slices only."""
+    """Slice rows and volume (3D) rows of one prediction; ``masks`` hold the evaluated slices only.
+
+    A slice row is written where the truth or the prediction has the label (a counted slice).
+    """
     truth = case.truth[slices]
     volume_spacing = (case.spacing[0] * slice_step, *case.pixel_spacing)
-    slice_rows, label_rows = [], []
+    slice_rows, volume_rows = [], []
     for name, value in case.labels.items():
         true, pred = truth == value, masks[name]
         if not (true.any() or pred.any()):
             continue
-        label_rows.append({"label": name, **compute_mask_metrics(pred, true, volume_spacing),
-                           "truth_voxels": int(true.sum()), "predicted_voxels": int(pred.sum()),
-                           "slices": len(slices)})
+        volume = compute_mask_metrics(pred, true, volume_spacing)
+        volume_rows.append({"label": name, **{f"{metric}_3d": volume[metric] for metric in METRICS},
+                            "truth_voxels": int(true.sum()), "predicted_voxels": int(pred.sum()),
+                            "slices": len(slices)})
         for position, index in enumerate(slices):
             if not (true[position].any() or pred[position].any()):
                 continue
             slice_rows.append({"label": name, "slice": index, "size": size_stratum(true[position]),
                                "area_share": float(true[position].mean()),
+                               "empty": empty_mask(pred[position], true[position]),
                                **compute_mask_metrics(pred[position], true[position], case.pixel_spacing)})
-    return slice_rows, label_rows
+    return slice_rows, volume_rows
+
+
+def subject_means(slices: pd.DataFrame, volumes: pd.DataFrame) -> pd.DataFrame:
+    """One row per subject and label: its slice metrics averaged over its counted slices, then its 3D metrics."""
+    means = (slices.groupby(SUBJECT_KEYS, sort=False)
+             .agg(**{metric: (metric, "mean") for metric in METRICS}, counted_slices=("slice", "size"),
+                  missed_slices=("empty", lambda empty: int((empty == EMPTY_PREDICTION).sum())),
+                  false_positive_slices=("empty", lambda empty: int((empty == EMPTY_TRUTH).sum())))
+             .reset_index())
+    return means.merge(volumes, on=SUBJECT_KEYS, how="left", validate="one_to_one")
 
 
 @dataclass
@@ -114,7 +149,7 @@ def evaluate_segmentation(config: ExperimentConfig, out_dir: Path,
     """Segment and score every case of ``config``; phantoms and overlays are written below ``out_dir``."""
     label_map = config.label_map
     models = load_models_of(config)
-    slice_rows, label_rows, overlays = [], [], []
+    slice_rows, volume_rows, overlays = [], [], []
     for dataset in config.datasets:
         for case in iter_cases(dataset, label_map, out_dir / "phantoms"):
             slices = list(range(config.slice_step // 2, len(case.truth), config.slice_step))
@@ -128,18 +163,18 @@ def evaluate_segmentation(config: ExperimentConfig, out_dir: Path,
                         masks = postprocessed(raw, label_map, case.pixel_spacing) if postprocess else raw
                         keys = {"dataset": case.dataset, "subject": case.subject, "model": model.name,
                                 "prompts": source, "postprocess": "on" if postprocess else "off"}
-                        case_slices, case_labels = score_case(case, masks, slices, config.slice_step)
+                        case_slices, case_volumes = score_case(case, masks, slices, config.slice_step)
                         slice_rows += [{**keys, **row} for row in case_slices]
-                        label_rows += [{**keys, **row} for row in case_labels]
+                        volume_rows += [{**keys, **row} for row in case_volumes]
                         if config.overlay_every:
                             overlays += _overlays(case, masks, slices, prompts, keys, config.overlay_every,
                                                   label_map, out_dir)
                     progress(f"{case.dataset}/{case.subject}: {model.name}, {source} prompts: "
                              f"{time.perf_counter() - start:.1f} s")
-    slice_columns = [*KEYS[:1], "subject", *KEYS[1:], "label", "slice", "size", "area_share", *METRICS]
-    label_columns = [*KEYS[:1], "subject", *KEYS[1:], "label", *METRICS, "truth_voxels", "predicted_voxels", "slices"]
-    return SegmentationResults(pd.DataFrame(slice_rows, columns=slice_columns),
-                               pd.DataFrame(label_rows, columns=label_columns), overlays)
+    slices_table = pd.DataFrame(slice_rows, columns=[*SUBJECT_KEYS, "slice", "size", "area_share", "empty", *METRICS])
+    volumes = pd.DataFrame(volume_rows, columns=[*SUBJECT_KEYS, *METRICS_3D, "truth_voxels", "predicted_voxels",
+                                                 "slices"])
+    return SegmentationResults(slices_table, subject_means(slices_table, volumes), overlays)
 
 
 def _overlays(case: Case, masks: dict[str, np.ndarray], slices: list[int], prompts: Prompts, keys: dict[str, str],
@@ -166,22 +201,27 @@ def _overlays(case: Case, masks: dict[str, np.ndarray], slices: list[int], promp
 
 
 def summarise(results: SegmentationResults) -> dict[str, pd.DataFrame]:
-    """Per-dataset aggregates, size strata, subject mean Dice and the datasets x models table."""
+    """Per-dataset aggregates, size strata, subject mean Dice and the datasets x models tables.
+
+    ``subjects`` and ``table`` hold the per-slice Dice (over labels, then subjects), ``table_3d`` the per-volume one.
+    """
     labels, slices = results.labels, results.slices
-    statistics = {f"{metric}_{name}": (metric, name) for metric in METRICS for name in ("mean", "std")}
+    statistics = {f"{metric}_{name}": (metric, name) for metric in (*METRICS, *METRICS_3D) for name in ("mean", "std")}
     summary = (labels.groupby([*KEYS, "label"], sort=False)
-               .agg(subjects=("subject", "nunique"), **statistics).reset_index())
+               .agg(subjects=("subject", "nunique"), **statistics, **{n: (n, "sum") for n in SLICE_COUNTS})
+               .reset_index())
     strata = (slices.groupby([*KEYS, "size"], sort=False)
               .agg(slices=("dice", "size"), **{f"{m}_mean": (m, "mean") for m in METRICS}).reset_index())
     strata["size"] = pd.Categorical(strata["size"], SIZE_ORDER, ordered=True)
     strata = strata.sort_values([*KEYS, "size"], kind="stable")
     strata["size"] = strata["size"].astype(str)
-    subjects = labels.groupby([*KEYS, "subject"], sort=False)["dice"].mean().reset_index()
+    subjects = labels.groupby([*KEYS, "subject"], sort=False)[["dice", "dice_3d"]].mean().reset_index()
     models = list(dict.fromkeys(labels["model"]))
-    table = (subjects.pivot_table(index=["dataset", "prompts", "postprocess"], columns="model", values="dice",
-                                  aggfunc="mean", sort=False)
-             .reindex(columns=models).reset_index().rename_axis(columns=None))
-    return {"summary": summary, "strata": strata, "subjects": subjects, "table": table}
+    tables = {name: (subjects.pivot_table(index=["dataset", "prompts", "postprocess"], columns="model", values=value,
+                                          aggfunc="mean", sort=False)
+                     .reindex(columns=models).reset_index().rename_axis(columns=None))
+              for name, value in (("table", "dice"), ("table_3d", "dice_3d"))}
+    return {"summary": summary, "strata": strata, "subjects": subjects[[*KEYS, "subject", "dice"]], **tables}
 
 
 def write_segmentation_outputs(config: ExperimentConfig, results: SegmentationResults, out_dir: Path) -> list[Path]:
@@ -190,13 +230,10 @@ def write_segmentation_outputs(config: ExperimentConfig, results: SegmentationRe
 
     aggregates = summarise(results)
     frames = {"slices": results.slices, "labels": results.labels, "summary": aggregates["summary"],
-              "strata": aggregates["strata"], "table": aggregates["table"]}
+              "strata": aggregates["strata"], "table": aggregates["table"], "table_3d": aggregates["table_3d"]}
     written = [write_config(config, out_dir)]
     for name, frame in frames.items():
         written.append(_csv(frame, out_dir / f"{name}.csv"))
-    (out_dir / "metrics.json").write_text(json.dumps({name: _records(frame) for name, frame in frames.items()},
-                                                     indent=1))
-    written.append(out_dir / "metrics.json")
 
     columns = stats.Columns(value="dice")
     comparisons, pairs = [], []
@@ -212,17 +249,20 @@ def write_segmentation_outputs(config: ExperimentConfig, results: SegmentationRe
             try:
                 if reason:
                     raise ValueError(reason)
-                omnibus, pairwise = stats.compare_models(subset, columns)
+                omnibus, pairwise = stats.compare_models(subset, columns, path="nonparametric")
             except ValueError as error:
                 omnibus, pairwise = pd.DataFrame([{"dataset": dataset, "test": "not run", "reason": str(error)}]), None
             setting_columns = {"prompts": source, "postprocess": postprocess}
             comparisons.append(omnibus.assign(**setting_columns))
             if pairwise is not None:
                 pairs.append(pairwise.assign(**setting_columns))
-    if comparisons:
-        written.append(_csv(_settings_first(pd.concat(comparisons, ignore_index=True)), out_dir / "comparison.csv"))
-    if pairs:
-        written.append(_csv(_settings_first(pd.concat(pairs, ignore_index=True)), out_dir / "pairwise.csv"))
+    for name, tests in (("comparison", comparisons), ("pairwise", pairs)):
+        if tests:
+            frames[name] = _settings_first(pd.concat(tests, ignore_index=True))
+            written.append(_csv(frames[name], out_dir / f"{name}.csv"))
+    (out_dir / "metrics.json").write_text(json.dumps({name: _records(frame) for name, frame in frames.items()},
+                                                     indent=1))
+    written.append(out_dir / "metrics.json")
     return written
 
 

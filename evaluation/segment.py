@@ -2,10 +2,11 @@
 
 Prompt sources: ``gt`` gives one box per 2D connected component of each truth label,
 ``shifted`` the same boxes with every corner moved by a seeded uniform offset of up to
-``shift_px`` (the papers' robustness check), ``detector`` the boxes of the node's YOLO
-detector. Each slice is encoded once per model and case and its boxes decoded together;
-probabilities are thresholded at 0.5 as in the node. Post-processing, when asked for,
-is the node's own (:mod:`msk_node.postprocess`).
+``shift_px`` pixels of the model's input frame (the papers' robustness check, whose 20 px
+are pixels of the resized model input: 256 px for LiteMedSAM, 1024 px for SAM, MedSAM and
+SAM2), ``detector`` the boxes of the node's YOLO detector. Each slice is encoded once per
+model and case and its boxes decoded together; probabilities are thresholded at 0.5 as in
+the node. Post-processing, when asked for, is the node's own (:mod:`msk_node.postprocess`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from evaluation.config import ModelSpec
+from msk_node.intensity import SquareFrame
 from msk_node.labels import LabelMap
 from msk_node.metrics import mask_dice
 from msk_node.postprocess import THRESHOLD, merge_labels, postprocess_masks
@@ -28,15 +30,37 @@ Box = tuple[float, float, float, float]
 Prompts = dict[int, list[tuple[int, Box]]]
 
 
+def input_pixel_size(segmenter: BoxSegmenter, rows: int, cols: int) -> tuple[float, float]:
+    """Slice pixels per pixel of the model's input along x (columns) and y (rows) for a ``rows x cols`` slice.
+
+    LiteMedSAM, SAM and MedSAM pad the slice to a square and resize it (:class:`SquareFrame`);
+    SAM2 stretches it to its square input size.
+    """
+    if segmenter.family == "sam2":
+        size = segmenter.predictor.model.image_size
+        return cols / size, rows / size
+    if segmenter.family == "litemedsam":
+        from msk_node.segmenters.litemedsam import INPUT_SIZE
+    elif segmenter.family in ("sam", "medsam"):
+        from msk_node.segmenters.sam import INPUT_SIZE
+    else:
+        raise ValueError(f"input size of segmenter family {segmenter.family!r} unknown")
+    scale = SquareFrame(rows, cols, INPUT_SIZE).scale
+    return scale, scale
+
+
 def truth_prompts(labels: np.ndarray, values: Iterable[int], slices: Iterable[int], *, shift_px: float = 0.0,
-                  seed: int = 0, min_pixels: int = 10) -> Prompts:
+                  seed: int = 0, min_pixels: int = 10, input_pixel: tuple[float, float] = (1.0, 1.0)) -> Prompts:
     """One box per truth component of each label value on each of ``slices``, optionally shifted.
 
-    Shifted corners are clipped to the slice.
+    Each corner coordinate moves by a seeded uniform offset in ``[-shift_px, shift_px]`` pixels of the
+    model's input, ``input_pixel`` (:func:`input_pixel_size`) slice pixels each along x and y; shifted
+    corners are clipped to the slice.
     """
     values = list(values)
     rng = np.random.default_rng(seed)
     rows, cols = labels.shape[1:]
+    to_slice = np.array([input_pixel[0], input_pixel[1]] * 2, dtype=np.float32)
     prompts: Prompts = {}
     for index in slices:
         found = instance_boxes(labels[index], values, min_pixels)
@@ -44,7 +68,7 @@ def truth_prompts(labels: np.ndarray, values: Iterable[int], slices: Iterable[in
             continue
         boxes = np.array([box for _, box in found], dtype=np.float32)
         if shift_px:
-            boxes += rng.uniform(-shift_px, shift_px, size=boxes.shape).astype(np.float32)
+            boxes += rng.uniform(-shift_px, shift_px, size=boxes.shape).astype(np.float32) * to_slice
             boxes = np.clip(boxes, 0, [cols - 1, rows - 1, cols - 1, rows - 1]).astype(np.float32)
         prompts[index] = [(value, tuple(float(v) for v in box)) for (value, _), box in zip(found, boxes)]
     return prompts
@@ -95,22 +119,20 @@ def segment_from_truth_boxes(
     values: Iterable[int],
     *,
     slices: Iterable[int] | None = None,
-    shift_px: float = 0.0,
-    seed: int = 0,
     min_pixels: int = 10,
 ) -> dict[int, np.ndarray]:
     """Binary masks (one per label value, on the volume's grid) predicted from truth boxes.
 
-    ``shift_px`` moves every box corner by a uniform random offset in ``[-shift_px, shift_px]``
-    (seeded); slices outside ``slices`` stay empty.
+    Slices outside ``slices`` stay empty.
     """
     values = list(values)
     prompts = truth_prompts(labels, values, slices if slices is not None else range(len(labels)),
-                            shift_px=shift_px, seed=seed, min_pixels=min_pixels)
+                            min_pixels=min_pixels)
     return segment_prompts(EncodedSlices(segmenter, normalised), prompts, values)
 
 
-def dice_of_masks(masks: dict[int, np.ndarray], labels: np.ndarray, slices: Iterable[int] | None = None) -> dict[int, float]:
+def dice_of_masks(masks: dict[int, np.ndarray], labels: np.ndarray,
+                  slices: Iterable[int] | None = None) -> dict[int, float]:
     """Dice of each predicted mask against its label, over ``slices`` (all by default)."""
     chosen = list(slices) if slices is not None else slice(None)
     return {value: mask_dice(mask[chosen], labels[chosen] == value) for value, mask in masks.items()}

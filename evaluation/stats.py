@@ -121,7 +121,9 @@ def compare_models(data: pd.DataFrame, columns: Columns = Columns(), alpha: floa
     -------
     omnibus, pairwise
         One row per dataset (checks, the path taken, test, statistic, p) and one row per dataset and
-        pair of models (uncorrected and Benjamini-Hochberg corrected p, within each dataset).
+        pair of models (uncorrected and Benjamini-Hochberg corrected p, within each dataset; the
+        effect direction as the mean or median of ``model_a - model_b`` over subjects, following the
+        test, and ``higher``, the model it favours, empty when it is 0).
 
     Raises
     ------
@@ -166,13 +168,23 @@ def compare_models(data: pd.DataFrame, columns: Columns = Columns(), alpha: floa
             row = row._asdict()
             # pingouin corrects nothing for a single pair, whose corrected p is its own
             corrected = float(row.get("p_corr", row["p_unc"]))
+            difference, difference_of = _paired_difference(complete[row["A"]] - complete[row["B"]], parametric)
             pairwise.append({
                 columns.dataset: dataset, "model_a": row["A"], "model_b": row["B"],
                 "test": "paired t-test" if parametric else "Wilcoxon signed-rank",
                 "statistic": float(row[statistic_column]), "p_unc": float(row["p_unc"]),
                 "p_fdr_bh": corrected, "significant": corrected < alpha,
+                "difference": difference, "difference_of": difference_of,
+                "higher": row["A"] if difference > 0 else row["B"] if difference < 0 else "",
             })
     return pd.DataFrame(omnibus), pd.DataFrame(pairwise)
+
+
+def _paired_difference(differences: pd.Series, parametric: bool) -> tuple[float, str]:
+    """The effect of a pair as each path tests it: the mean (t-test) or median (Wilcoxon) of ``a - b``."""
+    if parametric:
+        return float(differences.mean()), "mean of a - b"
+    return float(differences.median()), "median of a - b"
 
 
 def _omnibus(wide: pd.DataFrame, long: pd.DataFrame, columns: Columns,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,10 @@ import yaml
 
 from evaluation import cli
 from evaluation.config import load_experiment_config, parse_experiment_config
-from evaluation.metrics import compute_mask_metrics, size_stratum
+from evaluation.experiment import SegmentationResults, score_case, subject_means, summarise
+from evaluation.metrics import compute_mask_metrics, empty_mask, empty_mask_penalty_mm, size_stratum
+from evaluation.segment import input_pixel_size, truth_prompts
+from msk_node.intensity import SquareFrame
 from msk_node.phantoms import write_phantom
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,18 +46,27 @@ def test_concentric_spheres_give_their_gap_in_mm_on_anisotropic_grids(spacing):
     assert scores["iou"] == pytest.approx(10 ** 3 / 13 ** 3, abs=0.03)
 
 
-def test_empty_masks_give_nan_never_zero_distances():
-    truth = np.zeros((20, 20), bool)
+def test_an_empty_mask_counts_with_the_image_diagonal_and_both_empty_drop_out():
+    truth = np.zeros((20, 30), bool)
     truth[5:10, 5:10] = True
-    both_empty = compute_mask_metrics(np.zeros_like(truth), np.zeros_like(truth), (1.0, 1.0))
+    spacing = (0.5, 2.0)
+    diagonal = np.hypot(20 * 0.5, 30 * 2.0)  # 60.83 mm: the slice's field of view
+    both_empty = compute_mask_metrics(np.zeros_like(truth), np.zeros_like(truth), spacing)
     assert all(np.isnan(v) for v in both_empty.values())
-    with pytest.warns(UserWarning, match="prediction is empty"):
-        missed = compute_mask_metrics(np.zeros_like(truth), truth, (1.0, 1.0))
-    with pytest.warns(UserWarning, match="truth is empty"):
-        false_positive = compute_mask_metrics(truth, np.zeros_like(truth), (1.0, 1.0))
+    assert empty_mask(np.zeros_like(truth), np.zeros_like(truth)) == ""
+    missed = compute_mask_metrics(np.zeros_like(truth), truth, spacing)
+    false_positive = compute_mask_metrics(truth, np.zeros_like(truth), spacing)
     for scores in (missed, false_positive):
-        assert scores["dice"] == 0 and scores["iou"] == 0
-        assert np.isnan(scores["hd95_mm"]) and np.isnan(scores["msd_mm"])
+        assert scores == {"dice": 0.0, "iou": 0.0, "hd95_mm": pytest.approx(diagonal),
+                          "msd_mm": pytest.approx(diagonal)}
+    assert empty_mask(np.zeros_like(truth), truth) == "prediction"
+    assert empty_mask(truth, np.zeros_like(truth)) == "truth"
+    assert empty_mask(truth, truth) == ""
+    assert empty_mask_penalty_mm((4, 20, 30), (3.0, 0.5, 2.0)) == pytest.approx(np.hypot(12.0, diagonal))
+    # the penalty outweighs any distance two non-empty masks on the grid can have
+    corner = np.zeros_like(truth)
+    corner[-1, -1] = True
+    assert compute_mask_metrics(corner, truth, spacing)["hd95_mm"] < diagonal
     with pytest.raises(ValueError, match="spacing"):
         compute_mask_metrics(truth, truth, (1.0,))
 
@@ -67,6 +80,79 @@ def test_size_strata_are_shares_of_the_slice_area():
     assert size_stratum(slice_) == "medium"
     slice_.flat[:400] = True
     assert size_stratum(slice_) == "large"
+
+
+# --- per-slice Dice averaged per subject ----------------------------------------------------------
+
+
+def _case(truth: np.ndarray, labels: dict[str, int]) -> SimpleNamespace:
+    return SimpleNamespace(truth=truth, labels=labels, spacing=(3.0, 1.0, 1.0), pixel_spacing=(1.0, 1.0))
+
+
+def test_subject_dice_is_the_mean_over_slices_where_truth_or_prediction_has_the_label():
+    # four 10 x 10 slices of one label; slice 3 is empty in both and is not counted
+    truth = np.zeros((4, 10, 10), np.uint8)
+    truth[0, 0:4, 0:5] = 1  # 20 px, predicted exactly: Dice 1
+    truth[1, 0:4, 0:5] = 1  # 20 px, predicted half (10 px): Dice 2 * 10 / 30
+    prediction = np.zeros((4, 10, 10), bool)
+    prediction[0] = truth[0] == 1
+    prediction[1, 0:2, 0:5] = True
+    prediction[2, 5:7, 5:7] = True  # 4 px where the truth has nothing: Dice 0, an empty truth
+    slices, volumes = score_case(_case(truth, {"femur": 1}), {"femur": prediction}, [0, 1, 2, 3], slice_step=1)
+    assert [row["slice"] for row in slices] == [0, 1, 2]
+    assert [row["dice"] for row in slices] == pytest.approx([1.0, 2 / 3, 0.0])
+    assert [row["empty"] for row in slices] == ["", "", "truth"]
+    assert slices[2]["hd95_mm"] == pytest.approx(np.hypot(10, 10))
+    keys = {"dataset": "d", "subject": "s", "model": "m", "prompts": "gt", "postprocess": "off"}
+    table = subject_means(pd.DataFrame([{**keys, **row} for row in slices]),
+                          pd.DataFrame([{**keys, **row} for row in volumes]))
+    row = table.iloc[0]
+    assert row["dice"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert (row["counted_slices"], row["missed_slices"], row["false_positive_slices"]) == (3, 0, 1)
+    # the per-volume Dice pools the voxels: 2 * 30 / (40 + 34)
+    assert row["dice_3d"] == pytest.approx(60 / 74)
+
+
+def test_the_default_table_averages_slices_then_labels_then_subjects():
+    keys = {"dataset": "d", "model": "m", "prompts": "gt", "postprocess": "off", "size": "large",
+            "area_share": 0.1, "empty": "", "iou": 0.5, "hd95_mm": 1.0, "msd_mm": 1.0}
+    slice_dice = {("s1", "femur"): [1.0, 0.5], ("s1", "tibia"): [0.0], ("s2", "femur"): [0.8, 0.6, 0.4]}
+    slices = pd.DataFrame([{**keys, "subject": subject, "label": label, "slice": index, "dice": dice}
+                           for (subject, label), values in slice_dice.items() for index, dice in enumerate(values)])
+    volumes = pd.DataFrame([{**{k: keys[k] for k in ("dataset", "model", "prompts", "postprocess")},
+                             "subject": subject, "label": label, "dice_3d": 0.9, "iou_3d": 0.8, "hd95_mm_3d": 1.0,
+                             "msd_mm_3d": 1.0, "truth_voxels": 1, "predicted_voxels": 1, "slices": 3}
+                            for subject, label in slice_dice])
+    aggregates = summarise(SegmentationResults(slices, subject_means(slices, volumes), []))
+    # s1: labels 0.75 and 0.0 -> 0.375; s2: 0.6; dataset: (0.375 + 0.6) / 2
+    assert aggregates["table"]["m"].iloc[0] == pytest.approx((0.375 + 0.6) / 2)
+    assert aggregates["table_3d"]["m"].iloc[0] == pytest.approx(0.9)
+    assert aggregates["subjects"].set_index("subject")["dice"].to_dict() == pytest.approx({"s1": 0.375, "s2": 0.6})
+
+
+# --- box shift in the model's input frame ----------------------------------------------------------
+
+
+def test_box_shift_is_drawn_in_pixels_of_the_model_input():
+    # a 100 x 200 slice: LiteMedSAM pads it to 200 x 200 and resizes to 256, so one input pixel is 0.78 px
+    labels = np.zeros((1, 100, 200), np.uint8)
+    labels[0, 20:60, 30:150] = 1
+    frame = SquareFrame(100, 200, 256)
+    assert input_pixel_size(SimpleNamespace(family="litemedsam"), 100, 200) == (frame.scale, frame.scale)
+    assert input_pixel_size(SimpleNamespace(family="sam"), 100, 200) == (200 / 1024, 200 / 1024)
+    sam2 = SimpleNamespace(family="sam2", predictor=SimpleNamespace(model=SimpleNamespace(image_size=1024)))
+    assert input_pixel_size(sam2, 100, 200) == (200 / 1024, 100 / 1024)  # stretched, not padded
+
+    plain = np.array(truth_prompts(labels, [1], [0])[0][0][1])
+    shifted = np.array(truth_prompts(labels, [1], [0], shift_px=20, seed=3,
+                                     input_pixel=(frame.scale, frame.scale))[0][0][1])
+    drawn = np.random.default_rng(3).uniform(-20, 20, size=(1, 4))[0]
+    np.testing.assert_allclose(frame.boxes_to_model(shifted) - frame.boxes_to_model(plain), drawn, atol=1e-4)
+    np.testing.assert_allclose(shifted - plain, drawn * 200 / 256, atol=1e-4)
+    # SAM2's frame scales x and y apart
+    shifted = np.array(truth_prompts(labels, [1], [0], shift_px=20, seed=3,
+                                     input_pixel=(200 / 1024, 100 / 1024))[0][0][1])
+    np.testing.assert_allclose(shifted - plain, drawn * np.tile([200 / 1024, 100 / 1024], 2), atol=1e-4)
 
 
 # --- one NIfTI case through the CLI -------------------------------------------------------------------

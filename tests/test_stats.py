@@ -70,9 +70,14 @@ def _segmentation_runs(seed: int = 0) -> tuple[pd.DataFrame, dict[str, float]]:
 
 def test_parametric_path_reproduces_published_rm_anova(weeks):
     # pingouin documentation, rm_anova on 'rm_anova_wide': F(3, 24) = 5.200652, p = 0.006557
-    omnibus, _ = stats.compare_models(_long(weeks), path="parametric")
+    omnibus, pairwise = stats.compare_models(_long(weeks), path="parametric")
     row = omnibus.iloc[0]
     assert row["test"] == "repeated-measures ANOVA"
+    # the paired t-tests give the direction as the mean difference
+    means = [(weeks[pair.model_a] - weeks[pair.model_b]).mean() for pair in pairwise.itertuples()]
+    np.testing.assert_allclose(pairwise["difference"], means)
+    assert pairwise["higher"].tolist() == [pair.model_a if mean > 0 else pair.model_b
+                                           for pair, mean in zip(pairwise.itertuples(), means)]
     assert row["statistic"] == pytest.approx(5.200652, abs=1e-6)
     assert row["p"] == pytest.approx(0.006557, abs=1e-6)
     assert row["n_subjects"] == 9 and row["n_models"] == 4
@@ -104,6 +109,35 @@ def test_friedman_and_posthoc_wilcoxon_match_scipy_and_pingouin(weeks):
     corrected = multipletests(pairwise["p_unc"], method="fdr_bh")[1]
     np.testing.assert_allclose(pairwise["p_fdr_bh"], corrected)
     assert (pairwise["significant"] == (corrected < 0.05)).all()
+
+
+def test_a_small_dice_table_gives_scipy_friedman_wilcoxon_and_statsmodels_bh():
+    # subject mean Dice of three models on eight subjects; paired differences have no ties, so the
+    # Wilcoxon p-values are exact: sam2 beats both on all subjects, sam beats medsam on all but s4 and s6
+    dice = pd.DataFrame({
+        "medsam": [0.51, 0.62, 0.49, 0.55, 0.64, 0.47, 0.70, 0.57],
+        "sam": [0.70, 0.74, 0.69, 0.72, 0.61, 0.73, 0.68, 0.71],
+        "sam2": [0.80, 0.78, 0.77, 0.85, 0.66, 0.82, 0.83, 0.74],
+    }, index=[f"s{i}" for i in range(8)])
+    omnibus, pairwise = stats.compare_models(_long(dice), path="nonparametric")
+    # rank sums 10, 14, 24: Q = 12 / (8 * 3 * 4) * (10**2 + 14**2 + 24**2) - 3 * 8 * 4 = 13, p = exp(-13 / 2)
+    friedman = scipy_stats.friedmanchisquare(dice["medsam"], dice["sam"], dice["sam2"])
+    assert omnibus.iloc[0][["test", "statistic", "p"]].tolist() == pytest.approx(
+        ["Friedman", friedman.statistic, friedman.pvalue])
+    assert omnibus.iloc[0][["statistic", "p"]].tolist() == pytest.approx([13.0, np.exp(-6.5)])
+
+    pairs = [("medsam", "sam"), ("medsam", "sam2"), ("sam", "sam2")]
+    assert list(zip(pairwise["model_a"], pairwise["model_b"])) == pairs
+    p_unc = [scipy_stats.wilcoxon(dice[a], dice[b]).pvalue for a, b in pairs]
+    np.testing.assert_allclose(pairwise["p_unc"], p_unc)
+    # exact: W = 1 + 2 = 3 has 5 of 2**8 sign patterns at or below it; W = 0 has 1; two-sided
+    np.testing.assert_allclose(pairwise["p_unc"], [10 / 256, 2 / 256, 2 / 256])
+    np.testing.assert_allclose(pairwise["p_fdr_bh"], multipletests(p_unc, method="fdr_bh")[1])
+    np.testing.assert_allclose(pairwise["p_fdr_bh"], [10 / 256, 3 / 256, 3 / 256])  # BH: 2/256 * 3/2
+    assert pairwise["significant"].all()
+    assert pairwise["higher"].tolist() == ["sam", "sam2", "sam2"]
+    np.testing.assert_allclose(pairwise["difference"], [-0.155, -0.225, -0.085], atol=1e-9)
+    assert set(pairwise["difference_of"]) == {"median of a - b"}
 
 
 def test_two_models_are_compared_by_wilcoxon_or_paired_t(weeks):
