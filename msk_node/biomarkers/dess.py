@@ -70,13 +70,10 @@ def dess_parameters(ds: pydicom.Dataset) -> DessParameters:
         if value in (None, "") or not float(value) > 0:
             raise ValueError(f"DESS T2 needs {keyword}, missing or not positive")
         values[keyword] = float(value)
-    try:
-        block = ds.private_block(0x0019, _GE_CREATOR)
-        area = float(block[_GE_SPOILER_AREA].value)
-        duration = float(block[_GE_SPOILER_DURATION].value)
-    except (KeyError, ValueError, TypeError) as error:
+    area, duration = (_ge_acquisition_value(ds, element) for element in (_GE_SPOILER_AREA, _GE_SPOILER_DURATION))
+    if area is None or duration is None:
         raise ValueError("DESS T2 needs the spoiler gradient area and duration "
-                         f"({_GE_CREATOR} user data 15/16), not in the header") from error
+                         f"({_GE_CREATOR} user data 15/16), not in the header")
     if not (area > 0 and duration > 0):
         raise ValueError(f"DESS T2: spoiler area {area} / duration {duration} not positive")
     return DessParameters(values["RepetitionTime"], values["EchoTime"], values["FlipAngle"],
@@ -138,3 +135,15 @@ def dess_t2_map(series: Sequence[Sequence[pydicom.Dataset]]) -> RelaxationMap:
     geometry = first.volume.volume
     return RelaxationMap(t2, first.volume.array.astype(np.float64), np.full(t2.shape, np.nan), geometry,
                          (first.time_ms, second.time_ms), "dess_t2", list(first.volume.datasets), sigma)
+
+
+def _ge_acquisition_value(ds: pydicom.Dataset, element: int) -> float | None:
+    """A number from GE's private acquisition block, wherever the creator reserved it; None if absent."""
+    for block in range(0x10, 0x100):
+        if str(ds.get((0x0019, block), pydicom.DataElement(0, "LO", "")).value).strip() == _GE_CREATOR:
+            found = ds.get((0x0019, (block << 8) | element))
+            try:
+                return float(found.value) if found is not None else None
+            except (TypeError, ValueError):
+                return None
+    return None
