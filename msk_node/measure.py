@@ -14,8 +14,10 @@ import re
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+from highdicom import Volume
 
 from msk_node.biomarkers import Measurement, unavailable
+from msk_node.biomarkers.alignment import align_to_map, moved_volume
 from msk_node.biomarkers.cartilage import SplitPlane, cartilage_thickness, split_by_plane
 from msk_node.biomarkers.dess import dess_t2_map
 from msk_node.biomarkers.disc import disc_heights
@@ -26,7 +28,7 @@ from msk_node.codes import DISC_LEVELS
 from msk_node.labels import LabelMap
 from msk_node.parallel import thread_map
 from msk_node.sr_writer import MeasurementGroup
-from msk_node.volume import SeriesVolume
+from msk_node.volume import SeriesVolume, series_to_volume
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +126,7 @@ def _relaxation(kind: str, group: list[Series], volume: SeriesVolume, label_volu
     except ValueError as error:
         logger.warning("%s map not fitted: %s", kind, error)
         return None, [unavailable(name, plate, "ms", f"{kind} fit", f"no {kind} map: {error}") for plate in plates]
+    source, registration = _aligned_morphology(volume, fitted)
     results = []
     for plate, value in plates.items():
         parts = {plate: label_volume == value}
@@ -132,9 +135,21 @@ def _relaxation(kind: str, group: list[Series], volume: SeriesVolume, label_volu
             positive, negative = split_by_plane(parts[plate], volume.volume.affine, plane.point, plane.normal)
             parts.update({f"{plate}_{plane.names[0]}": positive, f"{plate}_{plane.names[1]}": negative})
         for label, mask in parts.items():
-            fraction = mask_on_grid(mask, volume.volume, fitted.geometry)
-            results.append(mean_relaxation(fitted.t_ms, fraction, label, name=name, noise_sigma=fitted.noise_sigma))
+            fraction = mask_on_grid(mask, source, fitted.geometry)
+            m = mean_relaxation(fitted.t_ms, fraction, label, name=name, noise_sigma=fitted.noise_sigma)
+            results.append(replace(m, extra={**m.extra, **registration}))
     return fitted, results
+
+
+def _aligned_morphology(volume: SeriesVolume, fitted: RelaxationMap) -> tuple[Volume, dict[str, object]]:
+    """The morphology grid in the map's patient space: moved by a rigid registration when the knee moved between."""
+    if fitted.source_datasets[0].SeriesInstanceUID == volume.datasets[0].SeriesInstanceUID:
+        return volume.volume, {}  # fitted from the segmented series itself (DESS): nothing can have moved
+    alignment = align_to_map(volume.volume, series_to_volume(fitted.source_datasets).volume)
+    if alignment.registered:
+        logger.info("%s series registered to the morphology: anatomy moved %.1f mm", fitted.kind, alignment.shift_mm)
+    return (moved_volume(volume.volume, alignment.matrix),
+            {"registered": alignment.registered, "registration_shift_mm": alignment.shift_mm})
 
 
 def _plate_of(label: str) -> str:
