@@ -99,6 +99,10 @@ def _knee(volume: SeriesVolume, label_volume: np.ndarray, label_map: LabelMap, s
     return maps
 
 
+_MODELS = {"t1rho": "mono-exponential spin-lock fit", "t2": "mono-exponential multi-echo fit",
+           "dess_t2": "two-echo DESS model (Sveinsson 2017)"}
+
+
 def _echo_times(group: list[Series]) -> set[float]:
     return {round(float(ds.EchoTime), 6) for s in group for ds in s.datasets
             if ds.get("EchoTime") not in (None, "") and not is_derived(ds)}
@@ -116,16 +120,20 @@ def _medial_lateral_split(volume: SeriesVolume, label_volume: np.ndarray,
     return {"tibial_cartilage": SplitPlane.knee_medial_lateral(float(centre[0]), "+x" if laterality == "R" else "-x")}
 
 
-def _relaxation(kind: str, group: list[Series], volume: SeriesVolume, label_volume: np.ndarray,
-                plates: dict[str, int], splits: dict[str, SplitPlane]) -> tuple[RelaxationMap | None, list[Measurement]]:
-    """The map of one acquisition and its mean per plate and plate part; NaN with the reason when it cannot be fitted."""
-    name = f"{kind}_mean"
+def _relaxation(kind: str, group: list[Series], volume: SeriesVolume, label_volume: np.ndarray, plates: dict[str, int],
+                splits: dict[str, SplitPlane]) -> tuple[RelaxationMap | None, list[Measurement]]:
+    """The map of one acquisition and its mean per plate and plate part; NaN with the reason when it cannot be fitted.
+
+    DESS T2 is reported as ``t2_mean`` (the quantity is T2; the SR codes it so), its method naming the DESS model.
+    """
+    name = "t2_mean" if kind == "dess_t2" else f"{kind}_mean"
+    model = _MODELS[kind]
     try:
         datasets = [s.datasets for s in group]
         fitted = dess_t2_map(datasets) if kind == "dess_t2" else relaxation_map(kind, datasets)
     except ValueError as error:
         logger.warning("%s map not fitted: %s", kind, error)
-        return None, [unavailable(name, plate, "ms", f"{kind} fit", f"no {kind} map: {error}") for plate in plates]
+        return None, [unavailable(name, plate, "ms", model, f"no {kind} map: {error}") for plate in plates]
     source, registration = _aligned_morphology(volume, fitted)
     results = []
     for plate, value in plates.items():
@@ -137,7 +145,7 @@ def _relaxation(kind: str, group: list[Series], volume: SeriesVolume, label_volu
         for label, mask in parts.items():
             fraction = mask_on_grid(mask, source, fitted.geometry)
             m = mean_relaxation(fitted.t_ms, fraction, label, name=name, noise_sigma=fitted.noise_sigma)
-            results.append(replace(m, extra={**m.extra, **registration}))
+            results.append(replace(m, method=f"{model}; {m.method}", extra={**m.extra, **registration}))
     return fitted, results
 
 

@@ -226,7 +226,8 @@ def test_real_knee_femoral_t1rho_and_dess_t2_in_cartilage() -> None:
     result = measure_series(morphology, labels, "knee", LABEL_MAP, series)
     assert sorted(m.kind for m in result.maps) == ["dess_t2", "t1rho"]
     by_name = {m.name: m for m in result.by_segment["femoral_cartilage"]}
-    t1rho, dess = by_name["t1rho_mean"], by_name["dess_t2_mean"]
+    t1rho, dess = by_name["t1rho_mean"], by_name["t2_mean"]
+    assert "DESS" in dess.method
     assert 35.0 <= t1rho.value <= 65.0 and t1rho.extra["n_voxels"] >= 50, t1rho
     assert 20.0 <= dess.value <= 45.0 and dess.extra["n_voxels"] >= 100, dess
     assert t1rho.extra["rejected_share"] < 0.1 and dess.extra["rejected_share"] < 0.1
@@ -237,8 +238,15 @@ def test_real_knee_femoral_t1rho_and_dess_t2_in_cartilage() -> None:
 
 
 @pytest.mark.skipif(not REAL_KNEE.is_dir(), reason=f"real knee data not found at {REAL_KNEE}")
-def test_dess_without_spoiler_tags_is_unavailable_with_the_reason() -> None:
-    first = read_study_folder(REAL_KNEE / "dess-echo1").series[0].first
+def test_dess_echoes_in_one_series_split_and_missing_tags_give_a_reason() -> None:
+    """Both echoes exported as ONE series, as the scanner made them: split by EchoNumbers / EchoTime."""
+    echo1, echo2 = (read_study_folder(REAL_KNEE / f).series[0].datasets for f in ("dess-echo1", "dess-echo2"))
+    for ds in echo2:
+        ds.SeriesInstanceUID = echo1[0].SeriesInstanceUID
+    dess = dess_t2_map([echo1 + echo2])
+    assert dess.times_ms == (7.48, 42.52) and dess.t_ms.shape == (80, 512, 512)
+    assert 20.0 <= float(np.nanmedian(dess.t_ms[DESS_BOX])) <= 45.0
+    first = echo1[0]
     assert dess_parameters(first).flip_angle_deg == 30.0
     no_spoiler = copy.deepcopy(first)
     del no_spoiler[0x001910B6]
