@@ -1,8 +1,9 @@
 """Which biomarkers apply to a segmented series, computed with the series' real geometry.
 
 knee   cartilage thickness per plate (2D and 3D methods), tibial plates split medial /
-       lateral when the knee's laterality is known, T1rho or T2 per plate when the
-       study holds a spin-lock or multi-echo group, and volumes;
+       lateral when the knee's laterality is known, T1rho, T2 and DESS T2 per plate and
+       sub-region when the study holds a spin-lock, multi-echo or two-echo DESS
+       acquisition (the fitted maps are kept in ``SeriesMeasurements.maps``), and volumes;
 thigh  volumes of every tissue;
 spine  disc height per level and volumes.
 """
@@ -10,14 +11,17 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+from highdicom import Volume
 
 from msk_node.biomarkers import Measurement, unavailable
-from msk_node.biomarkers.cartilage import SplitPlane, cartilage_thickness
+from msk_node.biomarkers.alignment import align_to_map, moved_volume
+from msk_node.biomarkers.cartilage import SplitPlane, cartilage_thickness, split_by_plane
+from msk_node.biomarkers.dess import dess_t2_map
 from msk_node.biomarkers.disc import disc_heights
-from msk_node.biomarkers.relaxometry import mask_on_grid, mean_relaxation, relaxation_map_from_series
+from msk_node.biomarkers.relaxometry import RelaxationMap, is_derived, mask_on_grid, mean_relaxation, relaxation_map
 from msk_node.biomarkers.volume import tissue_volumes
 from msk_node.dicom_input import Series
 from msk_node.codes import DISC_LEVELS
@@ -29,8 +33,10 @@ from msk_node.volume import SeriesVolume, series_to_volume
 logger = logging.getLogger(__name__)
 
 CARTILAGE_PLATES = ("femoral_cartilage", "tibial_cartilage", "patellar_cartilage")
-#: Series descriptions of spin-lock (T1rho) and multi-echo (T2) mapping acquisitions.
-RELAXOMETRY_PATTERNS = {"t1rho": r"t1 ?rho|cubequant|spin.?lock|mapss", "t2": r"t2 ?map|mese|multi.?echo|qdess"}
+#: Series descriptions of spin-lock (T1rho), multi-echo (T2) and double-echo steady-state acquisitions.
+#: A (q)DESS series is morphology too: it gives a DESS T2 map only when the study holds both of its echoes.
+RELAXOMETRY_PATTERNS = {"t1rho": r"t1 ?rho|cubequant|spin.?lock|mapss", "t2": r"t2 ?map|mese|multi.?echo",
+                        "dess_t2": r"dess"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,8 @@ class SeriesMeasurements:
     """Measurements of one segmented series, grouped by the segment they were made on."""
 
     by_segment: dict[str, list[Measurement]]
+    #: Every relaxation map fitted for these measurements (T2, T1rho, DESS T2), each on its own grid.
+    maps: list[RelaxationMap] = field(default_factory=list)
 
     def rows(self) -> list[Measurement]:
         return [m for measurements in self.by_segment.values() for m in measurements]
@@ -50,23 +58,24 @@ def measure_series(volume: SeriesVolume, label_volume: np.ndarray, anatomy: str,
     labels = label_map.for_anatomy(anatomy)
     present = {spec.name: spec.value for spec in labels.labels if (label_volume == spec.value).any()}
     by_segment: dict[str, list[Measurement]] = {name: [] for name in present}
+    maps: list[RelaxationMap] = []
     for m in tissue_volumes(label_volume, spacing, present):
         if m.label in by_segment:
             by_segment[m.label].append(m)
     if anatomy == "knee":
-        _knee(volume, label_volume, label_map, spacing, study_series, by_segment)
+        maps = _knee(volume, label_volume, label_map, spacing, study_series, by_segment)
     elif anatomy == "spine" and "intervertebral_disc" in present:
         heights = disc_heights(label_volume == present["intervertebral_disc"], volume.pixel_spacing,
                                volume.volume.affine)
         by_segment["intervertebral_disc"].extend(heights)
-    return SeriesMeasurements(by_segment)
+    return SeriesMeasurements(by_segment, maps)
 
 
 def _knee(volume: SeriesVolume, label_volume: np.ndarray, label_map: LabelMap, spacing: tuple,
-          study_series: list[Series], by_segment: dict[str, list[Measurement]]) -> None:
+          study_series: list[Series], by_segment: dict[str, list[Measurement]]) -> list[RelaxationMap]:
     plates = {name: label_map.by_name(name).value for name in CARTILAGE_PLATES if name in by_segment}
     if not plates:
-        return
+        return []
     splits = _medial_lateral_split(volume, label_volume, plates)
     methods = ("2d", "3d")
     thicknesses = thread_map(lambda method: cartilage_thickness(label_volume, spacing, plates, method,
@@ -75,12 +84,28 @@ def _knee(volume: SeriesVolume, label_volume: np.ndarray, label_map: LabelMap, s
     for method, measurements in zip(methods, thicknesses):
         for m in measurements:
             by_segment[_plate_of(m.label)].append(_renamed(m, f"mean_thickness_{method}"))
+    maps = []
+    study = volume.datasets[0].StudyInstanceUID
     for kind, pattern in RELAXOMETRY_PATTERNS.items():
         group = [s for s in study_series if re.search(pattern, s.description, re.IGNORECASE)
-                 and s.study_instance_uid == volume.datasets[0].StudyInstanceUID]
+                 and s.study_instance_uid == study]
+        if kind == "dess_t2" and len(_echo_times(group)) < 2:
+            continue
         if group:
-            for m in _relaxation(kind, group, volume, label_volume, plates):
+            fitted, measurements = _relaxation(kind, group, volume, label_volume, plates, splits)
+            maps.extend([fitted] if fitted is not None else [])
+            for m in measurements:
                 by_segment[_plate_of(m.label)].append(m)
+    return maps
+
+
+_MODELS = {"t1rho": "mono-exponential spin-lock fit", "t2": "mono-exponential multi-echo fit",
+           "dess_t2": "two-echo DESS model (Sveinsson 2017)"}
+
+
+def _echo_times(group: list[Series]) -> set[float]:
+    return {round(float(ds.EchoTime), 6) for s in group for ds in s.datasets
+            if ds.get("EchoTime") not in (None, "") and not is_derived(ds)}
 
 
 def _medial_lateral_split(volume: SeriesVolume, label_volume: np.ndarray,
@@ -95,20 +120,44 @@ def _medial_lateral_split(volume: SeriesVolume, label_volume: np.ndarray,
     return {"tibial_cartilage": SplitPlane.knee_medial_lateral(float(centre[0]), "+x" if laterality == "R" else "-x")}
 
 
-def _relaxation(kind: str, group: list[Series], volume: SeriesVolume, label_volume: np.ndarray,
-                plates: dict[str, int]) -> list[Measurement]:
-    name = f"{kind}_mean"
+def _relaxation(kind: str, group: list[Series], volume: SeriesVolume, label_volume: np.ndarray, plates: dict[str, int],
+                splits: dict[str, SplitPlane]) -> tuple[RelaxationMap | None, list[Measurement]]:
+    """The map of one acquisition and its mean per plate and plate part; NaN with the reason when it cannot be fitted.
+
+    DESS T2 is reported as ``t2_mean`` (the quantity is T2; the SR codes it so), its method naming the DESS model.
+    """
+    name = "t2_mean" if kind == "dess_t2" else f"{kind}_mean"
+    model = _MODELS[kind]
     try:
-        fitted = relaxation_map_from_series([series_to_volume(s.datasets) for s in group])
+        datasets = [s.datasets for s in group]
+        fitted = dess_t2_map(datasets) if kind == "dess_t2" else relaxation_map(kind, datasets)
     except ValueError as error:
         logger.warning("%s map not fitted: %s", kind, error)
-        return [unavailable(name, plate, "ms", f"{kind} mono-exponential fit", f"no {kind} map: {error}")
-                for plate in plates]
+        return None, [unavailable(name, plate, "ms", model, f"no {kind} map: {error}") for plate in plates]
+    source, registration = _aligned_morphology(volume, fitted)
     results = []
     for plate, value in plates.items():
-        fraction = mask_on_grid(label_volume, volume.volume, fitted.geometry, value)
-        results.append(mean_relaxation(fitted.t_ms, fraction, plate, name=name))
-    return results
+        parts = {plate: label_volume == value}
+        if plate in splits:
+            plane = splits[plate]
+            positive, negative = split_by_plane(parts[plate], volume.volume.affine, plane.point, plane.normal)
+            parts.update({f"{plate}_{plane.names[0]}": positive, f"{plate}_{plane.names[1]}": negative})
+        for label, mask in parts.items():
+            fraction = mask_on_grid(mask, source, fitted.geometry)
+            m = mean_relaxation(fitted.t_ms, fraction, label, name=name, noise_sigma=fitted.noise_sigma)
+            results.append(replace(m, method=f"{model}; {m.method}", extra={**m.extra, **registration}))
+    return fitted, results
+
+
+def _aligned_morphology(volume: SeriesVolume, fitted: RelaxationMap) -> tuple[Volume, dict[str, object]]:
+    """The morphology grid in the map's patient space: moved by a rigid registration when the knee moved between."""
+    if fitted.source_datasets[0].SeriesInstanceUID == volume.datasets[0].SeriesInstanceUID:
+        return volume.volume, {}  # fitted from the segmented series itself (DESS): nothing can have moved
+    alignment = align_to_map(volume.volume, series_to_volume(fitted.source_datasets).volume)
+    if alignment.registered:
+        logger.info("%s series registered to the morphology: anatomy moved %.1f mm", fitted.kind, alignment.shift_mm)
+    return (moved_volume(volume.volume, alignment.matrix),
+            {"registered": alignment.registered, "registration_shift_mm": alignment.shift_mm})
 
 
 def _plate_of(label: str) -> str:

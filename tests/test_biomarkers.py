@@ -397,8 +397,12 @@ def test_mean_relaxation_excludes_partial_voxels_and_reports_missing() -> None:
     m = mean_relaxation(t_map, fraction, "femoral_cartilage")
     assert (m.name, m.unit, m.value) == ("t1rho_mean", "ms", pytest.approx(40.0))
     assert m.extra["n_partial_excluded"] == 1 and m.extra["n_fit_failed"] == 1
-    clipped = mean_relaxation(np.full((1, 1, 2), 150.0), np.ones((1, 1, 2)), "fluid", name="t2_mean")
-    assert clipped.name == "t2_mean" and clipped.value == pytest.approx(100.0)
+    # Out-of-range values are rejected and counted, never clipped.
+    mixed = mean_relaxation(np.array([[[150.0, 40.0]]]), np.ones((1, 1, 2)), "fluid", name="t2_mean")
+    assert mixed.name == "t2_mean" and mixed.value == pytest.approx(40.0)
+    assert mixed.extra["n_out_of_range"] == 1 and mixed.extra["rejected_share"] == pytest.approx(0.5)
+    fluid = mean_relaxation(np.full((1, 1, 2), 150.0), np.ones((1, 1, 2)), "fluid", name="t2_mean")
+    assert math.isnan(fluid.value) and fluid.extra["n_out_of_range"] == 2
     nothing = mean_relaxation(t_map, np.zeros_like(t_map), "patellar_cartilage")
     assert math.isnan(nothing.value) and "no patellar_cartilage voxels" in nothing.reason
     partial = mean_relaxation(t_map, np.full_like(t_map, 0.5), "patellar_cartilage")

@@ -6,11 +6,17 @@ morphology series the cartilage was segmented on. :func:`mask_on_grid` therefore
 carries masks through patient coordinates and reports, per map voxel, the fraction of
 its volume inside the mask; :func:`mean_relaxation` averages only voxels fully inside,
 so partial-volume voxels (cartilage + joint fluid, T1rho > 100 ms) do not bias the mean.
+
+Scanners export relaxometry in several ways: one series per echo or spin-lock time, or
+all of them in ONE series (GE multi-echo T2 "T2MAP", CubeQuant exports), often next to
+a scanner-made map (DERIVED). :func:`split_relaxation_series` turns any of these into one
+regular volume per time; :func:`relaxation_map` fits them with a noise-floor model
+(noise sigma from the air of the series, see :func:`fit_monoexponential`).
 """
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -18,19 +24,31 @@ import pydicom
 from highdicom import Volume
 
 from msk_node.biomarkers import Measurement, unavailable
-from msk_node.volume import SeriesVolume
+from msk_node.volume import SeriesVolume, series_to_volume
 
 __all__ = [
+    "RelaxationGroup",
     "RelaxationMap",
+    "estimate_noise_sigma",
     "fit_monoexponential",
+    "is_derived",
     "mask_on_grid",
     "mean_relaxation",
+    "relaxation_map",
     "relaxation_map_from_series",
+    "split_relaxation_series",
     "spin_lock_times",
 ]
 
 #: Relaxation times (ms) outside this range are treated as failed fits by default.
 PLAUSIBLE_MS = (0.5, 1000.0)
+
+#: Compartment means accept map values in this range (ms); others are rejected and counted, never clipped.
+#: Cartilage T2 / T1rho stays below 100 ms at 3 T even when degenerate; above is joint fluid or a failed fit.
+ACCEPTED_MS = (0.5, 100.0)
+
+#: A point is used in a fit only while the signal expected there exceeds this many noise sigmas.
+NOISE_FLOOR_SIGMAS = 1.5
 
 
 def fit_monoexponential(
@@ -40,8 +58,10 @@ def fit_monoexponential(
     *,
     min_r2: float = 0.8,
     plausible_ms: tuple[float, float] = PLAUSIBLE_MS,
+    noise_sigma: float = 0.0,
+    floor_sigmas: float = NOISE_FLOOR_SIGMAS,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Voxel-wise fit of ``S(t) = S0 * exp(-t / T)``.
+    """Voxel-wise fit of ``S(t) = S0 * exp(-t / T)`` above the noise floor of magnitude images.
 
     Parameters
     ----------
@@ -56,13 +76,20 @@ def fit_monoexponential(
         Fits whose coefficient of determination (weighted, on log signal) is below this
         are rejected (NaN).
     plausible_ms : tuple of float
-        Relaxation times outside ``[low, high]`` are rejected (NaN).
+        Relaxation times outside ``[low, high]`` are rejected (NaN), never clipped.
+    noise_sigma : float
+        Standard deviation of the complex noise of the images (e.g.
+        :func:`estimate_noise_sigma`); 0 fits the magnitudes as they are.
+    floor_sigmas : float
+        With ``noise_sigma``, points whose expected signal is below this many sigmas are
+        left out of the fit.
 
     Returns
     -------
     t_map : numpy.ndarray
-        Relaxation time T in ms; NaN where the voxel is masked out, has a non-positive
-        signal, decays not at all (slope >= 0), or fails ``min_r2`` / ``plausible_ms``.
+        Relaxation time T in ms; NaN where the voxel is masked out, has fewer than 3
+        usable points (positive, above the noise floor), decays not at all (slope >= 0),
+        or fails ``min_r2`` / ``plausible_ms``.
     s0_map : numpy.ndarray
         Extrapolated signal at t = 0 (NaN where ``t_map`` is NaN).
     r2_map : numpy.ndarray
@@ -80,6 +107,14 @@ def fit_monoexponential(
     Method: weighted linear least squares of ``ln S = ln S0 - t / T`` with weights
     ``S**2`` (the variance of ``ln S`` is about ``sigma**2 / S**2`` for Gaussian noise
     ``sigma``), solved in closed form for all voxels at once.
+
+    Noise floor: a magnitude image is Rician; its mean square is ``A**2 + 2 sigma**2``
+    for a true signal ``A``. Each point is therefore corrected to
+    ``sqrt(max(M**2 - 2 sigma**2, 0))`` (Gudbjartsson and Patz 1995), and points where the
+    signal is too close to the floor for the correction to hold are left out: a first
+    fit uses the points measured above ``floor_sigmas * sigma``, a second fit the points
+    whose signal *predicted by the first fit* is above it, so that noise dips do not
+    decide which points are used (that would bias T upwards).
     """
     data = np.asarray(images)
     times = _check_times(times_ms, "times_ms")
@@ -90,6 +125,8 @@ def fit_monoexponential(
     low, high = (float(v) for v in plausible_ms)
     if not 0.0 <= low < high:
         raise ValueError(f"plausible_ms must be (low, high) with 0 <= low < high, got {plausible_ms}")
+    if not (noise_sigma >= 0 and floor_sigmas >= 0):
+        raise ValueError(f"noise_sigma and floor_sigmas must be >= 0, got {noise_sigma}, {floor_sigmas}")
     grid = data.shape[1:]
     if mask is None:
         selected = np.ones(grid, dtype=bool)
@@ -107,7 +144,8 @@ def fit_monoexponential(
     r2_sel = np.full(signal.shape[1], np.nan)
     for start in range(0, signal.shape[1], _FIT_CHUNK):
         part = slice(start, start + _FIT_CHUNK)
-        t_sel[part], s0_sel[part], r2_sel[part] = _fit_log_linear(signal[:, part], times, min_r2, low, high)
+        t_sel[part], s0_sel[part], r2_sel[part] = _fit_above_floor(signal[:, part], times, min_r2, (low, high),
+                                                                     noise_sigma * floor_sigmas, noise_sigma)
     t_map[selected] = t_sel
     s0_map[selected] = s0_sel
     r2_map[selected] = r2_sel
@@ -121,12 +159,20 @@ class RelaxationMap:
     Attributes
     ----------
     t_ms, s0, r2 : numpy.ndarray
-        Outputs of :func:`fit_monoexponential`, indexed ``[slice, row, column]``.
+        Outputs of :func:`fit_monoexponential`, indexed ``[slice, row, column]``
+        (a DESS map has no fit: ``s0`` is its first echo, ``r2`` NaN).
     geometry : highdicom.Volume
         The grid shared by the series (the volume of the first series passed);
         ``geometry.affine`` maps indices of the maps to patient mm.
     times_ms : tuple of float
         Sorted spin-lock / echo times used.
+    kind : str
+        ``"t2"``, ``"t1rho"`` or ``"dess_t2"``.
+    source_datasets : list of pydicom.Dataset
+        The instances of one echo / spin-lock time the map was fitted from, in slice
+        order (``t_ms[k]`` lies on ``source_datasets[k]`` when the series has no gaps).
+    noise_sigma : float
+        Noise sigma used by the noise-floor model (0 when none was used).
     """
 
     t_ms: np.ndarray
@@ -134,11 +180,151 @@ class RelaxationMap:
     r2: np.ndarray
     geometry: Volume
     times_ms: tuple[float, ...]
+    kind: str = "t1rho"
+    source_datasets: list[pydicom.Dataset] = field(default_factory=list)
+    noise_sigma: float = 0.0
 
     @property
     def volume(self) -> Volume:
         """The relaxation time map as a ``highdicom.Volume`` (ms, NaN where not fitted)."""
         return self.geometry.with_array(self.t_ms.astype(np.float32))
+
+
+@dataclass(frozen=True)
+class RelaxationGroup:
+    """The instances of one echo or spin-lock time, stacked into a regular volume."""
+
+    time_ms: float
+    echo_number: int | None
+    volume: SeriesVolume
+
+
+def is_derived(ds: pydicom.Dataset) -> bool:
+    """True for scanner-made images (ImageType DERIVED), e.g. a T2 or T1rho map: never fitted again."""
+    image_type = ds.get("ImageType") or []
+    values = [image_type] if isinstance(image_type, str) else list(image_type)
+    return bool(values) and str(values[0]).upper() == "DERIVED"
+
+
+def split_relaxation_series(series: Sequence[Sequence[pydicom.Dataset]]) -> list[RelaxationGroup]:
+    """One regular volume per echo / spin-lock time from one or several series.
+
+    Parameters
+    ----------
+    series : sequence of sequences of pydicom.Dataset
+        The instances of each candidate series (one series holding all echoes, one
+        series per echo, or both).
+
+    Returns
+    -------
+    list of RelaxationGroup
+        Sorted by time. Instances are grouped by (EchoTime, EchoNumbers) across all
+        series, so separate single-echo series at the same slice positions pair up;
+        DERIVED instances are left out.
+
+    Raises
+    ------
+    ValueError
+        If an original instance has no EchoTime, or a group is not a regular volume
+        (e.g. two series with the same time at different positions).
+
+    Note
+    ----
+    GE CubeQuant stores the spin-lock time in EchoTime, as multi-echo series do their
+    echo time, so EchoTime is the time of every group.
+    """
+    groups: dict[tuple[float, int | None], list[pydicom.Dataset]] = {}
+    for datasets in series:
+        for ds in datasets:
+            if is_derived(ds):
+                continue
+            value = ds.get("EchoTime")
+            if value is None or value == "":
+                raise ValueError(f"instance {ds.get('SOPInstanceUID', '?')} has no EchoTime")
+            number = ds.get("EchoNumbers")
+            key = (round(float(value), 6), int(number) if number not in (None, "") else None)
+            groups.setdefault(key, []).append(ds)
+    result = []
+    for (time, number), members in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
+        try:
+            volume = series_to_volume(members)
+        except ValueError as error:
+            raise ValueError(f"echo / spin-lock time {time:g} ms: {error}") from error
+        result.append(RelaxationGroup(time, number, volume))
+    return result
+
+
+def estimate_noise_sigma(image: npt.ArrayLike) -> float:
+    """Noise sigma of a magnitude image from its air, the quietest corner of the field of view.
+
+    The four in-plane corner blocks (1/8 of the rows and columns, all slices) are
+    candidates; the one with the lowest mean is taken as air. Air in a magnitude image
+    is Rayleigh distributed with mean square ``2 sigma**2``. Exact zeros are left out:
+    scanners that mask the background store them, and they carry no noise. Returns 0
+    when the corners hold nothing but zeros (no noise model is then possible).
+    """
+    data = np.asarray(image, dtype=np.float64)
+    if data.ndim == 2:
+        data = data[None]
+    rows, columns = max(1, data.shape[1] // 8), max(1, data.shape[2] // 8)
+    corners = [data[:, r, c] for r in (slice(0, rows), slice(-rows, None))
+               for c in (slice(0, columns), slice(-columns, None))]
+    values = [corner[(corner != 0) & np.isfinite(corner)] for corner in corners]
+    values = [v for v in values if v.size]
+    if not values:
+        return 0.0
+    air = min(values, key=lambda v: float(v.mean()))
+    return float(np.sqrt(np.mean(air * air) / 2.0))
+
+
+def relaxation_map(
+    kind: str,
+    series: Sequence[Sequence[pydicom.Dataset]],
+    *,
+    exclude_first_echo: bool | None = None,
+    min_r2: float = 0.8,
+) -> RelaxationMap:
+    """Fit a T2 or T1rho map from the series of one acquisition, however the scanner split them.
+
+    Parameters
+    ----------
+    kind : str
+        ``"t2"`` or ``"t1rho"``.
+    series : sequence of sequences of pydicom.Dataset
+        Instances of the candidate series (see :func:`split_relaxation_series`).
+    exclude_first_echo : bool, optional
+        Leave the shortest echo out. By default on for multi-echo spin-echo T2 with at
+        least 4 echoes: in a CPMG train the first echo is a pure spin echo while the
+        later ones also carry stimulated echoes from imperfect refocusing pulses, so the
+        first point sits below the later decay and shortens T2; with 4+ echoes enough
+        remain to fit without it.
+    min_r2 : float
+        Goodness-of-fit threshold of :func:`fit_monoexponential`.
+
+    Returns
+    -------
+    RelaxationMap
+        ``noise_sigma`` estimated on the earliest image (:func:`estimate_noise_sigma`).
+
+    Raises
+    ------
+    ValueError
+        If ``kind`` is unknown, the series hold fewer than 3 usable times or groups on
+        different grids.
+    """
+    if kind not in ("t2", "t1rho"):
+        raise ValueError(f"kind must be 't2' or 't1rho', got {kind!r}")
+    groups = split_relaxation_series(series)
+    if exclude_first_echo is None:
+        sequence = str(groups[0].volume.datasets[0].get("ScanningSequence", "")) if groups else ""
+        exclude_first_echo = kind == "t2" and "SE" in sequence.upper() and len(groups) >= 4
+    if exclude_first_echo:
+        groups = groups[1:]
+    volumes = [g.volume for g in groups]
+    sigma = estimate_noise_sigma(volumes[0].array) if volumes else 0.0
+    fitted = relaxation_map_from_series(volumes, [g.time_ms for g in groups], min_r2=min_r2, noise_sigma=sigma)
+    return RelaxationMap(fitted.t_ms, fitted.s0, fitted.r2, fitted.geometry, fitted.times_ms, kind,
+                         list(volumes[0].datasets), sigma)
 
 
 def relaxation_map_from_series(
@@ -148,6 +334,7 @@ def relaxation_map_from_series(
     *,
     min_r2: float = 0.8,
     grid_tolerance_mm: float = 0.01,
+    noise_sigma: float | None = None,
 ) -> RelaxationMap:
     """Fit a relaxation map from one series per spin-lock (or echo) time.
 
@@ -164,6 +351,9 @@ def relaxation_map_from_series(
         Goodness-of-fit threshold passed to :func:`fit_monoexponential`.
     grid_tolerance_mm : float
         Largest difference of the index-to-patient matrices accepted as "same grid".
+    noise_sigma : float, optional
+        Noise sigma for the noise-floor model; by default estimated on the earliest
+        image (:func:`estimate_noise_sigma`). Pass 0 to fit without it.
 
     Returns
     -------
@@ -212,8 +402,10 @@ def relaxation_map_from_series(
     order = np.argsort(times)
     images = np.stack([volumes[i].volume.array for i in order]).astype(np.float64)
     sorted_times = tuple(float(times[i]) for i in order)
-    t_map, s0, r2 = fit_monoexponential(images, sorted_times, mask, min_r2=min_r2)
-    return RelaxationMap(t_map, s0, r2, reference, sorted_times)
+    sigma = estimate_noise_sigma(images[0]) if noise_sigma is None else float(noise_sigma)
+    t_map, s0, r2 = fit_monoexponential(images, sorted_times, mask, min_r2=min_r2, noise_sigma=sigma)
+    return RelaxationMap(t_map, s0, r2, reference, sorted_times, source_datasets=list(volumes[order[0]].datasets),
+                         noise_sigma=sigma)
 
 
 def spin_lock_times(
@@ -385,8 +577,9 @@ def mean_relaxation(
     label: str,
     *,
     min_fraction: float = 0.99,
-    clip: tuple[float, float] | None = (0.0, 100.0),
+    accepted_ms: tuple[float, float] = ACCEPTED_MS,
     name: str = "t1rho_mean",
+    noise_sigma: float | None = None,
 ) -> Measurement:
     """Mean relaxation time of the map voxels that lie fully inside a compartment.
 
@@ -401,23 +594,27 @@ def mean_relaxation(
         Compartment name, e.g. ``"femoral_cartilage"``.
     min_fraction : float
         Voxels covered less than this are excluded (partial volume).
-    clip : tuple of float or None
-        Values are clipped to this range (ms) before averaging, as in the paper (0-100).
+    accepted_ms : tuple of float
+        Values outside ``[low, high]`` ms are rejected and counted, never clipped.
     name : str
         Measurement name, e.g. ``"t1rho_mean"`` or ``"t2_mean"``.
+    noise_sigma : float, optional
+        Noise sigma of the fit, reported in ``extra``.
 
     Returns
     -------
     Measurement
         Mean in ms (voxel-weighted) with ``extra``: ``sd_ms``, ``median_ms``,
         ``n_voxels`` (averaged), ``n_partial_excluded``, ``n_fit_failed`` (qualifying
-        voxels without a valid fit), ``per_slice_mean_ms``. NaN with a reason if the
-        compartment is absent, only partly covers every voxel, or has no valid fit.
+        voxels without a valid fit), ``n_out_of_range`` (outside ``accepted_ms``),
+        ``rejected_share`` (failed + out of range over qualifying voxels),
+        ``per_slice_mean_ms`` and ``noise_sigma`` when given. NaN with a reason if the
+        compartment is absent, only partly covers every voxel, or has no accepted value.
 
     Raises
     ------
     ValueError
-        If the shapes differ or ``min_fraction`` / ``clip`` are invalid.
+        If the shapes differ or ``min_fraction`` / ``accepted_ms`` are invalid.
     """
     values = np.asarray(t_map, dtype=float)
     cover = np.asarray(fraction, dtype=float)
@@ -425,35 +622,41 @@ def mean_relaxation(
         raise ValueError(f"t_map shape {values.shape} differs from fraction shape {cover.shape}")
     if not 0.0 < min_fraction <= 1.0:
         raise ValueError(f"min_fraction must be within (0, 1], got {min_fraction}")
-    if clip is not None and not clip[0] < clip[1]:
-        raise ValueError(f"clip must be (low, high) with low < high, got {clip}")
-    method = (f"mean of mono-exponential fit over voxels >= {min_fraction:g} inside the mask"
-              + (f", clipped to {clip[0]:g}-{clip[1]:g} ms" if clip is not None else ""))
+    low, high = (float(v) for v in accepted_ms)
+    if not low < high:
+        raise ValueError(f"accepted_ms must be (low, high) with low < high, got {accepted_ms}")
+    method = (f"mean of relaxation fit over voxels >= {min_fraction:g} inside the mask, "
+              f"values outside {low:g}-{high:g} ms rejected")
+    noise = {} if noise_sigma is None else {"noise_sigma": float(noise_sigma)}
     touched = cover > 0
     if not touched.any():
-        return unavailable(name, label, "ms", method, f"no {label} voxels on the map grid")
+        return unavailable(name, label, "ms", method, f"no {label} voxels on the map grid", **noise)
     full = cover >= min_fraction - 1e-6
     n_partial = int((touched & ~full).sum())
     if not full.any():
         return unavailable(name, label, "ms", method,
                            f"no map voxel lies fully inside {label} (min_fraction={min_fraction:g})",
-                           n_partial_excluded=n_partial)
-    finite = full & np.isfinite(values)
-    n_failed = int((full & ~np.isfinite(values)).sum())
-    if not finite.any():
-        return unavailable(name, label, "ms", method, f"no valid fit in the {int(full.sum())} voxels of {label}",
-                           n_partial_excluded=n_partial, n_fit_failed=n_failed)
-    selected = values[finite]
-    if clip is not None:
-        selected = np.clip(selected, clip[0], clip[1])
-    slice_index = np.nonzero(finite)[0]
+                           n_partial_excluded=n_partial, **noise)
+    fitted = full & np.isfinite(values)
+    accepted = fitted & (values >= low) & (values <= high)
+    counts = {
+        "n_partial_excluded": n_partial,
+        "n_fit_failed": int((full & ~fitted).sum()),
+        "n_out_of_range": int((fitted & ~accepted).sum()),
+        "rejected_share": float(1.0 - accepted.sum() / full.sum()),
+        **noise,
+    }
+    if not accepted.any():
+        return unavailable(name, label, "ms", method, f"no accepted value in the {int(full.sum())} voxels of {label}",
+                           **counts)
+    selected = values[accepted]
+    slice_index = np.nonzero(accepted)[0]
     per_slice = {int(k): float(selected[slice_index == k].mean()) for k in np.unique(slice_index)}
     extra = {
         "sd_ms": float(selected.std(ddof=1)) if selected.size > 1 else 0.0,
         "median_ms": float(np.median(selected)),
         "n_voxels": int(selected.size),
-        "n_partial_excluded": n_partial,
-        "n_fit_failed": n_failed,
+        **counts,
         "per_slice_mean_ms": per_slice,
     }
     return Measurement(name, label, float(selected.mean()), "ms", method, extra=extra)
@@ -465,34 +668,53 @@ def mean_relaxation(
 _FIT_CHUNK = 1 << 18
 
 
-def _fit_log_linear(
-    signal: np.ndarray, times: np.ndarray, min_r2: float, low: float, high: float
+def _fit_above_floor(
+    signal: np.ndarray, times: np.ndarray, min_r2: float, plausible: tuple[float, float], floor: float,
+    sigma: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Weighted (S**2) log-linear fit of columns of ``signal`` (n_times, n); NaN where rejected."""
+    """Noise-floor-aware log-linear fit of columns of ``signal`` (n_times, n); NaN where rejected."""
     s = np.asarray(signal, dtype=np.float64)
-    n = s.shape[1]
-    t_out, s0_out, r2_out = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
-    positive = (s > 0).all(axis=0) & np.isfinite(s).all(axis=0)
-    s = s[:, positive]
-    y = np.log(s)
-    w = s * s
-    x = times[:, None]
-    sw = w.sum(axis=0)
-    mx = (w * x).sum(axis=0) / sw
-    my = (w * y).sum(axis=0) / sw
-    dx, dy = x - mx, y - my
-    sxx = (w * dx * dx).sum(axis=0)
-    sxy = (w * dx * dy).sum(axis=0)
-    syy = (w * dy * dy).sum(axis=0)
-    slope = sxy / sxx
+    finite = np.isfinite(s).all(axis=0)
+    s = np.where(finite, s, 0.0)
+    corrected = np.sqrt(np.clip(s * s - 2.0 * sigma * sigma, 0.0, None)) if sigma > 0 else s
+    used = corrected > floor
+    slope, intercept, r2 = _weighted_line(times, corrected, used)
+    if floor > 0:
+        with np.errstate(over="ignore", invalid="ignore"):
+            predicted = np.exp(intercept + slope * times[:, None])
+        used = (predicted > floor) & (corrected > 0)
+        slope, intercept, r2 = _weighted_line(times, corrected, used)
     with np.errstate(divide="ignore", invalid="ignore"):
-        r2 = np.where(syy > 0, sxy * sxy / (sxx * syy), 0.0)
         t = -1.0 / slope
-    good = (slope < 0) & (r2 >= min_r2) & (t >= low) & (t <= high)
-    r2_out[positive] = r2
-    t_out[positive] = np.where(good, t, np.nan)
-    s0_out[positive] = np.where(good, np.exp(my - slope * mx), np.nan)
-    return t_out, s0_out, r2_out
+    enough = finite & ((used.sum(axis=0) >= 3) & (_distinct_times(times, used) >= 2))
+    fitted = enough & np.isfinite(slope)
+    good = fitted & (slope < 0) & (r2 >= min_r2) & (t >= plausible[0]) & (t <= plausible[1])
+    r2_out = np.where(fitted, r2, np.nan)
+    return np.where(good, t, np.nan), np.where(good, np.exp(intercept), np.nan), r2_out
+
+
+def _weighted_line(times: np.ndarray, signal: np.ndarray, used: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Slope, intercept and weighted R^2 of ``ln signal`` against time, weights ``signal**2`` on ``used`` points."""
+    w = np.where(used, signal * signal, 0.0)
+    y = np.log(np.where(used, signal, 1.0))
+    x = np.broadcast_to(times[:, None], signal.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sw = w.sum(axis=0)
+        mx = (w * x).sum(axis=0) / sw
+        my = (w * y).sum(axis=0) / sw
+        dx, dy = x - mx, y - my
+        sxx = (w * dx * dx).sum(axis=0)
+        sxy = (w * dx * dy).sum(axis=0)
+        syy = (w * dy * dy).sum(axis=0)
+        slope = np.where(sxx > 0, sxy / sxx, np.nan)
+        r2 = np.where(syy > 0, sxy * sxy / (sxx * syy), 0.0)
+    return slope, my - slope * mx, r2
+
+
+def _distinct_times(times: np.ndarray, used: np.ndarray) -> np.ndarray:
+    """Number of distinct times among the used points of each column."""
+    distinct = np.unique(times)
+    return sum((used & (times[:, None] == t)).any(axis=0).astype(int) for t in distinct)
 
 
 def _check_times(times_ms: Sequence[float], name: str) -> np.ndarray:
