@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from msk_node.biomarkers import Measurement, unavailable
 from msk_node.biomarkers.cartilage import SplitPlane, cartilage_thickness
 from msk_node.biomarkers.disc import disc_heights
-from msk_node.biomarkers.relaxometry import mask_on_grid, mean_relaxation, relaxation_map_from_series
+from msk_node.biomarkers.relaxometry import RelaxationMap, mask_on_grid, mean_relaxation, relaxation_map_from_series
 from msk_node.biomarkers.volume import tissue_volumes
 from msk_node.dicom_input import Series
 from msk_node.codes import DISC_LEVELS
@@ -38,6 +38,7 @@ class SeriesMeasurements:
     """Measurements of one segmented series, grouped by the segment they were made on."""
 
     by_segment: dict[str, list[Measurement]]
+    maps: list[RelaxationMap] = field(default_factory=list)
 
     def rows(self) -> list[Measurement]:
         return [m for measurements in self.by_segment.values() for m in measurements]
@@ -50,20 +51,21 @@ def measure_series(volume: SeriesVolume, label_volume: np.ndarray, anatomy: str,
     labels = label_map.for_anatomy(anatomy)
     present = {spec.name: spec.value for spec in labels.labels if (label_volume == spec.value).any()}
     by_segment: dict[str, list[Measurement]] = {name: [] for name in present}
+    maps: list[RelaxationMap] = []
     for m in tissue_volumes(label_volume, spacing, present):
         if m.label in by_segment:
             by_segment[m.label].append(m)
     if anatomy == "knee":
-        _knee(volume, label_volume, label_map, spacing, study_series, by_segment)
+        _knee(volume, label_volume, label_map, spacing, study_series, by_segment, maps)
     elif anatomy == "spine" and "intervertebral_disc" in present:
         heights = disc_heights(label_volume == present["intervertebral_disc"], volume.pixel_spacing,
                                volume.volume.affine)
         by_segment["intervertebral_disc"].extend(heights)
-    return SeriesMeasurements(by_segment)
+    return SeriesMeasurements(by_segment, maps)
 
 
 def _knee(volume: SeriesVolume, label_volume: np.ndarray, label_map: LabelMap, spacing: tuple,
-          study_series: list[Series], by_segment: dict[str, list[Measurement]]) -> None:
+          study_series: list[Series], by_segment: dict[str, list[Measurement]], maps: list[RelaxationMap]) -> None:
     plates = {name: label_map.by_name(name).value for name in CARTILAGE_PLATES if name in by_segment}
     if not plates:
         return
@@ -79,7 +81,7 @@ def _knee(volume: SeriesVolume, label_volume: np.ndarray, label_map: LabelMap, s
         group = [s for s in study_series if re.search(pattern, s.description, re.IGNORECASE)
                  and s.study_instance_uid == volume.datasets[0].StudyInstanceUID]
         if group:
-            for m in _relaxation(kind, group, volume, label_volume, plates):
+            for m in _relaxation(kind, group, volume, label_volume, plates, maps):
                 by_segment[_plate_of(m.label)].append(m)
 
 
@@ -96,14 +98,17 @@ def _medial_lateral_split(volume: SeriesVolume, label_volume: np.ndarray,
 
 
 def _relaxation(kind: str, group: list[Series], volume: SeriesVolume, label_volume: np.ndarray,
-                plates: dict[str, int]) -> list[Measurement]:
+                plates: dict[str, int], maps: list[RelaxationMap]) -> list[Measurement]:
     name = f"{kind}_mean"
     try:
-        fitted = relaxation_map_from_series([series_to_volume(s.datasets) for s in group])
+        volumes = [series_to_volume(s.datasets) for s in group]
+        fitted = relaxation_map_from_series(volumes)
     except ValueError as error:
         logger.warning("%s map not fitted: %s", kind, error)
         return [unavailable(name, plate, "ms", f"{kind} mono-exponential fit", f"no {kind} map: {error}")
                 for plate in plates]
+    # The map lies on the first series' grid; its instances are what a derived map references.
+    maps.append(replace(fitted, kind=kind, source_datasets=volumes[0].datasets))
     results = []
     for plate, value in plates.items():
         fraction = mask_on_grid(label_volume, volume.volume, fitted.geometry, value)

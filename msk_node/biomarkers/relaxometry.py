@@ -10,7 +10,7 @@ so partial-volume voxels (cartilage + joint fluid, T1rho > 100 ms) do not bias t
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -127,6 +127,11 @@ class RelaxationMap:
         ``geometry.affine`` maps indices of the maps to patient mm.
     times_ms : tuple of float
         Sorted spin-lock / echo times used.
+    kind : str
+        What the map measures: ``"t1rho"``, ``"t2"`` or ``"dess_t2"``; empty if not known.
+    source_datasets : list of pydicom.Dataset
+        Instances of one echo (or spin-lock time) on ``geometry``, in slice order: what
+        derived DICOM objects reference.
     """
 
     t_ms: np.ndarray
@@ -134,6 +139,8 @@ class RelaxationMap:
     r2: np.ndarray
     geometry: Volume
     times_ms: tuple[float, ...]
+    kind: str = ""
+    source_datasets: list[pydicom.Dataset] = field(default_factory=list)
 
     @property
     def volume(self) -> Volume:
