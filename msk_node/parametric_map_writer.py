@@ -126,7 +126,7 @@ def build_parametric_map(relaxation: RelaxationMap, series_number: int, series_d
         series_description=series_description or f"msk-node {relaxation.kind} map",
     )
     # Type 2C for a paired body part (a knee): carried over from the source, empty when unknown.
-    pmap.Laterality = first.get("Laterality", "")
+    pmap.Laterality = first.get("Laterality") or first.get("ImageLaterality") or ""
     if quantity.scheme_designator == msk_codes.MSK_NODE_SCHEME:
         pmap.CodingSchemeIdentificationSequence = [private_scheme_item()]
     return pmap

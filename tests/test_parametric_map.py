@@ -9,14 +9,18 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import ParametricMapStorage
 
 from msk_node.biomarkers.relaxometry import RelaxationMap
 from msk_node.labels import LabelMap, load_label_map
 from msk_node.parametric_map_writer import NOT_FITTED_MS, build_parametric_map, write_parametric_map
 from msk_node.phantoms import write_phantom
 from msk_node.pipeline import StudyWork, build_volumes, load_study, measure_all, write_outputs
+from msk_node.service.config import Destination
+from msk_node.service.delivery import read_results, send
 from msk_node.volume import SeriesVolume, labels_on_volume_grid, series_to_volume
 from tests.dicom_checks import dciodvfy_errors, make_mr_series
+from tests.service_helpers import StoreSCP
 
 LABEL_MAP = load_label_map(Path(__file__).resolve().parent.parent / "models" / "detector" / "label_map.yaml")
 #: An oblique, non-axis-aligned orientation so a swapped axis or sign cannot go unnoticed.
@@ -131,7 +135,8 @@ class _Models:
 
 
 def test_pipeline_writes_a_parametric_map_per_fitted_map_and_names_it_in_the_report(tmp_path):
-    """The knee T1rho phantom through the pipeline's own steps, with truth labels in place of the models."""
+    """The knee T1rho phantom through the pipeline's own steps, with truth labels in place of the models;
+    the node's sender then C-STOREs the map with the SEG and the SR."""
     case = write_phantom("knee-t1rho", tmp_path / "case", seed=5, n_slices=24)
     truth = json.loads((case / "truth.json").read_text())
     work = StudyWork(output_dir=tmp_path / "out")
@@ -161,3 +166,17 @@ def test_pipeline_writes_a_parametric_map_per_fitted_map_and_names_it_in_the_rep
     np.testing.assert_allclose(read.array[fitted], relaxation.t_ms[fitted], rtol=1e-6)
     femoral = next(m for m in job.measurements.by_segment["femoral_cartilage"] if m.name == "t1rho_mean")
     assert femoral.value == pytest.approx(truth["biomarkers"]["t1rho_ms"]["femoral_cartilage"], rel=0.05)
+
+    # The service sends every result of the job: the map goes to PACS with the SEG and the SR.
+    results, problems = read_results(work.output_dir)
+    assert problems == [] and {r.path.name for r in results} == {entry["seg"], entry["sr"], name}
+    pacs = StoreSCP()
+    try:
+        confirmed: list[str] = []
+        send(Destination("cstore", **{k: v for k, v in pacs.destination().items() if k != "type"}), results,
+             confirmed.append, calling_ae="MSKNODE")
+        assert sorted(confirmed) == sorted(pacs.sop_uids) == sorted(r.sop_uid for r in results)
+        (received,) = [d for d in pacs.received if d.SOPInstanceUID == ds.SOPInstanceUID]
+        assert received.SOPClassUID == ParametricMapStorage and received.FloatPixelData == ds.FloatPixelData
+    finally:
+        pacs.stop()
