@@ -15,7 +15,8 @@ from msk_node.biomarkers.relaxometry import RelaxationMap
 from msk_node.labels import LabelMap, load_label_map
 from msk_node.parametric_map_writer import NOT_FITTED_MS, build_parametric_map, write_parametric_map
 from msk_node.phantoms import write_phantom
-from msk_node.pipeline import StudyWork, build_volumes, load_study, measure_all, write_outputs
+from msk_node.measure import SeriesMeasurements
+from msk_node.pipeline import SeriesJob, StudyWork, build_volumes, load_study, measure_all, write_maps, write_outputs
 from msk_node.service.config import Destination
 from msk_node.service.delivery import read_results, send
 from msk_node.volume import SeriesVolume, labels_on_volume_grid, series_to_volume
@@ -121,6 +122,24 @@ def test_sources_off_the_map_grid_and_unknown_kinds_are_refused(tmp_path):
         build_parametric_map(replace(relaxation, kind="adc"), series_number=9201)
     with pytest.raises(ValueError, match="no voxel has a valid fit"):
         build_parametric_map(replace(relaxation, t_ms=np.full_like(relaxation.t_ms, np.nan)), series_number=9201)
+
+
+def test_series_that_share_a_fitted_map_share_one_file(tmp_path):
+    """Two segmented series of one study fit the same maps: one file per map, listed for both, own numbers."""
+    volume = _series(tmp_path)
+    maps = [_known_map(volume, "t1rho"), _known_map(volume, "t2")]
+    jobs = [SeriesJob(None, measurements=SeriesMeasurements({}, maps)) for _ in range(2)]
+    written: dict[str, Path] = {}
+    out = tmp_path / "out"
+    out.mkdir()
+    for job in jobs:
+        write_maps(job, out, written, first_series_number=9200)
+
+    uid = volume.datasets[0].SeriesInstanceUID
+    names = [f"pmap-t1rho-{uid}.dcm", f"pmap-t2-{uid}.dcm"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert [[p.name for p in job.map_outputs] for job in jobs] == [names, names]
+    assert [int(pydicom.dcmread(out / name).SeriesNumber) for name in names] == [9200, 9201]
 
 
 @dataclass
