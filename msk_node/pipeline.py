@@ -1,5 +1,8 @@
 """The main job as plain functions: study folder in, one DICOM-SEG per selected series out.
 
+Beside each SEG go a TID 1500 SR of its measurements and a DICOM Parametric Map of every
+relaxation map (T1rho, T2) fitted to measure it.
+
 Each step is a function the MONAI Deploy operators wrap one to one, and that tests,
 training and evaluation call directly. A series that fails at any step is recorded
 with its reason and the other series go on.
@@ -25,6 +28,7 @@ from msk_node.intensity import normalise_volume
 from msk_node.labels import LabelMap
 from msk_node.measure import SeriesMeasurements, measure_series, measurement_groups
 from msk_node.models import ModelSet
+from msk_node.parametric_map_writer import build_parametric_map, write_parametric_map
 from msk_node.plausibility import Finding, check_label_volume
 from msk_node.postprocess import merge_labels, postprocess_masks
 from msk_node.progress import progress
@@ -70,6 +74,7 @@ class SeriesJob:
     measurements: SeriesMeasurements | None = None
     output: Path | None = None
     report_output: Path | None = None
+    map_outputs: list[Path] = field(default_factory=list)
     outcome: str = "pending"
     reason: str = ""
 
@@ -209,6 +214,28 @@ def write_sr(job: SeriesJob, seg: Dataset, models: ModelSet, output_dir: Path, s
     sr.save_as(job.report_output, enforce_file_format=True)
 
 
+def write_maps(job: SeriesJob, output_dir: Path, written: dict[str, Path], first_series_number: int) -> None:
+    """A Parametric Map per relaxation map fitted for the series, named after the map's source series.
+
+    Series segmented from one study fit the same maps; ``written`` (file name to path, shared
+    by the study) makes each map one file, listed for every series that used it.
+    """
+    for relaxation in job.measurements.maps:
+        try:
+            if not relaxation.source_datasets:
+                raise ValueError("no source instances")
+            name = f"pmap-{relaxation.kind}-{relaxation.source_datasets[0].SeriesInstanceUID}.dcm"
+            if name not in written:
+                pmap = build_parametric_map(relaxation, series_number=first_series_number + len(written),
+                                            series_description=f"msk-node {relaxation.kind} map")
+                written[name] = write_parametric_map(pmap, output_dir / name)
+        except ValueError as error:
+            logger.warning("series %s: %s Parametric Map not written: %s", job.series_instance_uid,
+                           relaxation.kind, error)
+            continue
+        job.map_outputs.append(written[name])
+
+
 def measurement_rows(study_uid: str, series_uid: str, measurements: SeriesMeasurements) -> list[dict]:
     """One series' measurements as flat rows (the CSV/JSON tables); NaN values carry their reason."""
     return [{"study_instance_uid": study_uid, "series_instance_uid": series_uid, "segment": segment,
@@ -242,8 +269,9 @@ class StudyWork:
 
 
 def write_outputs(work: StudyWork, models: ModelSet) -> dict:
-    """Write a SEG and an SR for every series still in play, then the study's tables and ``report.json``."""
+    """Write a SEG, an SR and Parametric Maps per series still in play, then the study's tables and report.json."""
     work.output_dir.mkdir(parents=True, exist_ok=True)
+    maps_written: dict[str, Path] = {}
     with work.times.stage("write"):
         for number, job in enumerate(work.jobs, start=1):
             if job.failed:
@@ -258,6 +286,7 @@ def write_outputs(work: StudyWork, models: ModelSet) -> dict:
                     write_sr(job, seg, models, work.output_dir, series_number=9100 + number)
                 except ValueError as error:
                     logger.warning("series %s: SR not written: %s", job.series_instance_uid, error)
+                write_maps(job, work.output_dir, maps_written, first_series_number=9200)
         rows = [row for job in work.jobs if job.measurements is not None and job.output is not None
                 for row in measurement_rows(job.selected.series.study_instance_uid, job.series_instance_uid,
                                             job.measurements)]
@@ -285,6 +314,8 @@ def study_report(jobs: list[SeriesJob], skipped: list[SkippedFile], models: Mode
             entry["seg"] = job.output.name
         if job.report_output is not None:
             entry["sr"] = job.report_output.name
+        if job.map_outputs:
+            entry["parametric_maps"] = [path.name for path in job.map_outputs]
         if job.volume is not None and job.volume.missing:
             entry["missing_slices"] = job.volume.missing
         if job.label_volume is not None:

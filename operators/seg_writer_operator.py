@@ -1,4 +1,4 @@
-"""Write a DICOM-SEG and a TID 1500 SR per segmented series, the measurement tables and the study report."""
+"""Write a DICOM-SEG, a TID 1500 SR and Parametric Maps per segmented series, the tables and the study report."""
 from __future__ import annotations
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
@@ -8,7 +8,7 @@ from msk_node.pipeline import write_outputs
 
 
 class SegWriterOperator(Operator):
-    """Input ``study``; writes ``seg-*.dcm``, ``sr-*.dcm``, ``measurements.csv/json`` and ``report.json``."""
+    """Input ``study``; writes ``seg-*.dcm``, ``sr-*.dcm``, ``pmap-*.dcm``, ``measurements.*`` and ``report.json``."""
 
     def __init__(self, fragment: Fragment, *args, models: ModelSet, **kwargs) -> None:
         self.models = models

@@ -12,14 +12,14 @@ library and the ``orthanc`` module. Configure it in the Orthanc configuration:
         "DescriptionPatterns": ["knee", "\\bDESS\\b"],  // regexes (case-insensitive) searched in
                                                    //   SeriesDescription and ProtocolName
         "OwnManufacturer": "msk-node",             // Manufacturer of the node's results
-        "OwnModalities": ["SEG", "SR"],            // Modality of the node's results
+        "OwnModalities": ["SEG", "SR", "OT"],      // Modality of the node's results (OT: Parametric Maps)
         "StoreRetries": 3,                         // resubmissions of a failed store job
         "StoreRetryDelay": 30                      // seconds before the first; doubled each time
     }
 
 On every ``STABLE_STUDY`` change the plugin lists the study's series and
 
-* sets aside the node's own results (Modality SEG/SR *and* Manufacturer "msk-node"):
+* sets aside the node's own results (Modality SEG/SR/OT *and* Manufacturer "msk-node"):
   they are never sent to the node, and a study that holds nothing else is skipped;
 * looks for a *trigger*: a series of modality MR whose BodyPartExamined is in
   ``BodyParts`` or whose SeriesDescription/ProtocolName matches a pattern, and that has
@@ -57,7 +57,7 @@ DEFAULTS = {
     "BodyParts": ["KNEE", "THIGH", "LSPINE", "SPINE", "LUMBAR"],
     "DescriptionPatterns": ["knee", "thigh", "spine", "lumbar", "\\bDESS\\b", "\\bCUBE\\b"],
     "OwnManufacturer": "msk-node",
-    "OwnModalities": ["SEG", "SR"],
+    "OwnModalities": ["SEG", "SR", "OT"],
     "StoreRetries": 3,
     "StoreRetryDelay": 30,
 }
@@ -130,7 +130,7 @@ def _decide(entry):
 
 
 def is_own_result(tags, settings=None):
-    """True for a series the node produced (SEG/SR written by msk-node)."""
+    """True for a series the node produced (SEG/SR/Parametric Map written by msk-node)."""
     settings = settings or SETTINGS
     return (tags.get("Modality", "").upper() in settings["_own_modalities"]
             and tags.get("Manufacturer", "").strip() == settings["OwnManufacturer"])

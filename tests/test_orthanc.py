@@ -144,10 +144,11 @@ def test_msk_filter(monkeypatch, tags, expected):
     assert plugin.msk_rule(tags) == expected
 
 
-def test_own_results_are_seg_or_sr_of_manufacturer_msk_node(monkeypatch):
+def test_own_results_are_seg_sr_or_parametric_maps_of_manufacturer_msk_node(monkeypatch):
     plugin = load_plugin(FakeOrthanc(), monkeypatch)
     assert plugin.is_own_result(OWN_SEG)
     assert plugin.is_own_result({"Modality": "SR", "Manufacturer": "msk-node"})
+    assert plugin.is_own_result({"Modality": "OT", "Manufacturer": "msk-node"})
     assert not plugin.is_own_result({"Modality": "SEG", "Manufacturer": "Other Vendor"})
     assert not plugin.is_own_result({"Modality": "MR", "Manufacturer": "msk-node"})
     assert not plugin.is_own_result({"Modality": "MR", "Manufacturer": "msk-node phantom"})

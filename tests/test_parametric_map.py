@@ -1,0 +1,201 @@
+"""Relaxation maps as DICOM Parametric Maps: valid, in ms, on the source slices, written by the pipeline."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import ParametricMapStorage
+
+from msk_node.biomarkers.relaxometry import RelaxationMap
+from msk_node.labels import LabelMap, load_label_map
+from msk_node.parametric_map_writer import NOT_FITTED_MS, build_parametric_map, write_parametric_map
+from msk_node.phantoms import write_phantom
+from msk_node.measure import SeriesMeasurements
+from msk_node.pipeline import SeriesJob, StudyWork, build_volumes, load_study, measure_all, write_maps, write_outputs
+from msk_node.service.config import Destination
+from msk_node.service.delivery import read_results, send
+from msk_node.volume import SeriesVolume, labels_on_volume_grid, series_to_volume
+from tests.dicom_checks import dciodvfy_errors, make_mr_series
+from tests.service_helpers import StoreSCP
+
+LABEL_MAP = load_label_map(Path(__file__).resolve().parent.parent / "models" / "detector" / "label_map.yaml")
+#: An oblique, non-axis-aligned orientation so a swapped axis or sign cannot go unnoticed.
+OBLIQUE = (0.0, 0.8, 0.6, 0.0, 0.6, -0.8)
+
+
+def _series(tmp_path: Path, drop_slice: int | None = None) -> SeriesVolume:
+    paths = make_mr_series(tmp_path / "echo1", n=6, rows=12, cols=10, iop=OBLIQUE, spacing=(0.7, 0.9),
+                           slice_step=3.0)
+    kept = [p for k, p in enumerate(paths) if k != drop_slice]
+    return series_to_volume([pydicom.dcmread(p) for p in kept])
+
+
+def _known_map(volume: SeriesVolume, kind: str) -> RelaxationMap:
+    """T in ms that differs per slice, row and column; one block of failed fits (NaN)."""
+    k, j, i = np.indices(volume.volume.spatial_shape, dtype=float)
+    t_ms = 20.0 + 5.0 * k + 0.5 * j + 0.25 * i
+    t_ms[:, :3, :2] = np.nan
+    return RelaxationMap(t_ms, np.ones_like(t_ms), np.ones_like(t_ms), volume.volume, (1.0, 10.0, 30.0, 60.0),
+                         kind=kind, source_datasets=volume.datasets)
+
+
+@pytest.mark.parametrize("kind,quantity", [("t1rho", ("T1RHO", "99MSKNODE")), ("t2", ("113065", "DCM"))])
+def test_map_is_valid_and_reads_back_in_ms_on_the_source_slices(tmp_path, kind, quantity):
+    volume = _series(tmp_path)
+    relaxation = _known_map(volume, kind)
+    path = write_parametric_map(build_parametric_map(relaxation, series_number=9201), tmp_path / "pmap.dcm")
+
+    assert dciodvfy_errors(path) == []
+    ds = pydicom.dcmread(path)
+    first = volume.datasets[0]
+    assert ds.FrameOfReferenceUID == first.FrameOfReferenceUID and ds.StudyInstanceUID == first.StudyInstanceUID
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+    assert ds.NumberOfFrames == len(volume.datasets) and ds.BitsAllocated == 32 and "FloatPixelData" in ds
+
+    mapping = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    unit = mapping.MeasurementUnitsCodeSequence[0]
+    assert (unit.CodeValue, unit.CodingSchemeDesignator) == ("ms", "UCUM")
+    concept = mapping.QuantityDefinitionSequence[0].ConceptCodeSequence[0]
+    assert (concept.CodeValue, concept.CodingSchemeDesignator) == quantity
+    declared = [item.CodingSchemeDesignator for item in ds.get("CodingSchemeIdentificationSequence", [])]
+    assert ("99MSKNODE" in declared) == (quantity[1] == "99MSKNODE")
+
+    # The window shows the fitted range: 1st-99th percentile of the values, not the padding.
+    fitted = relaxation.t_ms[np.isfinite(relaxation.t_ms)]
+    voi = ds.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
+    low, high = np.percentile(fitted, (1, 99))
+    assert float(voi.WindowCenter) == pytest.approx((low + high) / 2, rel=1e-4)
+    assert float(voi.WindowWidth) == pytest.approx(high - low, rel=1e-4)
+
+    # Each frame lies exactly on the source instance it references and holds that slice in ms.
+    by_uid = {str(s.SOPInstanceUID): index for index, s in enumerate(volume.slices)}
+    frames = hd.pm.ParametricMap.from_dataset(ds).pixel_array
+    expected = np.where(np.isfinite(relaxation.t_ms), relaxation.t_ms, NOT_FITTED_MS).astype(np.float32)
+    for frame, item in zip(frames, ds.PerFrameFunctionalGroupsSequence):
+        source = item.DerivationImageSequence[0].SourceImageSequence[0]
+        k = by_uid[str(source.ReferencedSOPInstanceUID)]
+        position = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        assert position == [float(v) for v in volume.slices[k].ImagePositionPatient]
+        np.testing.assert_array_equal(frame, expected[k])
+    assert len({str(i.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+                for i in ds.PerFrameFunctionalGroupsSequence}) == len(volume.datasets)
+
+    # highdicom rebuilds the map's grid in patient space and applies the real world value mapping.
+    read = hd.pm.ParametricMap.from_dataset(pydicom.dcmread(path)).get_volume(apply_real_world_transform=True)
+    assert np.allclose(read.affine, volume.volume.affine, atol=1e-4)
+    np.testing.assert_allclose(read.array, expected, rtol=1e-6)
+
+
+def test_a_missing_source_slice_leaves_out_its_frame_only(tmp_path):
+    volume = _series(tmp_path, drop_slice=2)
+    assert volume.missing == [2] or volume.missing == [3]  # volume order may run against file order
+    relaxation = _known_map(volume, "t2")
+    path = write_parametric_map(build_parametric_map(relaxation, series_number=9201), tmp_path / "pmap.dcm")
+
+    assert dciodvfy_errors(path) == []
+    ds = pydicom.dcmread(path)
+    frames = hd.pm.ParametricMap.from_dataset(ds).pixel_array
+    present = [k for k, s in enumerate(volume.slices) if s is not None]
+    assert len(frames) == len(present) == 5
+    to_index = np.linalg.inv(volume.volume.affine)
+    for frame, item in zip(frames, ds.PerFrameFunctionalGroupsSequence):
+        position = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        k = int(round((to_index @ [*position, 1.0])[0]))
+        assert k in present
+        np.testing.assert_array_equal(frame, np.nan_to_num(relaxation.t_ms[k], nan=NOT_FITTED_MS))
+
+
+def test_sources_off_the_map_grid_and_unknown_kinds_are_refused(tmp_path):
+    volume = _series(tmp_path)
+    relaxation = _known_map(volume, "t1rho")
+    shifted = pydicom.Dataset()
+    shifted.update(volume.datasets[0])
+    shifted.ImagePositionPatient = [float(v) + 1.0 for v in shifted.ImagePositionPatient]
+    with pytest.raises(ValueError, match="does not lie on a slice"):
+        build_parametric_map(replace(relaxation, source_datasets=[shifted]), series_number=9201)
+    with pytest.raises(ValueError, match="unknown relaxation map kind"):
+        build_parametric_map(replace(relaxation, kind="adc"), series_number=9201)
+    with pytest.raises(ValueError, match="no voxel has a valid fit"):
+        build_parametric_map(replace(relaxation, t_ms=np.full_like(relaxation.t_ms, np.nan)), series_number=9201)
+
+
+def test_series_that_share_a_fitted_map_share_one_file(tmp_path):
+    """Two segmented series of one study fit the same maps: one file per map, listed for both, own numbers."""
+    volume = _series(tmp_path)
+    maps = [_known_map(volume, "t1rho"), _known_map(volume, "t2")]
+    jobs = [SeriesJob(None, measurements=SeriesMeasurements({}, maps)) for _ in range(2)]
+    written: dict[str, Path] = {}
+    out = tmp_path / "out"
+    out.mkdir()
+    for job in jobs:
+        write_maps(job, out, written, first_series_number=9200)
+
+    uid = volume.datasets[0].SeriesInstanceUID
+    names = [f"pmap-t1rho-{uid}.dcm", f"pmap-t2-{uid}.dcm"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert [[p.name for p in job.map_outputs] for job in jobs] == [names, names]
+    assert [int(pydicom.dcmread(out / name).SeriesNumber) for name in names] == [9200, 9201]
+
+
+@dataclass
+class _Models:
+    """What the write step needs of a model set: the label map and the provenance."""
+
+    label_map: LabelMap
+
+    def provenance(self) -> dict:
+        return {"segmenter_family": "truth", "detector_version": "0", "segmenter_version": "0",
+                "detector_sha256": "0" * 64, "segmenter_sha256": "0" * 64, "precision": "fp32", "backend": "none"}
+
+
+def test_pipeline_writes_a_parametric_map_per_fitted_map_and_names_it_in_the_report(tmp_path):
+    """The knee T1rho phantom through the pipeline's own steps, with truth labels in place of the models;
+    the node's sender then C-STOREs the map with the SEG and the SR."""
+    case = write_phantom("knee-t1rho", tmp_path / "case", seed=5, n_slices=24)
+    truth = json.loads((case / "truth.json").read_text())
+    work = StudyWork(output_dir=tmp_path / "out")
+    load_study(work, case / "dicom")
+    build_volumes(work)
+    (job,) = work.active_jobs()
+    job.label_volume = labels_on_volume_grid(case / "truth_labels.nii.gz", job.volume.volume).astype(np.uint8)
+    job.plausibility = []
+    measure_all(work, LABEL_MAP)
+    report = write_outputs(work, _Models(LABEL_MAP))
+
+    spin_lock = sorted(e["series_instance_uid"] for e in truth["series"] if e["role"] == "spin_lock")
+    (entry,) = report["series"]
+    (name,) = entry["parametric_maps"]
+    assert name.startswith("pmap-t1rho-") and name[len("pmap-t1rho-"):-len(".dcm")] in spin_lock
+    path = work.output_dir / name
+    assert dciodvfy_errors(path) == []
+    ds = pydicom.dcmread(path)
+    numbers = {int(pydicom.dcmread(work.output_dir / entry[key]).SeriesNumber) for key in ("seg", "sr")}
+    assert int(ds.SeriesNumber) >= 9200 and int(ds.SeriesNumber) not in numbers
+
+    # The stored map is the one measured: its cartilage voxels give the designed T1rho.
+    (relaxation,) = job.measurements.maps
+    read = hd.pm.ParametricMap.from_dataset(pydicom.dcmread(path)).get_volume(apply_real_world_transform=True)
+    assert np.allclose(read.affine, relaxation.geometry.affine, atol=1e-3)
+    fitted = np.isfinite(relaxation.t_ms)
+    np.testing.assert_allclose(read.array[fitted], relaxation.t_ms[fitted], rtol=1e-6)
+    femoral = next(m for m in job.measurements.by_segment["femoral_cartilage"] if m.name == "t1rho_mean")
+    assert femoral.value == pytest.approx(truth["biomarkers"]["t1rho_ms"]["femoral_cartilage"], rel=0.05)
+
+    # The service sends every result of the job: the map goes to PACS with the SEG and the SR.
+    results, problems = read_results(work.output_dir)
+    assert problems == [] and {r.path.name for r in results} == {entry["seg"], entry["sr"], name}
+    pacs = StoreSCP()
+    try:
+        confirmed: list[str] = []
+        send(Destination("cstore", **{k: v for k, v in pacs.destination().items() if k != "type"}), results,
+             confirmed.append, calling_ae="MSKNODE")
+        assert sorted(confirmed) == sorted(pacs.sop_uids) == sorted(r.sop_uid for r in results)
+        (received,) = [d for d in pacs.received if d.SOPInstanceUID == ds.SOPInstanceUID]
+        assert received.SOPClassUID == ParametricMapStorage and received.FloatPixelData == ds.FloatPixelData
+    finally:
+        pacs.stop()
