@@ -1,7 +1,8 @@
 """Which biomarkers apply to a segmented series, computed with the series' real geometry.
 
-knee   cartilage thickness per plate (2D and 3D methods), tibial plates split medial /
-       lateral when the knee's laterality is known, T1rho or T2 per plate when the
+knee   cartilage thickness per plate (2D and 3D methods), tibial cartilage split medial /
+       lateral and femoral cartilage trochlear / medial / lateral once the knee's side is
+       known (from the anatomy, else the Laterality tag), T1rho or T2 per plate when the
        study holds a spin-lock or multi-echo group, and volumes;
 thigh  volumes of every tissue;
 spine  disc height per level and volumes.
@@ -17,6 +18,7 @@ import numpy as np
 from msk_node.biomarkers import Measurement, unavailable
 from msk_node.biomarkers.cartilage import SplitPlane, cartilage_thickness
 from msk_node.biomarkers.disc import disc_heights
+from msk_node.biomarkers.knee_side import cartilage_split_planes, knee_side
 from msk_node.biomarkers.relaxometry import mask_on_grid, mean_relaxation, relaxation_map_from_series
 from msk_node.biomarkers.volume import tissue_volumes
 from msk_node.dicom_input import Series
@@ -50,7 +52,7 @@ def measure_series(volume: SeriesVolume, label_volume: np.ndarray, anatomy: str,
     labels = label_map.for_anatomy(anatomy)
     present = {spec.name: spec.value for spec in labels.labels if (label_volume == spec.value).any()}
     by_segment: dict[str, list[Measurement]] = {name: [] for name in present}
-    for m in tissue_volumes(label_volume, spacing, present):
+    for m in tissue_volumes(label_volume, spacing, present, whole_only=True):
         if m.label in by_segment:
             by_segment[m.label].append(m)
     if anatomy == "knee":
@@ -67,14 +69,17 @@ def _knee(volume: SeriesVolume, label_volume: np.ndarray, label_map: LabelMap, s
     plates = {name: label_map.by_name(name).value for name in CARTILAGE_PLATES if name in by_segment}
     if not plates:
         return
-    splits = _medial_lateral_split(volume, label_volume, plates)
+    splits, side_note = _medial_lateral_split(volume, label_volume, label_map)
     methods = ("2d", "3d")
     thicknesses = thread_map(lambda method: cartilage_thickness(label_volume, spacing, plates, method,
                                                                 affine=volume.volume.affine, split_planes=splits),
                              methods)
     for method, measurements in zip(methods, thicknesses):
         for m in measurements:
-            by_segment[_plate_of(m.label)].append(_renamed(m, f"mean_thickness_{method}"))
+            renamed = _renamed(m, f"mean_thickness_{method}")
+            if m.label not in plates:
+                renamed = replace(renamed, extra={**renamed.extra, **side_note})
+            by_segment[_plate_of(m.label)].append(renamed)
     for kind, pattern in RELAXOMETRY_PATTERNS.items():
         group = [s for s in study_series if re.search(pattern, s.description, re.IGNORECASE)
                  and s.study_instance_uid == volume.datasets[0].StudyInstanceUID]
@@ -84,15 +89,31 @@ def _knee(volume: SeriesVolume, label_volume: np.ndarray, label_map: LabelMap, s
 
 
 def _medial_lateral_split(volume: SeriesVolume, label_volume: np.ndarray,
-                          plates: dict[str, int]) -> dict[str, SplitPlane]:
-    """Split the tibial plate at its centre along patient x, medial side from the knee's laterality."""
-    laterality = str(volume.datasets[0].get("Laterality", "") or volume.datasets[0].get("ImageLaterality", "")).upper()
-    if "tibial_cartilage" not in plates or laterality not in ("R", "L"):
-        return {}
-    voxels = np.argwhere(label_volume == plates["tibial_cartilage"])
-    centre = (volume.volume.affine @ np.c_[voxels, np.ones(len(voxels))].T)[:3].mean(axis=1)
-    # In LPS +x is the patient's left: the medial side of a right knee.
-    return {"tibial_cartilage": SplitPlane.knee_medial_lateral(float(centre[0]), "+x" if laterality == "R" else "-x")}
+                          label_map: LabelMap) -> tuple[dict[str, tuple[SplitPlane, ...]], dict[str, str]]:
+    """Cartilage split planes and a note of the knee side, from the anatomy first and the Laterality tag second.
+
+    The anatomy decides when its cues agree (a tag can be wrong); a tag that contradicts it
+    is logged and noted as a warning on every split measurement.
+    """
+    first = volume.datasets[0]
+    tag = str(first.get("Laterality", "") or first.get("ImageLaterality", "")).upper()
+    tag = tag if tag in ("R", "L") else ""
+    values = {spec.name: spec.value for spec in label_map.labels if spec.anatomy == "knee"}
+    anatomy = knee_side(label_volume, volume.volume.affine, values, _image(volume))
+    side = anatomy.laterality or tag
+    note = {"knee_side": side, "knee_side_source": anatomy.describe() if anatomy.laterality else f"Laterality tag {tag}"}
+    if anatomy.laterality and tag and tag != anatomy.laterality:
+        note["warning"] = f"Laterality tag {tag} contradicts the anatomy: {anatomy.describe()}"
+        logger.warning("%s; medial and lateral follow the anatomy", note["warning"])
+    if not side:
+        logger.warning("knee side unknown (no Laterality tag; %s): cartilage not split", anatomy.describe())
+        return {}, {}
+    return cartilage_split_planes(label_volume, volume.volume.affine, values, 1 if side == "L" else -1), note
+
+
+def _image(volume: SeriesVolume) -> np.ndarray:
+    array = volume.volume.array
+    return array[..., 0] if array.ndim == 4 else array
 
 
 def _relaxation(kind: str, group: list[Series], volume: SeriesVolume, label_volume: np.ndarray,

@@ -371,7 +371,7 @@ def cartilage_thickness(
     method: Literal["2d", "3d"] = "2d",
     *,
     affine: npt.ArrayLike | None = None,
-    split_planes: Mapping[str, SplitPlane] | None = None,
+    split_planes: Mapping[str, SplitPlane | Sequence[SplitPlane]] | None = None,
     upsample: int = 4,
 ) -> list[Measurement]:
     """Mean thickness of each cartilage plate of a label volume.
@@ -389,9 +389,11 @@ def cartilage_thickness(
         :func:`thickness_2d` (per-slice, in-plane normal) or :func:`thickness_3d`.
     affine : array_like, shape (4, 4), optional
         Index-to-patient matrix; required with ``split_planes``.
-    split_planes : mapping of str to SplitPlane, optional
-        For each named label, also measure its two parts on either side of the plane,
-        named ``f"{label}_{suffix}"`` (e.g. ``tibial_cartilage_medial``).
+    split_planes : mapping of str to SplitPlane or sequence of SplitPlane, optional
+        For each named label, also measure its parts, named ``f"{label}_{suffix}"`` (e.g.
+        ``tibial_cartilage_medial``). One plane gives two parts; with a sequence each plane
+        but the last peels off the part on its positive side and hands the rest to the next
+        (femoral cartilage: trochlear, then medial and lateral).
     upsample : int
         In-plane upsampling factor.
 
@@ -432,10 +434,14 @@ def cartilage_thickness(
     for label, value in label_values.items():
         mask = labels == value
         results.append(measure(mask, label))
-        if label in split_planes:
-            plane = split_planes[label]
-            parts = split_by_plane(mask, affine, plane.point, plane.normal)
-            results.extend(measure(part, f"{label}_{name}") for part, name in zip(parts, plane.names))
+        planes = split_planes.get(label, ())
+        planes = (planes,) if isinstance(planes, SplitPlane) else tuple(planes)
+        rest = mask
+        for n, plane in enumerate(planes):
+            positive, rest = split_by_plane(rest, affine, plane.point, plane.normal)
+            results.append(measure(positive, f"{label}_{plane.names[0]}"))
+            if n == len(planes) - 1:
+                results.append(measure(rest, f"{label}_{plane.names[1]}"))
     return results
 
 
