@@ -22,7 +22,7 @@ from msk_node.biomarkers.knee_side import cartilage_split_planes, knee_side
 from msk_node.biomarkers.relaxometry import mask_on_grid, mean_relaxation, relaxation_map_from_series
 from msk_node.biomarkers.volume import tissue_volumes
 from msk_node.dicom_input import Series
-from msk_node.codes import DISC_LEVELS
+from msk_node.codes import DISC_LEVELS, LATERALITY, SUB_REGION_MODIFIERS
 from msk_node.labels import LabelMap
 from msk_node.parallel import thread_map
 from msk_node.sr_writer import MeasurementGroup
@@ -78,7 +78,9 @@ def _knee(volume: SeriesVolume, label_volume: np.ndarray, label_map: LabelMap, s
         for m in measurements:
             renamed = _renamed(m, f"mean_thickness_{method}")
             if m.label not in plates:
-                renamed = replace(renamed, extra={**renamed.extra, **side_note})
+                # The method column says which side was taken and why, and carries any warning.
+                details = [renamed.method, side_note["knee_side_source"], side_note.get("warning", "")]
+                renamed = replace(renamed, method="; ".join(filter(None, details)), extra={**renamed.extra, **side_note})
             by_segment[_plate_of(m.label)].append(renamed)
     for kind, pattern in RELAXOMETRY_PATTERNS.items():
         group = [s for s in study_series if re.search(pattern, s.description, re.IGNORECASE)
@@ -101,7 +103,8 @@ def _medial_lateral_split(volume: SeriesVolume, label_volume: np.ndarray,
     values = {spec.name: spec.value for spec in label_map.labels if spec.anatomy == "knee"}
     anatomy = knee_side(label_volume, volume.volume.affine, values, _image(volume))
     side = anatomy.laterality or tag
-    note = {"knee_side": side, "knee_side_source": anatomy.describe() if anatomy.laterality else f"Laterality tag {tag}"}
+    source = anatomy.describe() if anatomy.laterality else f"Laterality tag {tag}"
+    note = {"knee_side": side, "knee_side_source": source}
     if anatomy.laterality and tag and tag != anatomy.laterality:
         note["warning"] = f"Laterality tag {tag} contradicts the anatomy: {anatomy.describe()}"
         logger.warning("%s; medial and lateral follow the anatomy", note["warning"])
@@ -141,12 +144,21 @@ def _renamed(measurement: Measurement, name: str) -> Measurement:
 
 
 def measurement_groups(measurements: SeriesMeasurements) -> list[MeasurementGroup]:
-    """One SR measurement group per measured structure: a segment, a plate part or a disc level."""
+    """One SR measurement group per measured structure: a segment, a plate part or a disc level.
+
+    A cartilage part carries its topographical modifier (medial, lateral, trochlear) and the
+    knee's side as coded laterality, so readers need not parse its name.
+    """
     groups = []
     for segment, rows in measurements.by_segment.items():
         by_structure: dict[str, list[Measurement]] = {}
         for m in rows:
             by_structure.setdefault(m.label, []).append(m)
         for structure, items in by_structure.items():
-            groups.append(MeasurementGroup(segment, structure, tuple(items), DISC_LEVELS.get(structure)))
+            part = structure.removeprefix(segment).lstrip("_") if structure != segment else ""
+            sides = {m.extra.get("knee_side", "") for m in items} - {""}
+            groups.append(MeasurementGroup(
+                segment, structure, tuple(items), DISC_LEVELS.get(structure),
+                laterality=LATERALITY[sides.pop()] if len(sides) == 1 else None,
+                topographical_modifier=SUB_REGION_MODIFIERS.get(part)))
     return groups
