@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 LABEL_MAP = load_label_map(REPO / "models" / "detector" / "label_map.yaml")
 KNEE_VALUES = {spec.name: spec.value for spec in LABEL_MAP.labels if spec.anatomy == "knee"}
 ALGORITHM = AlgorithmInfo(name="msk-node test", version="0", weights_sha256="0" * 64)
-STANDARD_SCHEMES = {"DCM", "SCT", "UCUM", "LN"}
+STANDARD_SCHEMES = {"DCM", "SCT", "UCUM", "LN", "RFC5646"}  # in the DICOM registry (PS3.16 8.1)
 
 
 def _study(kind: str, tmp_path: Path, drop_series: int = 0, laterality: str | None = "R"):
@@ -139,14 +139,13 @@ def _assert_sub_regions_coded(groups) -> None:
     sites = {}
     for group in groups:
         (site,) = group.finding_sites
-        sites[group.tracking_identifier] = (
-            site.value, *(item.value for item in site.ContentSequence if item.name == codes.DCM.Laterality),
-            *(item.value for item in site.ContentSequence if item.name == codes.DCM.TopographicalModifier))
+        sites[group.tracking_identifier] = (site.value, site.laterality, site.topographical_modifier)
     assert sites["tibial_cartilage_medial"] == (codes.SCT.Tibia, codes.SCT.Right, codes.SCT.Medial)
     assert sites["tibial_cartilage_lateral"] == (codes.SCT.Tibia, codes.SCT.Right, codes.SCT.Lateral)
     assert sites["femoral_cartilage_medial"] == (codes.SCT.Femur, codes.SCT.Right, codes.SCT.Medial)
     assert sites["femoral_cartilage_lateral"] == (codes.SCT.Femur, codes.SCT.Right, codes.SCT.Lateral)
     assert sites["femoral_cartilage_trochlear"] == (codes.SCT.Femur, codes.SCT.Right, codes.SCT.Anterior)
+    assert sites["tibial_cartilage"] == (codes.SCT.Tibia, None, None)
 
 
 def test_missing_spin_lock_series_is_reported_not_zero(tmp_path):
