@@ -133,8 +133,10 @@ def anatomic_region(name: str) -> Code | None:
 
 # Measurement concepts written into TID 1500 reports. Cartilage thickness and T1rho
 # have no code in DICOM or the SNOMED subset pydicom lists; they use this private
-# scheme (declared in every report's CodingSchemeIdentificationSequence).
+# scheme, declared in every report's CodingSchemeIdentificationSequence.
 MSK_NODE_SCHEME = "99MSKNODE"
+MSK_NODE_SCHEME_NAME = "msk-node measurement concepts"
+MSK_NODE_SCHEME_RESPONSIBLE_ORGANIZATION = "msk-node"
 CARTILAGE_THICKNESS_2D = Code("CART_THICK_2D", MSK_NODE_SCHEME, "Cartilage thickness, per-slice medial axis")
 CARTILAGE_THICKNESS_3D = Code("CART_THICK_3D", MSK_NODE_SCHEME, "Cartilage thickness, 3D mid-surface normal")
 T1RHO_RELAXATION_TIME = Code("T1RHO", MSK_NODE_SCHEME, "T1rho relaxation time")
@@ -146,8 +148,22 @@ CUBIC_CENTIMETER: Code = codes.UCUM.CubicCentimeter
 MILLISECOND: Code = codes.UCUM.Millisecond
 #: DICOM CID 42 qualifier written instead of a number when a measurement is not available.
 MEASUREMENT_FAILURE = Code("114006", "DCM", "Measurement failure")
-#: Procedure reported in every measurement report.
-MAGNETIC_RESONANCE_IMAGING = Code("113091000", "SCT", "Magnetic resonance imaging")
+#: Concept of the free-text reason attached to a failed measurement.
+COMMENT: Code = codes.DCM.Comment
+
+#: Laterality of a finding site (DICOM CID 244) by knee side.
+LATERALITY: dict[str, Code] = {"R": codes.SCT.Right, "L": codes.SCT.Left}
+#: Topographical modifiers (DICOM CID 2) of cartilage sub-regions, by the suffix of their name.
+#: The trochlea is the anterior (patellar) surface of the femur; no SNOMED CT concept of the
+#: trochlea is in the DICOM dictionaries, so it is the femur qualified as anterior.
+SUB_REGION_MODIFIERS: dict[str, Code] = {
+    "medial": codes.SCT.Medial,
+    "lateral": codes.SCT.Lateral,
+    "trochlear": codes.SCT.Anterior,
+}
+#: Procedure reported in every measurement report: the MR entry of DICOM CID 100
+#: "Quantitative Diagnostic Imaging Procedures" (TID 1500 draws the procedure from it).
+MAGNETIC_RESONANCE_IMAGING = Code("25056-3", "LN", "MRI unspecified body region")
 
 #: Disc levels (names as the biomarkers give them) to their SNOMED CT level concepts.
 DISC_LEVELS: dict[str, Code] = {

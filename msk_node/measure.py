@@ -1,8 +1,9 @@
 """Which biomarkers apply to a segmented series, computed with the series' real geometry.
 
-knee   cartilage thickness per plate (2D and 3D methods), tibial plates split medial /
-       lateral when the knee's laterality is known, T1rho, T2 and DESS T2 per plate and
-       sub-region when the study holds a spin-lock, multi-echo or two-echo DESS
+knee   cartilage thickness per plate (2D and 3D methods), tibial cartilage split medial /
+       lateral and femoral cartilage trochlear / medial / lateral once the knee's side is
+       known (from the anatomy, else the Laterality tag), T1rho, T2 and DESS T2 per plate
+       and sub-region when the study holds a spin-lock, multi-echo or two-echo DESS
        acquisition (the fitted maps are kept in ``SeriesMeasurements.maps``), and volumes;
 thigh  volumes of every tissue;
 spine  disc height per level and volumes.
@@ -18,13 +19,14 @@ from highdicom import Volume
 
 from msk_node.biomarkers import Measurement, unavailable
 from msk_node.biomarkers.alignment import align_to_map, moved_volume
-from msk_node.biomarkers.cartilage import SplitPlane, cartilage_thickness, split_by_plane
+from msk_node.biomarkers.cartilage import SplitPlane, cartilage_thickness, plate_parts
 from msk_node.biomarkers.dess import dess_t2_map
 from msk_node.biomarkers.disc import disc_heights
+from msk_node.biomarkers.knee_side import cartilage_split_planes, knee_side
 from msk_node.biomarkers.relaxometry import RelaxationMap, is_derived, mask_on_grid, mean_relaxation, relaxation_map
 from msk_node.biomarkers.volume import tissue_volumes
 from msk_node.dicom_input import Series
-from msk_node.codes import DISC_LEVELS
+from msk_node.codes import DISC_LEVELS, LATERALITY, SUB_REGION_MODIFIERS
 from msk_node.labels import LabelMap
 from msk_node.parallel import thread_map
 from msk_node.sr_writer import MeasurementGroup
@@ -59,7 +61,7 @@ def measure_series(volume: SeriesVolume, label_volume: np.ndarray, anatomy: str,
     present = {spec.name: spec.value for spec in labels.labels if (label_volume == spec.value).any()}
     by_segment: dict[str, list[Measurement]] = {name: [] for name in present}
     maps: list[RelaxationMap] = []
-    for m in tissue_volumes(label_volume, spacing, present):
+    for m in tissue_volumes(label_volume, spacing, present, whole_only=True):
         if m.label in by_segment:
             by_segment[m.label].append(m)
     if anatomy == "knee":
@@ -76,14 +78,19 @@ def _knee(volume: SeriesVolume, label_volume: np.ndarray, label_map: LabelMap, s
     plates = {name: label_map.by_name(name).value for name in CARTILAGE_PLATES if name in by_segment}
     if not plates:
         return []
-    splits = _medial_lateral_split(volume, label_volume, plates)
+    splits, side_note = _medial_lateral_split(volume, label_volume, label_map)
     methods = ("2d", "3d")
     thicknesses = thread_map(lambda method: cartilage_thickness(label_volume, spacing, plates, method,
                                                                 affine=volume.volume.affine, split_planes=splits),
                              methods)
     for method, measurements in zip(methods, thicknesses):
         for m in measurements:
-            by_segment[_plate_of(m.label)].append(_renamed(m, f"mean_thickness_{method}"))
+            renamed = _renamed(m, f"mean_thickness_{method}")
+            if m.label not in plates:
+                # The method column says which side was taken and why, and carries any warning.
+                details = [renamed.method, side_note["knee_side_source"], side_note.get("warning", "")]
+                renamed = replace(renamed, method="; ".join(filter(None, details)), extra={**renamed.extra, **side_note})
+            by_segment[_plate_of(m.label)].append(renamed)
     maps = []
     study = volume.datasets[0].StudyInstanceUID
     for kind, pattern in RELAXOMETRY_PATTERNS.items():
@@ -109,19 +116,36 @@ def _echo_times(group: list[Series]) -> set[float]:
 
 
 def _medial_lateral_split(volume: SeriesVolume, label_volume: np.ndarray,
-                          plates: dict[str, int]) -> dict[str, SplitPlane]:
-    """Split the tibial plate at its centre along patient x, medial side from the knee's laterality."""
-    laterality = str(volume.datasets[0].get("Laterality", "") or volume.datasets[0].get("ImageLaterality", "")).upper()
-    if "tibial_cartilage" not in plates or laterality not in ("R", "L"):
-        return {}
-    voxels = np.argwhere(label_volume == plates["tibial_cartilage"])
-    centre = (volume.volume.affine @ np.c_[voxels, np.ones(len(voxels))].T)[:3].mean(axis=1)
-    # In LPS +x is the patient's left: the medial side of a right knee.
-    return {"tibial_cartilage": SplitPlane.knee_medial_lateral(float(centre[0]), "+x" if laterality == "R" else "-x")}
+                          label_map: LabelMap) -> tuple[dict[str, tuple[SplitPlane, ...]], dict[str, str]]:
+    """Cartilage split planes and a note of the knee side, from the anatomy first and the Laterality tag second.
+
+    The anatomy decides when its cues agree (a tag can be wrong); a tag that contradicts it
+    is logged and noted as a warning on every split measurement.
+    """
+    first = volume.datasets[0]
+    tag = str(first.get("Laterality", "") or first.get("ImageLaterality", "")).upper()
+    tag = tag if tag in ("R", "L") else ""
+    values = {spec.name: spec.value for spec in label_map.labels if spec.anatomy == "knee"}
+    anatomy = knee_side(label_volume, volume.volume.affine, values, _image(volume))
+    side = anatomy.laterality or tag
+    source = anatomy.describe() if anatomy.laterality else f"Laterality tag {tag}"
+    note = {"knee_side": side, "knee_side_source": source}
+    if anatomy.laterality and tag and tag != anatomy.laterality:
+        note["warning"] = f"Laterality tag {tag} contradicts the anatomy: {anatomy.describe()}"
+        logger.warning("%s; medial and lateral follow the anatomy", note["warning"])
+    if not side:
+        logger.warning("knee side unknown (no Laterality tag; %s): cartilage not split", anatomy.describe())
+        return {}, {}
+    return cartilage_split_planes(label_volume, volume.volume.affine, values, 1 if side == "L" else -1), note
+
+
+def _image(volume: SeriesVolume) -> np.ndarray:
+    array = volume.volume.array
+    return array[..., 0] if array.ndim == 4 else array
 
 
 def _relaxation(kind: str, group: list[Series], volume: SeriesVolume, label_volume: np.ndarray, plates: dict[str, int],
-                splits: dict[str, SplitPlane]) -> tuple[RelaxationMap | None, list[Measurement]]:
+                splits: dict[str, tuple[SplitPlane, ...]]) -> tuple[RelaxationMap | None, list[Measurement]]:
     """The map of one acquisition and its mean per plate and plate part; NaN with the reason when it cannot be fitted.
 
     DESS T2 is reported as ``t2_mean`` (the quantity is T2; the SR codes it so), its method naming the DESS model.
@@ -137,11 +161,8 @@ def _relaxation(kind: str, group: list[Series], volume: SeriesVolume, label_volu
     source, registration = _aligned_morphology(volume, fitted)
     results = []
     for plate, value in plates.items():
-        parts = {plate: label_volume == value}
-        if plate in splits:
-            plane = splits[plate]
-            positive, negative = split_by_plane(parts[plate], volume.volume.affine, plane.point, plane.normal)
-            parts.update({f"{plate}_{plane.names[0]}": positive, f"{plate}_{plane.names[1]}": negative})
+        parts = {plate: label_volume == value,
+                 **plate_parts(label_volume == value, plate, volume.volume.affine, splits.get(plate, ()))}
         for label, mask in parts.items():
             fraction = mask_on_grid(mask, source, fitted.geometry)
             m = mean_relaxation(fitted.t_ms, fraction, label, name=name, noise_sigma=fitted.noise_sigma)
@@ -169,12 +190,21 @@ def _renamed(measurement: Measurement, name: str) -> Measurement:
 
 
 def measurement_groups(measurements: SeriesMeasurements) -> list[MeasurementGroup]:
-    """One SR measurement group per measured structure: a segment, a plate part or a disc level."""
+    """One SR measurement group per measured structure: a segment, a plate part or a disc level.
+
+    A cartilage part carries its topographical modifier (medial, lateral, trochlear) and the
+    knee's side as coded laterality, so readers need not parse its name.
+    """
     groups = []
     for segment, rows in measurements.by_segment.items():
         by_structure: dict[str, list[Measurement]] = {}
         for m in rows:
             by_structure.setdefault(m.label, []).append(m)
         for structure, items in by_structure.items():
-            groups.append(MeasurementGroup(segment, structure, tuple(items), DISC_LEVELS.get(structure)))
+            part = structure.removeprefix(segment).lstrip("_") if structure != segment else ""
+            sides = {m.extra.get("knee_side", "") for m in items} - {""}
+            groups.append(MeasurementGroup(
+                segment, structure, tuple(items), DISC_LEVELS.get(structure),
+                laterality=LATERALITY[sides.pop()] if len(sides) == 1 else None,
+                topographical_modifier=SUB_REGION_MODIFIERS.get(part)))
     return groups

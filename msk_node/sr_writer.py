@@ -3,16 +3,22 @@
 One measurement group per measured structure. Each group references the SEG
 segment it was measured on and the source series, names its finding site, and
 carries a tracking identifier and UID, so Slicer, dcmqi and any TID 1500 reader can
-join the numbers to the outlines. A value that could not be measured is written with
-the CID 42 qualifier "Measurement failure" and no number, never as zero.
+join the numbers to the outlines. Sub-regions (medial, lateral, trochlear cartilage)
+name their finding site with SNOMED CT laterality and topographical modifiers.
+
+A value that could not be measured is no number, never zero: it is a qualitative
+evaluation of its concept with the value DCM "Measurement failure", its derivation as
+a concept modifier and its reason as a DCM "Comment". The private coding scheme of the
+measurement concepts is declared in the CodingSchemeIdentificationSequence. Everything
+is built through highdicom's constructors; nothing is edited afterwards.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
@@ -35,6 +41,10 @@ CONCEPTS: dict[str, tuple[Code, Code | None]] = {
 }
 UNITS: dict[str, Code] = {"mm": msk_codes.MILLIMETER, "cm3": msk_codes.CUBIC_CENTIMETER,
                           "ms": msk_codes.MILLISECOND}
+#: Declaration of the private scheme of :data:`CONCEPTS` (every report carries it).
+PRIVATE_SCHEME = CodingSchemeIdentificationItem(
+    designator=msk_codes.MSK_NODE_SCHEME, name=msk_codes.MSK_NODE_SCHEME_NAME,
+    responsible_organization=msk_codes.MSK_NODE_SCHEME_RESPONSIBLE_ORGANIZATION)
 
 
 @dataclass(frozen=True)
@@ -51,12 +61,18 @@ class MeasurementGroup:
         The values; NaN ones must carry a reason.
     finding_site
         Anatomy measured, when more specific than the segment's property type.
+    laterality
+        Side of the body (DICOM CID 244), e.g. SCT Right for a right knee.
+    topographical_modifier
+        Part of the finding site (DICOM CID 2), e.g. SCT Medial for medial tibial cartilage.
     """
 
     segment_label: str
     tracking_name: str
     measurements: tuple[Measurement, ...]
     finding_site: Code | None = None
+    laterality: Code | None = None
+    topographical_modifier: Code | None = None
 
 
 def build_measurement_report(
@@ -92,15 +108,21 @@ def build_measurement_report(
             raise ValueError(f"groups: segment {group.segment_label!r} is not in the SEG ({sorted(numbers)})")
         spec = label_map.by_name(group.segment_label)
         site = group.finding_site or msk_codes.anatomic_region(spec.name) or spec.property_type
+        for m in group.measurements:
+            _check(m)
+        measured = [_measurement(m, algorithm_id) for m in group.measurements if m.available]
+        failed = [MeasurementFailure(m) for m in group.measurements if not m.available]
         content_groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=group.tracking_name),
             referenced_segment=hd.sr.ReferencedSegment(
                 sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
                 segment_number=numbers[group.segment_label], source_series=source_series),
             finding_type=spec.property_type,
-            finding_sites=[hd.sr.FindingSite(site)],
+            finding_sites=[hd.sr.FindingSite(site, laterality=group.laterality,
+                                             topographical_modifier=group.topographical_modifier)],
             algorithm_id=algorithm_id,
-            measurements=[_measurement(m, algorithm_id) for m in group.measurements],
+            measurements=measured or None,
+            qualitative_evaluations=failed or None,
         ))
     observer = hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept.from_code(msk_codes.codes.DCM.Device),
@@ -122,60 +144,74 @@ def build_measurement_report(
         manufacturer="msk-node",
         is_complete=True,
         series_description=series_description,
+        coding_schemes=[PRIVATE_SCHEME],
+        software_versions=__version__,
     )
-    sr.SoftwareVersions = __version__
-    _drop_failed_values(sr.ContentSequence)
     return sr
 
 
-def _measurement(measurement: Measurement, algorithm_id: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
+def _check(measurement: Measurement) -> None:
     if measurement.name not in CONCEPTS:
         raise ValueError(f"measurements: no code for {measurement.name!r}; known: {sorted(CONCEPTS)}")
     if measurement.unit not in UNITS:
         raise ValueError(f"measurements: no UCUM code for unit {measurement.unit!r}")
-    concept, derivation = CONCEPTS[measurement.name]
-    available = measurement.value is not None and math.isfinite(measurement.value)
-    if not available and not measurement.reason:
+    if not measurement.available and not measurement.reason:
         raise ValueError(f"measurements: {measurement.name} of {measurement.label} is not a number and has no reason")
-    return hd.sr.Measurement(
-        name=concept,
-        value=float(measurement.value) if available else 0.0,
-        unit=UNITS[measurement.unit],
-        qualifier=None if available else msk_codes.MEASUREMENT_FAILURE,
-        derivation=derivation,
-        algorithm_id=algorithm_id,
-    )
 
 
-def _drop_failed_values(items: Sequence[Dataset]) -> None:
-    """Empty the MeasuredValueSequence of items qualified as failed: no number, not a zero."""
-    for item in items:
-        qualifier = item.get("NumericValueQualifierCodeSequence")
-        if qualifier and qualifier[0].CodeValue == msk_codes.MEASUREMENT_FAILURE.value:
-            item.MeasuredValueSequence = []
-        _drop_failed_values(item.get("ContentSequence", []))
+def _measurement(measurement: Measurement, algorithm_id: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
+    concept, derivation = CONCEPTS[measurement.name]
+    return hd.sr.Measurement(name=concept, value=float(measurement.value), unit=UNITS[measurement.unit],
+                             derivation=derivation, algorithm_id=algorithm_id)
+
+
+class MeasurementFailure(hd.sr.QualitativeEvaluation):
+    """A measurement that has no value: its concept, "Measurement failure", its derivation and its reason."""
+
+    def __init__(self, measurement: Measurement) -> None:
+        concept, derivation = CONCEPTS[measurement.name]
+        super().__init__(name=concept, value=msk_codes.MEASUREMENT_FAILURE)
+        details = [] if derivation is None else [hd.sr.CodeContentItem(
+            name=msk_codes.codes.DCM.Derivation, value=derivation,
+            relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD)]
+        details.append(hd.sr.TextContentItem(name=msk_codes.COMMENT, value=measurement.reason[:1024],
+                                             relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES))
+        self[0].ContentSequence = hd.sr.ContentSequence(details)
 
 
 def read_measurements(sr: Dataset) -> dict[tuple[str, str], float]:
-    """``{(tracking identifier, concept [+ " (derivation)"]): value}`` of a TID 1500 report; NaN where failed.
+    """``{(tracking identifier, concept [+ " (derivation)"]): value}`` of a TID 1500 report; NaN where failed."""
+    return {key: value for key, (value, _) in _read(sr).items()}
 
-    Walks the content tree directly, because a NUM item without a measured value (a
-    failed measurement) is valid DICOM but not accepted by highdicom's parsers.
-    """
-    values: dict[tuple[str, str], float] = {}
+
+def read_failure_reasons(sr: Dataset) -> dict[tuple[str, str], str]:
+    """``{(tracking identifier, concept [+ " (derivation)"]): reason}`` of every failed measurement."""
+    return {key: reason for key, (_, reason) in _read(sr).items() if reason}
+
+
+def _read(sr: Dataset) -> dict[tuple[str, str], tuple[float, str]]:
+    read: dict[tuple[str, str], tuple[float, str]] = {}
     for group in _items(sr, "Measurement Group"):
         tracking = next(str(i.TextValue) for i in group.ContentSequence
                         if i.ValueType == "TEXT" and _meaning(i) == "Tracking Identifier")
         for item in group.ContentSequence:
-            if item.ValueType != "NUM":
-                continue
+            children = item.get("ContentSequence", [])
             key = _meaning(item)
-            derivations = [m for m in item.get("ContentSequence", []) if _meaning(m) == "Derivation"]
+            derivations = [m for m in children if _meaning(m) == "Derivation"]
             if derivations:
                 key += f" ({derivations[0].ConceptCodeSequence[0].CodeMeaning})"
-            measured = item.get("MeasuredValueSequence", [])
-            values[(tracking, key)] = float(measured[0].NumericValue) if measured else np.nan
-    return values
+            if item.ValueType == "NUM":
+                read[(tracking, key)] = (float(item.MeasuredValueSequence[0].NumericValue), "")
+            elif item.ValueType == "CODE" and _is_failure(item):
+                reasons = [str(m.TextValue) for m in children if _meaning(m) == msk_codes.COMMENT.meaning]
+                read[(tracking, key)] = (np.nan, reasons[0] if reasons else "")
+    return read
+
+
+def _is_failure(item: Dataset) -> bool:
+    code = item.ConceptCodeSequence[0]
+    return (code.CodeValue, code.CodingSchemeDesignator) == (msk_codes.MEASUREMENT_FAILURE.value,
+                                                             msk_codes.MEASUREMENT_FAILURE.scheme_designator)
 
 
 def _meaning(item: Dataset) -> str:

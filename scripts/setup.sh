@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with the pinned msk-node stack; with --test also install the
-# Debian tools the test suite checks our output with (dcmtk, dicom3tools) and the
+# tools the test suite checks our output with (Debian dcmtk, dicom3tools and
+# pixelmed-apps for DicomSRValidator; dcmqi from PyPI for tid1500reader) and the
 # Orthanc PACS with its DICOMweb and Python plugins (tests/test_orthanc.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,9 +9,13 @@ cd "$(dirname "$0")/.."
 with_test_tools=0
 [[ "${1:-}" == "--test" ]] && with_test_tools=1
 
-if [[ $with_test_tools == 1 ]] && { ! command -v dciodvfy >/dev/null || ! command -v storescu >/dev/null || ! command -v Orthanc >/dev/null || [[ ! -f /usr/share/orthanc/plugins/libOrthancPython.so ]]; }; then
+missing_tools=0
+for tool in dciodvfy storescu DicomSRValidator Orthanc; do command -v "$tool" >/dev/null || missing_tools=1; done
+[[ -f /usr/share/orthanc/plugins/libOrthancPython.so ]] || missing_tools=1
+if [[ $with_test_tools == 1 ]] && [[ $missing_tools == 1 ]]; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools dcmtk orthanc orthanc-dicomweb orthanc-python >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        dicom3tools dcmtk pixelmed-apps orthanc orthanc-dicomweb orthanc-python >/dev/null
 fi
 
 if [[ ! -f .venv/.msk-node-installed ]] || [[ packaging/requirements.txt -nt .venv/.msk-node-installed ]] || [[ pyproject.toml -nt .venv/.msk-node-installed ]]; then
@@ -23,4 +28,8 @@ if [[ ! -f .venv/.msk-node-installed ]] || [[ packaging/requirements.txt -nt .ve
     .venv/bin/python -m pip install -q --force-reinstall --no-deps opencv-python-headless==5.0.0.93
     .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
     touch .venv/.msk-node-installed
+fi
+
+if [[ $with_test_tools == 1 ]] && [[ ! -x .venv/bin/tid1500reader ]]; then
+    .venv/bin/python -m pip install -q dcmqi==1.5.7
 fi

@@ -1,12 +1,16 @@
-"""Shared test helpers: a DICOM validator wrapper and a synthetic MR series writer.
+"""Shared test helpers: DICOM validator wrappers and a synthetic MR series writer.
 
 The series writer uses pydicom only, so tests of DICOM writers do not depend on the
 product's own readers.
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
+import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +42,66 @@ def dciodvfy_errors(path: str | Path) -> list[str]:
         raise FileNotFoundError("dciodvfy (dicom3tools) is not on PATH")
     result = subprocess.run([executable, str(path)], capture_output=True, text=True, check=False)
     return [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
+
+
+def sr_validator_errors(path: str | Path) -> list[str]:
+    """Run PixelMed's ``DicomSRValidator`` (content item order and template checks) on one SR.
+
+    Returns
+    -------
+    list of str
+        Its ``Error`` lines; empty when the report is valid.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``DicomSRValidator`` (Debian pixelmed-apps) is not on PATH.
+    """
+    executable = shutil.which("DicomSRValidator")
+    if executable is None:
+        raise FileNotFoundError("DicomSRValidator (pixelmed-apps) is not on PATH")
+    # The template rules exceed the JDK's default XPath size limits.
+    limits = "-Djdk.xml.xpathExprOpLimit=0 -Djdk.xml.xpathExprGrpLimit=0 -Djdk.xml.xpathTotalOpLimit=0"
+    env = {**os.environ, "JDK_JAVA_OPTIONS": limits}
+    result = subprocess.run([executable, "-checkcontentitemorder", "-checktemplateid", str(path)],
+                            capture_output=True, text=True, check=False, env=env)
+    output = result.stdout + result.stderr
+    if "Root Template Validation Complete" not in output:
+        return [f"DicomSRValidator did not complete: {output[-500:]}"]
+    return [line for line in output.splitlines() if line.startswith("Error")]
+
+
+def tid1500_read(path: str | Path) -> dict:
+    """The measurement report as dcmqi's ``tid1500reader`` (3D Slicer's reader) reads it: its JSON.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``tid1500reader`` (PyPI dcmqi) is not on PATH.
+    subprocess.CalledProcessError
+        If the reader fails.
+    """
+    # dcmqi installs into the virtual environment, which need not be on PATH.
+    executable = shutil.which("tid1500reader") or shutil.which("tid1500reader", path=str(Path(sys.executable).parent))
+    if executable is None:
+        raise FileNotFoundError("tid1500reader (dcmqi) is not on PATH")
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "report.json"
+        subprocess.run([executable, "--inputDICOM", str(path), "--outputMetadata", str(output)],
+                       capture_output=True, text=True, check=True)
+        return json.loads(output.read_text())
+
+
+def tid1500_values(report: dict) -> dict[tuple[str, str], float]:
+    """``{(tracking identifier, quantity [+ " (derivation)"]): value}`` of a ``tid1500reader`` JSON."""
+    values = {}
+    for group in report["Measurements"]:
+        for item in group["measurementItems"]:
+            key = item["quantity"]["CodeMeaning"]
+            if "derivationModifier" in item:
+                key += f" ({item['derivationModifier']['CodeMeaning']})"
+            values[(group["TrackingIdentifier"], key)] = float(item["value"])
+    return values
 
 
 def make_mr_series(

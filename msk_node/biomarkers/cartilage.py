@@ -371,7 +371,7 @@ def cartilage_thickness(
     method: Literal["2d", "3d"] = "2d",
     *,
     affine: npt.ArrayLike | None = None,
-    split_planes: Mapping[str, SplitPlane] | None = None,
+    split_planes: Mapping[str, SplitPlane | Sequence[SplitPlane]] | None = None,
     upsample: int = 4,
 ) -> list[Measurement]:
     """Mean thickness of each cartilage plate of a label volume.
@@ -389,9 +389,11 @@ def cartilage_thickness(
         :func:`thickness_2d` (per-slice, in-plane normal) or :func:`thickness_3d`.
     affine : array_like, shape (4, 4), optional
         Index-to-patient matrix; required with ``split_planes``.
-    split_planes : mapping of str to SplitPlane, optional
-        For each named label, also measure its two parts on either side of the plane,
-        named ``f"{label}_{suffix}"`` (e.g. ``tibial_cartilage_medial``).
+    split_planes : mapping of str to SplitPlane or sequence of SplitPlane, optional
+        For each named label, also measure its parts, named ``f"{label}_{suffix}"`` (e.g.
+        ``tibial_cartilage_medial``). One plane gives two parts; with a sequence each plane
+        but the last peels off the part on its positive side and hands the rest to the next
+        (femoral cartilage: trochlear, then medial and lateral).
     upsample : int
         In-plane upsampling factor.
 
@@ -432,11 +434,25 @@ def cartilage_thickness(
     for label, value in label_values.items():
         mask = labels == value
         results.append(measure(mask, label))
-        if label in split_planes:
-            plane = split_planes[label]
-            parts = split_by_plane(mask, affine, plane.point, plane.normal)
-            results.extend(measure(part, f"{label}_{name}") for part, name in zip(parts, plane.names))
+        results.extend(measure(part, name) for name, part in plate_parts(mask, label, affine,
+                                                                         split_planes.get(label, ())).items())
     return results
+
+
+def plate_parts(mask: npt.NDArray[np.bool_], label: str, affine: npt.ArrayLike | None,
+                planes: SplitPlane | Sequence[SplitPlane]) -> dict[str, npt.NDArray[np.bool_]]:
+    """A plate's parts cut by a chain of planes: each plane takes its positive side off the rest.
+
+    Names are ``<label>_<part>``; no planes give no parts.
+    """
+    planes = (planes,) if isinstance(planes, SplitPlane) else tuple(planes)
+    parts, rest = {}, mask
+    for n, plane in enumerate(planes):
+        positive, rest = split_by_plane(rest, affine, plane.point, plane.normal)
+        parts[f"{label}_{plane.names[0]}"] = positive
+        if n == len(planes) - 1:
+            parts[f"{label}_{plane.names[1]}"] = rest
+    return parts
 
 
 # Internals -----------------------------------------------------------------------------------

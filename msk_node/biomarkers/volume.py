@@ -18,6 +18,7 @@ def tissue_volumes(
     label_values: Mapping[str, int],
     *,
     total_label: str = "total",
+    whole_only: bool = False,
 ) -> list[Measurement]:
     """Volume of each label and of all of them together.
 
@@ -32,6 +33,10 @@ def tissue_volumes(
         Label names and values.
     total_label : str
         Label of the summed measurement.
+    whole_only : bool
+        Report a volume only for a label whole in the field of view: a label with voxels on
+        the first or last slice, row or column is NaN with reason ``"cut by field of view
+        (...)"``; its visible volume stays in ``extra["visible_cm3"]`` and out of the total.
 
     Returns
     -------
@@ -75,11 +80,16 @@ def tissue_volumes(
         if n == 0:
             results.append(unavailable("volume", name, "cm3", method, f"no {name} voxels"))
             continue
+        cut = _cut_sides(labels == value) if whole_only else []
+        if cut:
+            results.append(unavailable("volume", name, "cm3", method, f"cut by field of view ({', '.join(cut)})",
+                                       visible_cm3=n * voxel_mm3 / 1000.0))
+            continue
         total_voxels += n
         results.append(Measurement("volume", name, n * voxel_mm3 / 1000.0, "cm3", method,
                                    extra={"n_voxels": n, "voxel_mm3": voxel_mm3}))
     if total_voxels == 0:
-        results.append(unavailable("volume", total_label, "cm3", method, "no voxels of any listed label"))
+        results.append(unavailable("volume", total_label, "cm3", method, "no whole structure of any listed label"))
     else:
         missing = [m.label for m in results if not m.available]
         results.append(Measurement("volume", total_label, total_voxels * voxel_mm3 / 1000.0, "cm3", method,
@@ -87,3 +97,13 @@ def tissue_volumes(
                                           "labels": [m.label for m in results if m.available],
                                           "missing_labels": missing}))
     return results
+
+
+def _cut_sides(mask: np.ndarray) -> list[str]:
+    """Faces of the volume (first/last slice, row, column) that ``mask`` touches."""
+    sides = []
+    for axis, name in enumerate(("slice", "row", "column")):
+        for end, index in (("first", 0), ("last", -1)):
+            if np.take(mask, index, axis=axis).any():
+                sides.append(f"{end} {name}")
+    return sides
