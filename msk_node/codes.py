@@ -149,7 +149,13 @@ MEASUREMENT_FAILURE = Code("114006", "DCM", "Measurement failure")
 #: Procedure reported in every measurement report.
 MAGNETIC_RESONANCE_IMAGING = Code("113091000", "SCT", "Magnetic resonance imaging")
 
-#: Disc levels (names as the biomarkers give them) to their SNOMED CT level concepts.
+#: Laterality (DICOM CID 244) of paired structures, e.g. the left and right thigh segments.
+LEFT: Code = codes.SCT.Left
+RIGHT: Code = codes.SCT.Right
+
+#: Disc levels (names as the biomarkers give them) to their SNOMED CT level concepts, written as the
+#: anatomic region of a disc's segment and as the finding site of its measurements. A disc whose level
+#: is uncertain gets none of them.
 DISC_LEVELS: dict[str, Code] = {
     "T12-L1": codes.SCT.LevelOfT12L1IntervertebralDisc,
     "L1-L2": codes.SCT.LevelOfL1L2IntervertebralDisc,

@@ -3,8 +3,8 @@
 knee   cartilage thickness per plate (2D and 3D methods), tibial plates split medial /
        lateral when the knee's laterality is known, T1rho or T2 per plate when the
        study holds a spin-lock or multi-echo group, and volumes;
-thigh  volumes of every tissue;
-spine  disc height per level and volumes.
+thigh  volumes of every tissue, per side when both thighs are in view (left and right segments);
+spine  disc height and volume per disc, each disc a segment of its own named by its level.
 """
 from __future__ import annotations
 
@@ -13,16 +13,18 @@ import re
 from dataclasses import dataclass, replace
 
 import numpy as np
+from scipy import ndimage
 
 from msk_node.biomarkers import Measurement, unavailable
 from msk_node.biomarkers.cartilage import SplitPlane, cartilage_thickness
-from msk_node.biomarkers.disc import disc_heights
+from msk_node.biomarkers.disc import disc_height, locate_discs
 from msk_node.biomarkers.relaxometry import mask_on_grid, mean_relaxation, relaxation_map_from_series
 from msk_node.biomarkers.volume import tissue_volumes
 from msk_node.dicom_input import Series
-from msk_node.codes import DISC_LEVELS
+from msk_node.codes import DISC_LEVELS, LEFT, RIGHT
 from msk_node.labels import LabelMap
 from msk_node.parallel import thread_map
+from msk_node.seg_writer import SegmentInstance, segment_layout
 from msk_node.sr_writer import MeasurementGroup
 from msk_node.volume import SeriesVolume, series_to_volume
 
@@ -35,9 +37,14 @@ RELAXOMETRY_PATTERNS = {"t1rho": r"t1 ?rho|cubequant|spin.?lock|mapss", "t2": r"
 
 @dataclass(frozen=True)
 class SeriesMeasurements:
-    """Measurements of one segmented series, grouped by the segment they were made on."""
+    """Measurements of one segmented series, grouped by the SEG segment label they were made on.
+
+    ``instances`` are the labels split into segments of their own (disc levels, thigh
+    sides); the SEG must be written with them so that its segments carry these labels.
+    """
 
     by_segment: dict[str, list[Measurement]]
+    instances: tuple[SegmentInstance, ...] = ()
 
     def rows(self) -> list[Measurement]:
         return [m for measurements in self.by_segment.values() for m in measurements]
@@ -49,17 +56,65 @@ def measure_series(volume: SeriesVolume, label_volume: np.ndarray, anatomy: str,
     spacing = (volume.slice_spacing, *volume.pixel_spacing)
     labels = label_map.for_anatomy(anatomy)
     present = {spec.name: spec.value for spec in labels.labels if (label_volume == spec.value).any()}
-    by_segment: dict[str, list[Measurement]] = {name: [] for name in present}
-    for m in tissue_volumes(label_volume, spacing, present):
+    heights: list[Measurement] = []
+    instances: list[SegmentInstance] = []
+    if anatomy == "spine" and "intervertebral_disc" in present:
+        heights, instances = _discs(volume, label_volume, present)
+    elif anatomy == "thigh":
+        instances = _thigh_sides(label_volume, present, volume.volume.affine)
+    numbers, segments = segment_layout(label_volume, labels, instances)
+    names = {instance.segment_label: instance.name for instance in instances if instance.label == "intervertebral_disc"}
+    by_segment: dict[str, list[Measurement]] = {segment.segment_label: [] for segment in segments}
+    values = {segment.segment_label: number for number, segment in enumerate(segments, start=1)}
+    for m in tissue_volumes(numbers, spacing, values):
         if m.label in by_segment:
-            by_segment[m.label].append(m)
+            # A disc's volume joins its height in one group, named by the disc.
+            by_segment[m.label].append(replace(m, label=names.get(m.label, m.label)))
+    for m in heights:
+        by_segment[_segment_of(m.label, instances)].append(m)
     if anatomy == "knee":
         _knee(volume, label_volume, label_map, spacing, study_series, by_segment)
-    elif anatomy == "spine" and "intervertebral_disc" in present:
-        heights = disc_heights(label_volume == present["intervertebral_disc"], volume.pixel_spacing,
-                               volume.volume.affine)
-        by_segment["intervertebral_disc"].extend(heights)
-    return SeriesMeasurements(by_segment)
+    return SeriesMeasurements(by_segment, tuple(instances))
+
+
+def _discs(volume: SeriesVolume, label_volume: np.ndarray,
+           present: dict[str, int]) -> tuple[list[Measurement], list[SegmentInstance]]:
+    """Height of every disc located on the spine, and one segment instance per disc."""
+    bodies = label_volume == present.get("vertebral_body", -1)
+    discs = locate_discs(label_volume == present["intervertebral_disc"], bodies, volume.volume.affine)
+    heights, instances = [], []
+    for disc in discs:
+        instances.append(SegmentInstance("intervertebral_disc", disc.name, disc.mask, DISC_LEVELS.get(disc.level)))
+        height = disc_height(disc.mask, volume.pixel_spacing, disc.name)
+        if height is not None:
+            height.extra.update(level_assigned=disc.level is not None, level_note=disc.note,
+                                centroid_mm=disc.centroid_mm)
+            heights.append(height)
+    return heights, instances
+
+
+def _thigh_sides(label_volume: np.ndarray, present: dict[str, int], affine: np.ndarray) -> list[SegmentInstance]:
+    """Left and right instances of every thigh label when two thighs are in view, else none.
+
+    The thighs are the two largest connected components of all thigh tissue, the smaller
+    at least a quarter of the larger; the one at larger patient x (LPS) is the left.
+    """
+    tissue = np.isin(label_volume, list(present.values()))
+    components, count = ndimage.label(tissue, structure=np.ones((3, 3, 3), dtype=bool))
+    if count < 2:
+        return []
+    sizes = ndimage.sum_labels(tissue, components, range(1, count + 1))
+    largest = np.argsort(sizes)[::-1][:2] + 1
+    if sizes[largest[1] - 1] < 0.25 * sizes[largest[0] - 1]:
+        return []
+    centres_x = [(affine @ [*ndimage.center_of_mass(components == c), 1.0])[0] for c in largest]
+    right, left = (components == c for c in largest[np.argsort(centres_x)])
+    return [SegmentInstance(name, side, mask, laterality=code)
+            for side, mask, code in (("right", right, RIGHT), ("left", left, LEFT)) for name in present]
+
+
+def _segment_of(label: str, instances: list[SegmentInstance]) -> str:
+    return next(i.segment_label for i in instances if i.name == label)
 
 
 def _knee(volume: SeriesVolume, label_volume: np.ndarray, label_map: LabelMap, spacing: tuple,
@@ -120,12 +175,20 @@ def _renamed(measurement: Measurement, name: str) -> Measurement:
 
 
 def measurement_groups(measurements: SeriesMeasurements) -> list[MeasurementGroup]:
-    """One SR measurement group per measured structure: a segment, a plate part or a disc level."""
+    """One SR measurement group per measured structure: a segment, a plate part or a disc.
+
+    A group on an instance segment names the instance's anatomic region (a disc level) as
+    its finding site and carries its laterality; a disc of uncertain level has neither.
+    """
+    instances = {i.segment_label: i for i in measurements.instances}
     groups = []
     for segment, rows in measurements.by_segment.items():
         by_structure: dict[str, list[Measurement]] = {}
         for m in rows:
             by_structure.setdefault(m.label, []).append(m)
+        instance = instances.get(segment)
         for structure, items in by_structure.items():
-            groups.append(MeasurementGroup(segment, structure, tuple(items), DISC_LEVELS.get(structure)))
+            groups.append(MeasurementGroup(segment, structure, tuple(items),
+                                           instance.anatomic_region if instance else None,
+                                           instance.laterality if instance else None))
     return groups

@@ -22,7 +22,7 @@ from msk_node import __version__
 from msk_node import codes as msk_codes
 from msk_node.biomarkers import Measurement
 from msk_node.labels import LabelMap
-from msk_node.seg_writer import AlgorithmInfo, segment_number_map, with_type2_patient_attributes
+from msk_node.seg_writer import AlgorithmInfo, label_of_segment, segment_number_map, with_type2_patient_attributes
 
 #: Measurement names (``Measurement.name``) to their concept and derivation codes.
 CONCEPTS: dict[str, tuple[Code, Code | None]] = {
@@ -44,19 +44,22 @@ class MeasurementGroup:
     Attributes
     ----------
     segment_label
-        Label of the SEG segment measured (e.g. ``"intervertebral_disc"``).
+        Label of the SEG segment measured (e.g. ``"intervertebral disc L4-L5"``).
     tracking_name
         Human-readable tracking identifier, unique in the report (e.g. ``"L4-L5"``).
     measurements
         The values; NaN ones must carry a reason.
     finding_site
         Anatomy measured, when more specific than the segment's property type.
+    laterality
+        SNOMED CT Left or Right of the finding site, for one side of a paired structure.
     """
 
     segment_label: str
     tracking_name: str
     measurements: tuple[Measurement, ...]
     finding_site: Code | None = None
+    laterality: Code | None = None
 
 
 def build_measurement_report(
@@ -90,7 +93,7 @@ def build_measurement_report(
     for group in groups:
         if group.segment_label not in numbers:
             raise ValueError(f"groups: segment {group.segment_label!r} is not in the SEG ({sorted(numbers)})")
-        spec = label_map.by_name(group.segment_label)
+        spec = label_map.by_name(label_of_segment(group.segment_label, label_map))
         site = group.finding_site or msk_codes.anatomic_region(spec.name) or spec.property_type
         content_groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=group.tracking_name),
@@ -98,7 +101,7 @@ def build_measurement_report(
                 sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
                 segment_number=numbers[group.segment_label], source_series=source_series),
             finding_type=spec.property_type,
-            finding_sites=[hd.sr.FindingSite(site)],
+            finding_sites=[hd.sr.FindingSite(site, laterality=group.laterality)],
             algorithm_id=algorithm_id,
             measurements=[_measurement(m, algorithm_id) for m in group.measurements],
         ))
