@@ -19,10 +19,12 @@ from scipy import ndimage
 
 from msk_node.biomarkers import Measurement
 
-__all__ = ["LUMBAR_LEVELS", "Disc", "disc_height", "disc_heights", "locate_discs", "min_area_rectangle"]
+__all__ = ["LUMBAR_LEVELS", "UNCERTAIN_LEVEL", "Disc", "disc_height", "disc_heights", "locate_discs", "min_area_rectangle"]
 
 #: Disc levels, superior to inferior; the last one lies on the sacrum.
 LUMBAR_LEVELS = ("T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")
+#: In the name of a disc whose level cannot be told: ``"disc 3 (level uncertain)"``.
+UNCERTAIN_LEVEL = "level uncertain"
 
 _METHOD = ("per sagittal slice: convex hull of the pixel centres (mm) of the disc's sections, "
            "minimum-area rectangle, height = shorter side; maximum over slices per 3D disc")
@@ -176,7 +178,7 @@ def locate_discs(
     for k, level in enumerate(levels):
         if level is not None and levels.count(level) > 1:
             levels[k], notes[k] = None, "two discs on one vertebral body"
-    return [Disc(level or f"disc {k} (level uncertain)", level, mask, tuple(float(v) for v in centroid), note)
+    return [Disc(level or f"disc {k} ({UNCERTAIN_LEVEL})", level, mask, tuple(float(v) for v in centroid), note)
             for k, ((mask, centroid, _), level, note) in enumerate(zip(found, levels, notes), start=1)]
 
 
