@@ -124,6 +124,19 @@ def test_without_a_sacrum_every_level_is_uncertain(spine) -> None:
     assert all(d.level is None and "level uncertain" in d.name and "sacrum" in d.note for d in discs)
 
 
+def test_missed_vertebral_body_makes_the_levels_above_it_uncertain(spine) -> None:
+    """L4 not segmented: counting bodies from S1 would call L2-L3 "L4-L5"; the long step between L5 and L3 stops it."""
+    volume, labels, _ = spine
+    bodies, count = ndimage.label(labels == BODY, structure=np.ones((3, 3, 3), dtype=bool))
+    centres = ndimage.center_of_mass(bodies > 0, bodies, range(1, count + 1))
+    ascending = np.argsort([(volume.volume.affine @ [*c, 1.0])[2] for c in centres]) + 1
+    no_l4 = labels.copy()
+    no_l4[bodies == ascending[2]] = 0  # S1, L5, L4
+    discs = locate_discs(no_l4 == DISC, no_l4 == BODY, volume.volume.affine)
+    assert [d.level for d in discs] == [None, None, None, "L5-S1"]  # L3-L4 and L4-L5 lie on one body only
+    assert all("missing" in d.note for d in discs[:3])
+
+
 def test_one_segment_per_disc_level_in_seg_and_sr(spine, tmp_path: Path) -> None:
     volume, labels, _ = spine
     components, count = _disc_components(labels)

@@ -101,6 +101,7 @@ def locate_discs(
     contact_mm: float = 4.0,
     min_sacral_slope_deg: float = 18.0,
     min_body_fraction: float = 0.25,
+    max_body_step: float = 1.5,
 ) -> list[Disc]:
     """Discs of a spine label volume, named by level counted from the sacrum.
 
@@ -117,11 +118,13 @@ def locate_discs(
        and more steeply than the upper endplate of the body above it. The slope is a
        least-squares plane through the top of the body's central part.
     4. A disc whose inferior neighbour is the ``n``-th body above S1 (S1 itself: ``n = 0``)
-       gets ``level_names[-1 - n]``: a missed disc or a missing body name stays anchored.
+       gets ``level_names[-1 - n]``: a missed disc does not shift the names of the others.
 
-    Without an accepted sacrum, with more bodies above S1 than levels, or with two discs
-    on one body, the discs concerned are named "level uncertain" with a ``note``; a
-    volume without vertebral bodies keeps all its discs, every one uncertain.
+    Without an accepted sacrum, with a body missing below the disc (two neighbouring body
+    centres more than ``max_body_step`` times their median distance apart), with more
+    bodies above S1 than levels, or with two discs on one body, the discs concerned are
+    named "level uncertain" with a ``note``; a volume without vertebral bodies keeps all
+    its discs, every one uncertain.
 
     Parameters
     ----------
@@ -131,8 +134,8 @@ def locate_discs(
         Index-to-patient (LPS) matrix of the grid, e.g. ``highdicom.Volume.affine``.
     level_names : sequence of str
         Level names superior to inferior, the last one on the sacrum.
-    merge_gap_mm, contact_mm, min_sacral_slope_deg, min_body_fraction : float
-        Thresholds of steps 1-3.
+    merge_gap_mm, contact_mm, min_sacral_slope_deg, min_body_fraction, max_body_step : float
+        Thresholds of the steps above.
 
     Returns
     -------
@@ -156,7 +159,8 @@ def locate_discs(
     body_labels, n_bodies = ndimage.label(body_mask, structure=_FULL)
     sizes = ndimage.sum_labels(body_mask, body_labels, range(1, n_bodies + 1)) if n_bodies else np.zeros(0)
     kept = [b for b, size in enumerate(sizes, start=1) if size >= min_body_fraction * np.median(sizes)]
-    body_z = {b: _patient(affine, np.argwhere(body_labels == b).mean(axis=0))[2] for b in kept}
+    body_centre = {b: _patient(affine, np.argwhere(body_labels == b).mean(axis=0)) for b in kept}
+    body_z = {b: float(centre[2]) for b, centre in body_centre.items()}
 
     found = []  # (mask, centroid, inferior body or None)
     for group in _merge_close(pieces, n_pieces, spacing, merge_gap_mm):
@@ -170,9 +174,10 @@ def locate_discs(
 
     ascending = sorted(kept, key=body_z.__getitem__)
     anchor_note = _sacrum_note(body_labels, ascending, affine, min_sacral_slope_deg)
+    first_gap = _first_gap([body_centre[b] for b in ascending], max_body_step)
     levels, notes = [], []
     for _, _, below in found:
-        level, note = _level(ascending.index(below) if below is not None else None, names, anchor_note)
+        level, note = _level(ascending.index(below) if below is not None else None, names, anchor_note, first_gap)
         levels.append(level)
         notes.append(note)
     for k, level in enumerate(levels):
@@ -302,13 +307,24 @@ def disc_heights(
     return results
 
 
-def _level(rank: int | None, names: list[str], anchor_note: str) -> tuple[str | None, str]:
+def _level(rank: int | None, names: list[str], anchor_note: str, first_gap: int) -> tuple[str | None, str]:
     """Level of a disc whose inferior body is the ``rank``-th above S1, or None and why not."""
     if anchor_note or rank is None:
         return None, anchor_note
+    if rank >= first_gap:
+        return None, "a vertebral body seems missing between this disc and the sacrum"
     if rank >= len(names):
         return None, f"{rank} vertebral bodies above the sacrum, more than the levels known"
     return names[-1 - rank], ""
+
+
+def _first_gap(centres: list[np.ndarray], max_step: float) -> int:
+    """Index of the first body (inferior to superior) above a step too long for neighbours; len(centres) if none."""
+    if len(centres) < 3:
+        return len(centres)
+    steps = np.linalg.norm(np.diff(centres, axis=0), axis=1)
+    long_steps = np.flatnonzero(steps > max_step * np.median(steps))
+    return int(long_steps[0]) + 1 if len(long_steps) else len(centres)
 
 
 def _merge_close(pieces: np.ndarray, count: int, spacing: np.ndarray, gap_mm: float) -> list[list[int]]:
