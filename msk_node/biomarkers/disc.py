@@ -19,7 +19,8 @@ from scipy import ndimage
 
 from msk_node.biomarkers import Measurement
 
-__all__ = ["LUMBAR_LEVELS", "UNCERTAIN_LEVEL", "Disc", "disc_height", "disc_heights", "locate_discs", "min_area_rectangle"]
+__all__ = ["LUMBAR_LEVELS", "UNCERTAIN_LEVEL", "Disc", "disc_height", "disc_heights", "locate_discs",
+           "min_area_rectangle"]
 
 #: Disc levels, superior to inferior; the last one lies on the sacrum.
 LUMBAR_LEVELS = ("T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")
