@@ -245,3 +245,43 @@ def test_two_thighs_give_left_and_right_segments_and_volumes(tmp_path: Path) -> 
             group = groups[f"{shown} {side}"]
             assert group.finding_sites[0].laterality.value == code.value
             assert _segment_number(group) == numbers[f"{shown} {side}"]
+
+
+REAL_SPINES = Path("/work/shared/data/real-spine-sagittal")
+#: Datasets whose most inferior labelled vertebral body is S1 (True) or L5 (False); see the data's README.
+REAL_LOWEST_IS_S1 = {"zukic-vb": True, "chu-vb": False, "myosegmentum-vb": False}
+
+
+def _real_spine_cases() -> list[tuple[str, Path]]:
+    return [(name, case) for name in REAL_LOWEST_IS_S1 if (REAL_SPINES / name).is_dir()
+            for case in sorted((REAL_SPINES / name).iterdir()) if (case / "labels.nii.gz").is_file()]
+
+
+@pytest.mark.skipif(not _real_spine_cases(), reason="real spine labels not available")
+@pytest.mark.parametrize(("dataset", "case"), _real_spine_cases(), ids=lambda v: getattr(v, "name", v))
+def test_real_spines_are_named_from_s1_and_never_from_l5(dataset: str, case: Path) -> None:
+    """Manual vertebral bodies, discs drawn as the gaps between them: S1 below names every level; L5 below, none."""
+    import nibabel as nib
+
+    from training.detector import with_gap_structures
+
+    source = np.asarray(nib.load(case / "labels.nii.gz").dataobj)
+    # Array axes (superior->inferior, anterior->posterior, left-right) to (sagittal slice, row, column).
+    ids = source.transpose(2, 0, 1)
+    affine = np.array([[-1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])  # LPS; the side is unknown
+    labels = np.where(ids > 0, BODY, 0).astype(np.uint8)
+    labels = with_gap_structures(labels, LABEL_MAP, (DISC,), max_gap_mm=16.0, pixel_mm=1.0)
+    discs = locate_discs(labels == DISC, ids > 0, affine)
+    assert discs
+    levels = [d.level for d in discs]
+    if not REAL_LOWEST_IS_S1[dataset]:
+        assert levels == [None] * len(discs)
+        return
+    # The level of each disc from the manual body labels below it (VerSe numbering: L1..L5 = 20..24, S1 = 26).
+    names = {20: "L1", 21: "L2", 22: "L3", 23: "L4", 24: "L5", 26: "S1"}
+    for disc, level in zip(discs, levels):
+        if level is not None:
+            below = ids[ndimage.binary_dilation(disc.mask, iterations=3) & (ids > 0)]
+            inferior = max(set(below.tolist()))  # values grow inferiorly
+            assert level.endswith(names[inferior]), (level, inferior)
+    assert levels[-1] == "L5-S1" and len([level for level in levels if level]) >= 4

@@ -100,8 +100,9 @@ def locate_discs(
     level_names: Sequence[str] = LUMBAR_LEVELS,
     merge_gap_mm: float = 3.0,
     contact_mm: float = 4.0,
-    min_sacral_slope_deg: float = 18.0,
+    min_sacral_turn_deg: float = 15.0,
     min_body_fraction: float = 0.25,
+    min_disc_fraction: float = 0.1,
     max_body_step: float = 1.5,
 ) -> list[Disc]:
     """Discs of a spine label volume, named by level counted from the sacrum.
@@ -111,21 +112,24 @@ def locate_discs(
 
     1. Disc components (26-connected) closer than ``merge_gap_mm`` to each other are one
        disc: a cleft in a disc mask must not make two discs.
-    2. Vertebral body components smaller than ``min_body_fraction`` of the median body
-       are ignored (specks). A disc must touch (within ``contact_mm``) a body whose centre
+    2. Vertebral body components smaller than ``min_body_fraction`` of the median body,
+       and discs smaller than ``min_disc_fraction`` of the median disc, are ignored
+       (specks). A disc must touch (within ``contact_mm``) a body whose centre
        lies superior to its own and another inferior to it; anything else is dropped.
-    3. The sacrum is the most inferior body, accepted as S1 only when its upper endplate
-       slopes anteriorly downwards by at least ``min_sacral_slope_deg`` (the sacral slope)
-       and more steeply than the upper endplate of the body above it. The slope is a
-       least-squares plane through the top of the body's central part.
+    3. The sacrum is the most inferior body, accepted as S1 only when its lower border
+       slopes at least ``min_sacral_turn_deg`` less (anterior edge down) than its upper
+       endplate: below the sacral plate the column turns backwards (sacral kyphosis), while
+       a lumbar body is wedged the other way (lordosis). Each slope is a least-squares plane
+       through the top (bottom) of the body's central part. A lowest body cut by the image
+       edge is judged against the edge, i.e. by its upper endplate alone.
     4. A disc whose inferior neighbour is the ``n``-th body above S1 (S1 itself: ``n = 0``)
        gets ``level_names[-1 - n]``: a missed disc does not shift the names of the others.
 
     Without an accepted sacrum, with a body missing below the disc (two neighbouring body
     centres more than ``max_body_step`` times their median distance apart), with more
-    bodies above S1 than levels, or with two discs on one body, the discs concerned are
-    named "level uncertain" with a ``note``; a volume without vertebral bodies keeps all
-    its discs, every one uncertain.
+    bodies above S1 than levels, with two discs on one body or one disc touching more than
+    two bodies, the discs concerned are named "level uncertain" with a ``note``; a volume
+    without vertebral bodies keeps all its discs, every one uncertain.
 
     Parameters
     ----------
@@ -135,7 +139,7 @@ def locate_discs(
         Index-to-patient (LPS) matrix of the grid, e.g. ``highdicom.Volume.affine``.
     level_names : sequence of str
         Level names superior to inferior, the last one on the sacrum.
-    merge_gap_mm, contact_mm, min_sacral_slope_deg, min_body_fraction, max_body_step : float
+    merge_gap_mm, contact_mm, min_sacral_turn_deg, min_body_fraction, min_disc_fraction, max_body_step : float
         Thresholds of the steps above.
 
     Returns
@@ -163,29 +167,36 @@ def locate_discs(
     body_centre = {b: _patient(affine, np.argwhere(body_labels == b).mean(axis=0)) for b in kept}
     body_z = {b: float(centre[2]) for b, centre in body_centre.items()}
 
-    found = []  # (mask, centroid, inferior body or None)
-    for group in _merge_close(pieces, n_pieces, spacing, merge_gap_mm):
+    groups = _merge_close(pieces, n_pieces, spacing, merge_gap_mm)
+    disc_sizes = [ndimage.sum_labels(disc_mask, pieces, group).sum() for group in groups]
+    found = []  # (mask, centroid, inferior body or None, number of bodies touched)
+    for group, size in zip(groups, disc_sizes):
+        if size < min_disc_fraction * np.median(disc_sizes):
+            continue
         mask = np.isin(pieces, group)
         centroid = _patient(affine, np.argwhere(mask).mean(axis=0))
         touching = _touching(mask, body_labels, spacing, contact_mm) & set(kept)
         below = [b for b in touching if body_z[b] < centroid[2]]
         if not kept or (below and any(body_z[b] > centroid[2] for b in touching)):
-            found.append((mask, centroid, max(below, key=body_z.__getitem__) if below else None))
+            found.append((mask, centroid, max(below, key=body_z.__getitem__) if below else None, len(touching)))
     found.sort(key=lambda item: -item[1][2])
 
     ascending = sorted(kept, key=body_z.__getitem__)
-    anchor_note = _sacrum_note(body_labels, ascending, affine, min_sacral_slope_deg)
+    anchor_note = _sacrum_note(body_labels == ascending[0] if ascending else None, affine, min_sacral_turn_deg)
     first_gap = _first_gap([body_centre[b] for b in ascending], max_body_step)
     levels, notes = [], []
-    for _, _, below in found:
+    for _, _, below, n_touched in found:
         level, note = _level(ascending.index(below) if below is not None else None, names, anchor_note, first_gap)
+        if level is not None and n_touched > 2:
+            level, note = None, f"touches {n_touched} vertebral bodies, not two"
         levels.append(level)
         notes.append(note)
+    repeated = {level for level in levels if level is not None and levels.count(level) > 1}
     for k, level in enumerate(levels):
-        if level is not None and levels.count(level) > 1:
+        if level in repeated:
             levels[k], notes[k] = None, "two discs on one vertebral body"
     return [Disc(level or f"disc {k} ({UNCERTAIN_LEVEL})", level, mask, tuple(float(v) for v in centroid), note)
-            for k, ((mask, centroid, _), level, note) in enumerate(zip(found, levels, notes), start=1)]
+            for k, ((mask, centroid, _, _), level, note) in enumerate(zip(found, levels, notes), start=1)]
 
 
 def disc_height(disc: npt.ArrayLike, pixel_spacing: Sequence[float], label: str, *,
@@ -356,32 +367,33 @@ def _touching(mask: np.ndarray, labels: np.ndarray, spacing: np.ndarray, distanc
     return {int(v) for v in np.unique(labels[box][near])} - {0}
 
 
-def _sacrum_note(body_labels: np.ndarray, ascending: list[int], affine: np.ndarray, min_slope_deg: float) -> str:
+def _sacrum_note(lowest: np.ndarray | None, affine: np.ndarray, min_turn_deg: float) -> str:
     """Empty when the most inferior body is a plausible S1, else why not."""
-    if not ascending:
+    if lowest is None:
         return "no vertebral body segmented: the sacrum cannot be found"
-    slope = _upper_endplate_slope_deg(body_labels == ascending[0], affine)
-    if not slope >= min_slope_deg:  # NaN too: no endplate to judge
-        return f"lowest vertebral body's upper endplate slopes {slope:.0f} deg, not a sacrum (< {min_slope_deg:.0f})"
-    if len(ascending) > 1 and _upper_endplate_slope_deg(body_labels == ascending[1], affine) >= slope:
-        return "lowest vertebral body's upper endplate slopes less than the one above it: not a sacrum"
+    upper, lower = _surface_slope_deg(lowest, affine, upper=True), _surface_slope_deg(lowest, affine, upper=False)
+    if not upper - lower >= min_turn_deg:  # NaN too: no surface to judge
+        return (f"lowest vertebral body (upper endplate {upper:.0f} deg, lower border {lower:.0f} deg) "
+                "is not shaped like the sacrum")
     return ""
 
 
-def _upper_endplate_slope_deg(body: np.ndarray, affine: np.ndarray) -> float:
-    """Anterior-downward slope (deg) of a body's superior surface against the axial plane, from its central part.
+def _surface_slope_deg(body: np.ndarray, affine: np.ndarray, *, upper: bool) -> float:
+    """Anterior-downward slope (deg) against the axial plane of a body's upper (or lower) surface, central part.
 
-    The top voxel of each 1 mm (x, y) cell is a surface point; a plane z = a y + b x + c
-    fitted to those of the central half (LR and AP) gives the slope atan(a). In LPS, y
-    points posteriorly, so a > 0 means the anterior edge is lower (positive sacral slope).
+    The top (bottom) voxel of each 1 mm (x, y) cell is a surface point; a plane
+    z = a y + b x + c fitted to those of the central half (LR and AP) gives the slope
+    atan(a). In LPS, y points posteriorly, so a > 0 means the anterior edge is lower.
     """
     points = _patient(affine, np.argwhere(body))
     cells = np.round(points[:, :2]).astype(int)
-    order = np.lexsort((points[:, 2], cells[:, 1], cells[:, 0]))[::-1]
+    height = points[:, 2] if upper else -points[:, 2]
+    order = np.lexsort((height, cells[:, 1], cells[:, 0]))[::-1]
     _, first = np.unique(cells[order], axis=0, return_index=True)
-    top = points[order][first]
+    surface = points[order][first]
     (x_low, y_low), (x_high, y_high) = np.percentile(points[:, :2], [25, 75], axis=0)
-    central = top[(top[:, 0] >= x_low) & (top[:, 0] <= x_high) & (top[:, 1] >= y_low) & (top[:, 1] <= y_high)]
+    central = surface[(surface[:, 0] >= x_low) & (surface[:, 0] <= x_high)
+                      & (surface[:, 1] >= y_low) & (surface[:, 1] <= y_high)]
     if len(central) < 3:
         return math.nan
     design = np.c_[central[:, 1], central[:, 0], np.ones(len(central))]
