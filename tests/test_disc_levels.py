@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import highdicom as hd
@@ -247,7 +248,8 @@ def test_two_thighs_give_left_and_right_segments_and_volumes(tmp_path: Path) -> 
             assert _segment_number(group) == numbers[f"{shown} {side}"]
 
 
-REAL_SPINES = Path("/work/shared/data/real-spine-sagittal")
+REPO = Path(__file__).resolve().parent.parent
+REAL_SPINES = Path(os.environ.get("MSK_NODE_REAL_SPINES", REPO.parent / "shared" / "data" / "real-spine-sagittal"))
 #: Datasets whose most inferior labelled vertebral body is S1 (True) or L5 (False); see the data's README.
 REAL_LOWEST_IS_S1 = {"zukic-vb": True, "chu-vb": False, "myosegmentum-vb": False}
 
