@@ -135,7 +135,7 @@ def test_missed_vertebral_body_makes_the_levels_above_it_uncertain(spine) -> Non
     no_l4[bodies == ascending[2]] = 0  # S1, L5, L4
     discs = locate_discs(no_l4 == DISC, no_l4 == BODY, volume.volume.affine)
     assert [d.level for d in discs] == [None, None, None, "L5-S1"]  # L3-L4 and L4-L5 lie on one body only
-    assert all("missing" in d.note for d in discs[:3])
+    assert all("missed" in d.note for d in discs[:3])
 
 
 def test_one_segment_per_disc_level_in_seg_and_sr(spine, tmp_path: Path) -> None:

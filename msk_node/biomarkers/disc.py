@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -56,6 +57,16 @@ class Disc:
     mask: np.ndarray
     centroid_mm: tuple[float, float, float]
     note: str = ""
+
+
+class _Candidate(NamedTuple):
+    """A disc between vertebral bodies, before it is named."""
+
+    mask: np.ndarray
+    centroid: np.ndarray
+    below: int | None  # nearest body inferior to it
+    above: int | None  # nearest body superior to it
+    touched: int  # bodies it touches
 
 
 def min_area_rectangle(points_mm: npt.ArrayLike) -> tuple[float, float, float]:
@@ -111,7 +122,9 @@ def locate_discs(
     result does not depend on how the image axes are stored.
 
     1. Disc components (26-connected) closer than ``merge_gap_mm`` to each other are one
-       disc: a cleft in a disc mask must not make two discs.
+       disc: a cleft in a disc mask must not make two discs. Disc components, and body
+       components, lying side by side (outlines projected along patient x overlapping by
+       half) are one structure: a missed sagittal slice must not make two.
     2. Vertebral body components smaller than ``min_body_fraction`` of the median body,
        and discs smaller than ``min_disc_fraction`` of the median disc, are ignored
        (specks). A disc must touch (within ``contact_mm``) a body whose centre
@@ -125,10 +138,11 @@ def locate_discs(
     4. A disc whose inferior neighbour is the ``n``-th body above S1 (S1 itself: ``n = 0``)
        gets ``level_names[-1 - n]``: a missed disc does not shift the names of the others.
 
-    Without an accepted sacrum, with a body missing below the disc (two neighbouring body
-    centres more than ``max_body_step`` times their median distance apart), with more
-    bodies above S1 than levels, with two discs on one body or one disc touching more than
-    two bodies, the discs concerned are named "level uncertain" with a ``note``; a volume
+    Without an accepted sacrum, with a body possibly missed or merged below the disc (a
+    body taller, or two neighbouring body centres farther apart, than ``max_body_step``
+    times the median), with more bodies above S1 than levels, with two discs on one body,
+    or for a disc touching more than two bodies or lying between bodies that are not
+    neighbours, the discs concerned are named "level uncertain" with a ``note``; a volume
     without vertebral bodies keeps all its discs, every one uncertain.
 
     Parameters
@@ -161,42 +175,53 @@ def locate_discs(
     spacing = np.linalg.norm(affine[:3, :3], axis=0)  # mm per step along each array axis
 
     pieces, n_pieces = ndimage.label(disc_mask, structure=_FULL)
-    body_labels, n_bodies = ndimage.label(body_mask, structure=_FULL)
-    sizes = ndimage.sum_labels(body_mask, body_labels, range(1, n_bodies + 1)) if n_bodies else np.zeros(0)
+    disc_groups = _merge_pieces(pieces, n_pieces, affine, merge_gap_mm)
+    body_pieces, n_body_pieces = ndimage.label(body_mask, structure=_FULL)
+    body_groups = _merge_pieces(body_pieces, n_body_pieces, affine, None)
+    lookup = np.zeros(n_body_pieces + 1, dtype=int)
+    for number, group in enumerate(body_groups, start=1):
+        lookup[group] = number
+    body_labels = lookup[body_pieces]
+    sizes = ndimage.sum_labels(body_mask, body_labels, range(1, len(body_groups) + 1)) if body_groups else []
     kept = [b for b, size in enumerate(sizes, start=1) if size >= min_body_fraction * np.median(sizes)]
     body_centre = {b: _patient(affine, np.argwhere(body_labels == b).mean(axis=0)) for b in kept}
     body_z = {b: float(centre[2]) for b, centre in body_centre.items()}
 
-    groups = _merge_close(pieces, n_pieces, spacing, merge_gap_mm)
-    disc_sizes = [ndimage.sum_labels(disc_mask, pieces, group).sum() for group in groups]
-    found = []  # (mask, centroid, inferior body or None, number of bodies touched)
-    for group, size in zip(groups, disc_sizes):
+    disc_sizes = [ndimage.sum_labels(disc_mask, pieces, group).sum() for group in disc_groups]
+    found = []
+    for group, size in zip(disc_groups, disc_sizes):
         if size < min_disc_fraction * np.median(disc_sizes):
             continue
         mask = np.isin(pieces, group)
         centroid = _patient(affine, np.argwhere(mask).mean(axis=0))
         touching = _touching(mask, body_labels, spacing, contact_mm) & set(kept)
         below = [b for b in touching if body_z[b] < centroid[2]]
-        if not kept or (below and any(body_z[b] > centroid[2] for b in touching)):
-            found.append((mask, centroid, max(below, key=body_z.__getitem__) if below else None, len(touching)))
-    found.sort(key=lambda item: -item[1][2])
+        above = [b for b in touching if body_z[b] > centroid[2]]
+        if not kept or (below and above):
+            found.append(_Candidate(mask, centroid, max(below, key=body_z.__getitem__) if below else None,
+                                    min(above, key=body_z.__getitem__) if above else None, len(touching)))
+    found.sort(key=lambda candidate: -candidate.centroid[2])
 
     ascending = sorted(kept, key=body_z.__getitem__)
     anchor_note = _sacrum_note(body_labels == ascending[0] if ascending else None, affine, min_sacral_turn_deg)
-    first_gap = _first_gap([body_centre[b] for b in ascending], max_body_step)
+    first_gap = _first_gap([body_centre[b] for b in ascending],
+                           [_body_height_mm(body_labels == b, affine) for b in ascending], max_body_step)
     levels, notes = [], []
-    for _, _, below, n_touched in found:
-        level, note = _level(ascending.index(below) if below is not None else None, names, anchor_note, first_gap)
-        if level is not None and n_touched > 2:
-            level, note = None, f"touches {n_touched} vertebral bodies, not two"
+    for candidate in found:
+        rank = ascending.index(candidate.below) if candidate.below is not None else None
+        level, note = _level(rank, names, anchor_note, first_gap)
+        if level is not None and candidate.touched > 2:
+            level, note = None, f"touches {candidate.touched} vertebral bodies, not two"
+        elif level is not None and ascending.index(candidate.above) != rank + 1:
+            level, note = None, "the vertebral bodies it lies between are not neighbours"
         levels.append(level)
         notes.append(note)
     repeated = {level for level in levels if level is not None and levels.count(level) > 1}
     for k, level in enumerate(levels):
         if level in repeated:
             levels[k], notes[k] = None, "two discs on one vertebral body"
-    return [Disc(level or f"disc {k} ({UNCERTAIN_LEVEL})", level, mask, tuple(float(v) for v in centroid), note)
-            for k, ((mask, centroid, _, _), level, note) in enumerate(zip(found, levels, notes), start=1)]
+    return [Disc(level or f"disc {k} ({UNCERTAIN_LEVEL})", level, c.mask, tuple(float(v) for v in c.centroid), note)
+            for k, (c, level, note) in enumerate(zip(found, levels, notes), start=1)]
 
 
 def disc_height(disc: npt.ArrayLike, pixel_spacing: Sequence[float], label: str, *,
@@ -324,23 +349,42 @@ def _level(rank: int | None, names: list[str], anchor_note: str, first_gap: int)
     if anchor_note or rank is None:
         return None, anchor_note
     if rank >= first_gap:
-        return None, "a vertebral body seems missing between this disc and the sacrum"
+        return None, "a vertebral body may be missed or merged between this disc and the sacrum"
     if rank >= len(names):
         return None, f"{rank} vertebral bodies above the sacrum, more than the levels known"
     return names[-1 - rank], ""
 
 
-def _first_gap(centres: list[np.ndarray], max_step: float) -> int:
-    """Index of the first body (inferior to superior) above a step too long for neighbours; len(centres) if none."""
+def _first_gap(centres: list[np.ndarray], heights: list[float], max_step: float) -> int:
+    """Index of the first body (inferior to superior) that may hide a missed one; len(centres) if none.
+
+    A body taller than ``max_step`` times the median height may be two merged; a step
+    between neighbouring centres longer than ``max_step`` times the median step may skip one.
+    """
     if len(centres) < 3:
         return len(centres)
     steps = np.linalg.norm(np.diff(centres, axis=0), axis=1)
-    long_steps = np.flatnonzero(steps > max_step * np.median(steps))
-    return int(long_steps[0]) + 1 if len(long_steps) else len(centres)
+    tall = np.flatnonzero(np.asarray(heights) > max_step * np.nanmedian(heights))
+    long_steps = np.flatnonzero(steps > max_step * np.median(steps)) + 1
+    suspects = [*tall, *long_steps]
+    return int(min(suspects)) if suspects else len(centres)
 
 
-def _merge_close(pieces: np.ndarray, count: int, spacing: np.ndarray, gap_mm: float) -> list[list[int]]:
-    """Component numbers grouped where components lie within ``gap_mm`` of each other."""
+def _merge_pieces(pieces: np.ndarray, count: int, affine: np.ndarray, gap_mm: float | None,
+                  min_overlap: float = 0.5) -> list[list[int]]:
+    """Component numbers grouped into one structure each.
+
+    Two components are one when they lie within ``gap_mm`` of each other (a cleft), or
+    side by side: their outlines projected along patient x (left-right) onto 1 mm cells
+    overlap by ``min_overlap`` of the smaller (a structure split by a missed sagittal slice).
+    """
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    boxes = ndimage.find_objects(pieces)
+    cells = []
+    for number, box in enumerate(boxes, start=1):
+        index = np.argwhere(pieces[box] == number) + [axis.start for axis in box]
+        points = np.round(_patient(affine, index)[:, 1:]).astype(np.int64)
+        cells.append(np.unique(points[:, 0] * 1_000_003 + points[:, 1]))
     parent = list(range(count + 1))
 
     def root(i: int) -> int:
@@ -349,8 +393,11 @@ def _merge_close(pieces: np.ndarray, count: int, spacing: np.ndarray, gap_mm: fl
         return i
 
     for i in range(1, count + 1):
-        for j in _touching(pieces == i, pieces, spacing, gap_mm) - {i}:
-            parent[root(j)] = root(i)
+        near = _touching(pieces == i, pieces, spacing, gap_mm) if gap_mm else set()
+        for j in range(i + 1, count + 1):
+            shared = len(np.intersect1d(cells[i - 1], cells[j - 1], assume_unique=True))
+            if j in near or shared >= min_overlap * min(len(cells[i - 1]), len(cells[j - 1])):
+                parent[root(j)] = root(i)
     groups: dict[int, list[int]] = {}
     for i in range(1, count + 1):
         groups.setdefault(root(i), []).append(i)
@@ -381,10 +428,25 @@ def _sacrum_note(lowest: np.ndarray | None, affine: np.ndarray, min_turn_deg: fl
 def _surface_slope_deg(body: np.ndarray, affine: np.ndarray, *, upper: bool) -> float:
     """Anterior-downward slope (deg) against the axial plane of a body's upper (or lower) surface, central part.
 
-    The top (bottom) voxel of each 1 mm (x, y) cell is a surface point; a plane
-    z = a y + b x + c fitted to those of the central half (LR and AP) gives the slope
-    atan(a). In LPS, y points posteriorly, so a > 0 means the anterior edge is lower.
+    A plane z = a y + b x + c fitted to the surface points (:func:`_central_surface`) gives
+    the slope atan(a). In LPS, y points posteriorly, so a > 0 means the anterior edge is lower.
     """
+    central = _central_surface(body, affine, upper=upper)
+    if len(central) < 3:
+        return math.nan
+    design = np.c_[central[:, 1], central[:, 0], np.ones(len(central))]
+    (a, _, _), *_ = np.linalg.lstsq(design, central[:, 2], rcond=None)
+    return math.degrees(math.atan(a))
+
+
+def _body_height_mm(body: np.ndarray, affine: np.ndarray) -> float:
+    """Height of a body along patient z, median top minus median bottom of its central part."""
+    top, bottom = _central_surface(body, affine, upper=True), _central_surface(body, affine, upper=False)
+    return float(np.median(top[:, 2]) - np.median(bottom[:, 2])) if len(top) and len(bottom) else math.nan
+
+
+def _central_surface(body: np.ndarray, affine: np.ndarray, *, upper: bool) -> np.ndarray:
+    """Patient points (n, 3) of a body's top (bottom) voxel in each 1 mm (x, y) cell of its central half."""
     points = _patient(affine, np.argwhere(body))
     cells = np.round(points[:, :2]).astype(int)
     height = points[:, 2] if upper else -points[:, 2]
@@ -392,13 +454,8 @@ def _surface_slope_deg(body: np.ndarray, affine: np.ndarray, *, upper: bool) -> 
     _, first = np.unique(cells[order], axis=0, return_index=True)
     surface = points[order][first]
     (x_low, y_low), (x_high, y_high) = np.percentile(points[:, :2], [25, 75], axis=0)
-    central = surface[(surface[:, 0] >= x_low) & (surface[:, 0] <= x_high)
-                      & (surface[:, 1] >= y_low) & (surface[:, 1] <= y_high)]
-    if len(central) < 3:
-        return math.nan
-    design = np.c_[central[:, 1], central[:, 0], np.ones(len(central))]
-    (a, _, _), *_ = np.linalg.lstsq(design, central[:, 2], rcond=None)
-    return math.degrees(math.atan(a))
+    return surface[(surface[:, 0] >= x_low) & (surface[:, 0] <= x_high)
+                   & (surface[:, 1] >= y_low) & (surface[:, 1] <= y_high)]
 
 
 def _patient(affine: np.ndarray, index: npt.ArrayLike) -> np.ndarray:
