@@ -58,20 +58,21 @@ def measure_series(volume: SeriesVolume, label_volume: np.ndarray, anatomy: str,
     present = {spec.name: spec.value for spec in labels.labels if (label_volume == spec.value).any()}
     heights: list[Measurement] = []
     instances: list[SegmentInstance] = []
+    disc_names: dict[str, str] = {}  # segment label -> disc name
     if anatomy == "spine" and "intervertebral_disc" in present:
         heights, instances = _discs(volume, label_volume, present)
+        disc_names = {i.segment_label: m.label for i, m in zip(instances, heights)}
     elif anatomy == "thigh":
         instances = _thigh_sides(label_volume, present, volume.volume.affine)
     numbers, segments = segment_layout(label_volume, labels, instances)
-    names = {instance.segment_label: instance.name for instance in instances if instance.label == "intervertebral_disc"}
     by_segment: dict[str, list[Measurement]] = {segment.segment_label: [] for segment in segments}
     values = {segment.segment_label: number for number, segment in enumerate(segments, start=1)}
     for m in tissue_volumes(numbers, spacing, values):
         if m.label in by_segment:
             # A disc's volume joins its height in one group, named by the disc.
-            by_segment[m.label].append(replace(m, label=names.get(m.label, m.label)))
-    for m in heights:
-        by_segment[_segment_of(m.label, instances)].append(m)
+            by_segment[m.label].append(replace(m, label=disc_names.get(m.label, m.label)))
+    for segment_label, name in disc_names.items():
+        by_segment[segment_label].extend(m for m in heights if m.label == name)
     if anatomy == "knee":
         _knee(volume, label_volume, label_map, spacing, study_series, by_segment)
     return SeriesMeasurements(by_segment, tuple(instances))
@@ -79,17 +80,24 @@ def measure_series(volume: SeriesVolume, label_volume: np.ndarray, anatomy: str,
 
 def _discs(volume: SeriesVolume, label_volume: np.ndarray,
            present: dict[str, int]) -> tuple[list[Measurement], list[SegmentInstance]]:
-    """Height of every disc located on the spine, and one segment instance per disc."""
+    """Height of every disc located on the spine and its segment instance, in the same order.
+
+    A disc too small to measure gets a NaN height with the reason.
+    """
     bodies = label_volume == present.get("vertebral_body", -1)
     discs = locate_discs(label_volume == present["intervertebral_disc"], bodies, volume.volume.affine)
     heights, instances = [], []
     for disc in discs:
-        instances.append(SegmentInstance("intervertebral_disc", disc.name, disc.mask, DISC_LEVELS.get(disc.level)))
+        # "intervertebral disc L4-L5", or "intervertebral disc 3 (level uncertain)"
+        instances.append(SegmentInstance("intervertebral_disc", disc.level or disc.name.removeprefix("disc "),
+                                         disc.mask, DISC_LEVELS.get(disc.level)))
         height = disc_height(disc.mask, volume.pixel_spacing, disc.name)
-        if height is not None:
-            height.extra.update(level_assigned=disc.level is not None, level_note=disc.note,
-                                centroid_mm=disc.centroid_mm)
-            heights.append(height)
+        if height is None:
+            height = unavailable("disc_height", disc.name, "mm", "minimum-area rectangle per sagittal slice",
+                                 "no sagittal section of the disc reaches the minimum area")
+        height.extra.update(level_assigned=disc.level is not None, level_note=disc.note,
+                            centroid_mm=disc.centroid_mm)
+        heights.append(height)
     return heights, instances
 
 
@@ -111,10 +119,6 @@ def _thigh_sides(label_volume: np.ndarray, present: dict[str, int], affine: np.n
     right, left = (components == c for c in largest[np.argsort(centres_x)])
     return [SegmentInstance(name, side, mask, laterality=code)
             for side, mask, code in (("right", right, RIGHT), ("left", left, LEFT)) for name in present]
-
-
-def _segment_of(label: str, instances: list[SegmentInstance]) -> str:
-    return next(i.segment_label for i in instances if i.name == label)
 
 
 def _knee(volume: SeriesVolume, label_volume: np.ndarray, label_map: LabelMap, spacing: tuple,

@@ -183,8 +183,13 @@ def test_uncertain_levels_reach_the_sr_without_a_level_code(spine, tmp_path: Pat
     assert len(uncertain) == 5 and not set(groups) & set(LUMBAR_LEVELS)
     for group in uncertain.values():
         assert group.finding_sites[0].value.meaning == "Intervertebral disc"
+    numbers = segment_number_map(seg)
+    for k in range(1, 6):
+        segment = seg.SegmentSequence[numbers[f"intervertebral disc {k} (level uncertain)"] - 1]
+        assert "AnatomicRegionSequence" not in segment  # no level code
+        assert _segment_number(groups[f"disc {k} (level uncertain)"]) == segment.SegmentNumber
     # The dropped L5-S1 voxels stay visible, in the label's own segment.
-    assert "intervertebral_disc" in segment_number_map(seg)
+    assert "intervertebral_disc" in numbers
 
 
 def _report_groups(seg, measurements, tmp_path: Path) -> dict:
