@@ -1,8 +1,9 @@
 """Intervertebral discs of a sagittal spine label volume: located, named by level from the sacrum, measured.
 
 Levels come from anatomy, not from counting discs: the sacrum (S1) is recognised as the
-most inferior vertebral body when its upper endplate slopes like a sacral plate, and each
-disc is named by the number of vertebral bodies between it and S1. A disc that does not lie
+most inferior vertebral body when it is shaped like one (its lower border slopes much less
+than its upper endplate, the sacral plate), and each disc is named by the number of
+vertebral bodies between it and S1. A disc that does not lie
 between two vertebral bodies is not a disc; a disc whose level cannot be told is reported as
 "level uncertain" rather than with a guessed name.
 """
