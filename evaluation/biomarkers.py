@@ -1,7 +1,9 @@
 """``msk-eval biomarkers``: the node's biomarkers from the manual (truth) labels and from a model's, per subject.
 
 Both label volumes go through :func:`msk_node.measure.measure_series` with the series'
-real geometry, so the two values of a row differ only by the segmentation. The model
+real geometry, so the two values of a row differ only by the segmentation. Discs are paired
+by the level each side's anatomy gives them; a disc whose level is uncertain on either side
+has no partner to be compared with and is left out. The model
 segments every slice (``slice_step`` does not apply: volumes and thicknesses need the
 whole structure). Cases must be DICOM series (phantoms included): the biomarkers read
 laterality and the study's relaxometry series from the headers.
@@ -28,6 +30,7 @@ from evaluation.config import ExperimentConfig
 from evaluation.experiment import case_prompts, load_models_of, predicted_masks, write_config
 from evaluation.segment import EncodedSlices, postprocessed
 from msk_node.biomarkers import Measurement
+from msk_node.biomarkers.disc import UNCERTAIN_LEVEL
 from msk_node.labels import LabelMap
 from msk_node.measure import measure_series
 from msk_node.postprocess import merge_labels
@@ -52,7 +55,7 @@ def measurements(case: Case, volume: np.ndarray, label_map: LabelMap) -> dict[tu
         raise ValueError(f"{case.dataset}/{case.subject}: labels {sorted(case.labels)} do not name one anatomy "
                          "of the label map; set the dataset's 'anatomy'")
     found = measure_series(case.series, volume, case.anatomy, label_map, case.study_series)
-    return {(m.label, m.name): m for m in found.rows()}
+    return {(m.label, m.name): m for m in found.rows() if UNCERTAIN_LEVEL not in m.label}
 
 
 def evaluate_biomarkers(config: ExperimentConfig, out_dir: Path,

@@ -165,7 +165,13 @@ SUB_REGION_MODIFIERS: dict[str, Code] = {
 #: "Quantitative Diagnostic Imaging Procedures" (TID 1500 draws the procedure from it).
 MAGNETIC_RESONANCE_IMAGING = Code("25056-3", "LN", "MRI unspecified body region")
 
-#: Disc levels (names as the biomarkers give them) to their SNOMED CT level concepts.
+#: Laterality (DICOM CID 244) of paired structures, e.g. the left and right thigh segments.
+LEFT: Code = codes.SCT.Left
+RIGHT: Code = codes.SCT.Right
+
+#: Disc levels (names as the biomarkers give them) to their SNOMED CT level concepts, written as the
+#: anatomic region of a disc's segment and as the finding site of its measurements. A disc whose level
+#: is uncertain gets none of them.
 DISC_LEVELS: dict[str, Code] = {
     "T12-L1": codes.SCT.LevelOfT12L1IntervertebralDisc,
     "L1-L2": codes.SCT.LevelOfL1L2IntervertebralDisc,

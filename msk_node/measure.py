@@ -5,8 +5,8 @@ knee   cartilage thickness per plate (2D and 3D methods), tibial cartilage split
        known (from the anatomy, else the Laterality tag), T1rho, T2 and DESS T2 per plate
        and sub-region when the study holds a spin-lock, multi-echo or two-echo DESS
        acquisition (the fitted maps are kept in ``SeriesMeasurements.maps``), and volumes;
-thigh  volumes of every tissue;
-spine  disc height per level and volumes.
+thigh  volumes of every tissue, per side when both thighs are in view (left and right segments);
+spine  disc height and volume per disc, each disc a segment of its own named by its level.
 """
 from __future__ import annotations
 
@@ -16,19 +16,21 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 from highdicom import Volume
+from scipy import ndimage
 
 from msk_node.biomarkers import Measurement, unavailable
 from msk_node.biomarkers.alignment import align_to_map, moved_volume
 from msk_node.biomarkers.cartilage import SplitPlane, cartilage_thickness, plate_parts
 from msk_node.biomarkers.dess import dess_t2_map
-from msk_node.biomarkers.disc import disc_heights
+from msk_node.biomarkers.disc import disc_height, locate_discs
 from msk_node.biomarkers.knee_side import cartilage_split_planes, knee_side
 from msk_node.biomarkers.relaxometry import RelaxationMap, is_derived, mask_on_grid, mean_relaxation, relaxation_map
 from msk_node.biomarkers.volume import tissue_volumes
 from msk_node.dicom_input import Series
-from msk_node.codes import DISC_LEVELS, LATERALITY, SUB_REGION_MODIFIERS
+from msk_node.codes import DISC_LEVELS, LATERALITY, LEFT, RIGHT, SUB_REGION_MODIFIERS
 from msk_node.labels import LabelMap
 from msk_node.parallel import thread_map
+from msk_node.seg_writer import SegmentInstance, segment_layout
 from msk_node.sr_writer import MeasurementGroup
 from msk_node.volume import SeriesVolume, series_to_volume
 
@@ -43,9 +45,14 @@ RELAXOMETRY_PATTERNS = {"t1rho": r"t1 ?rho|cubequant|spin.?lock|mapss", "t2": r"
 
 @dataclass(frozen=True)
 class SeriesMeasurements:
-    """Measurements of one segmented series, grouped by the segment they were made on."""
+    """Measurements of one segmented series, grouped by the SEG segment label they were made on.
+
+    ``instances`` are the labels split into segments of their own (disc levels, thigh
+    sides); the SEG must be written with them so that its segments carry these labels.
+    """
 
     by_segment: dict[str, list[Measurement]]
+    instances: tuple[SegmentInstance, ...] = ()
     #: Every relaxation map fitted for these measurements (T2, T1rho, DESS T2), each on its own grid.
     maps: list[RelaxationMap] = field(default_factory=list)
 
@@ -59,18 +66,27 @@ def measure_series(volume: SeriesVolume, label_volume: np.ndarray, anatomy: str,
     spacing = (volume.slice_spacing, *volume.pixel_spacing)
     labels = label_map.for_anatomy(anatomy)
     present = {spec.name: spec.value for spec in labels.labels if (label_volume == spec.value).any()}
-    by_segment: dict[str, list[Measurement]] = {name: [] for name in present}
+    heights: list[Measurement] = []
+    instances: list[SegmentInstance] = []
     maps: list[RelaxationMap] = []
-    for m in tissue_volumes(label_volume, spacing, present, whole_only=True):
+    disc_names: dict[str, str] = {}  # segment label -> disc name
+    if anatomy == "spine" and "intervertebral_disc" in present:
+        heights, instances = _discs(volume, label_volume, present)
+        disc_names = {i.segment_label: m.label for i, m in zip(instances, heights)}
+    elif anatomy == "thigh":
+        instances = _thigh_sides(label_volume, present, volume.volume.affine)
+    numbers, segments = segment_layout(label_volume, labels, instances)
+    by_segment: dict[str, list[Measurement]] = {segment.segment_label: [] for segment in segments}
+    values = {segment.segment_label: number for number, segment in enumerate(segments, start=1)}
+    for m in tissue_volumes(numbers, spacing, values, whole_only=True):
         if m.label in by_segment:
-            by_segment[m.label].append(m)
+            # A disc's volume joins its height in one group, named by the disc.
+            by_segment[m.label].append(replace(m, label=disc_names.get(m.label, m.label)))
+    for segment_label, name in disc_names.items():
+        by_segment[segment_label].extend(m for m in heights if m.label == name)
     if anatomy == "knee":
         maps = _knee(volume, label_volume, label_map, spacing, study_series, by_segment)
-    elif anatomy == "spine" and "intervertebral_disc" in present:
-        heights = disc_heights(label_volume == present["intervertebral_disc"], volume.pixel_spacing,
-                               volume.volume.affine)
-        by_segment["intervertebral_disc"].extend(heights)
-    return SeriesMeasurements(by_segment, maps)
+    return SeriesMeasurements(by_segment, tuple(instances), maps)
 
 
 def _knee(volume: SeriesVolume, label_volume: np.ndarray, label_map: LabelMap, spacing: tuple,
@@ -190,21 +206,26 @@ def _renamed(measurement: Measurement, name: str) -> Measurement:
 
 
 def measurement_groups(measurements: SeriesMeasurements) -> list[MeasurementGroup]:
-    """One SR measurement group per measured structure: a segment, a plate part or a disc level.
+    """One SR measurement group per measured structure: a segment, a plate part or a disc.
 
-    A cartilage part carries its topographical modifier (medial, lateral, trochlear) and the
+    A group on an instance segment names the instance's anatomic region (a disc level) as
+    its finding site and carries its laterality; a disc of uncertain level has neither. A
+    cartilage part carries its topographical modifier (medial, lateral, trochlear) and the
     knee's side as coded laterality, so readers need not parse its name.
     """
+    instances = {i.segment_label: i for i in measurements.instances}
     groups = []
     for segment, rows in measurements.by_segment.items():
         by_structure: dict[str, list[Measurement]] = {}
         for m in rows:
             by_structure.setdefault(m.label, []).append(m)
+        instance = instances.get(segment)
         for structure, items in by_structure.items():
             part = structure.removeprefix(segment).lstrip("_") if structure != segment else ""
             sides = {m.extra.get("knee_side", "") for m in items} - {""}
+            laterality = LATERALITY[sides.pop()] if len(sides) == 1 else None
             groups.append(MeasurementGroup(
-                segment, structure, tuple(items), DISC_LEVELS.get(structure),
-                laterality=LATERALITY[sides.pop()] if len(sides) == 1 else None,
+                segment, structure, tuple(items), instance.anatomic_region if instance else None,
+                laterality=instance.laterality if instance and instance.laterality else laterality,
                 topographical_modifier=SUB_REGION_MODIFIERS.get(part)))
     return groups

@@ -193,9 +193,11 @@ def algorithm_info(models: ModelSet) -> AlgorithmInfo:
 def write_seg(job: SeriesJob, models: ModelSet, output_dir: Path, series_number: int) -> Dataset:
     algorithm = algorithm_info(models)
     present = job.volume.present
+    instances = [i.on_slices(present) for i in job.measurements.instances] if job.measurements else []
     seg = build_segmentation(job.volume.datasets, job.label_volume[present], models.label_map, algorithm,
                              series_number=series_number,
-                             series_description=f"msk-node {job.selected.anatomy} segmentation")
+                             series_description=f"msk-node {job.selected.anatomy} segmentation",
+                             instances=instances)
     output_dir.mkdir(parents=True, exist_ok=True)
     job.output = write_segmentation(seg, output_dir / f"seg-{job.series_instance_uid}.dcm")
     job.outcome = "segmented"

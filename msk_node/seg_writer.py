@@ -3,22 +3,29 @@
 One BINARY segment per label present in the volume, numbered 1..n in label-map
 order; every source slice gets a frame for every segment (empty frames are kept),
 so frame ``k`` of a segment lies on, and references, source instance ``k``.
+
+A label can instead be split into instance segments (:class:`SegmentInstance`): one
+segment per disc level or per thigh side, each with its own label and codes, so a
+viewer shows which disc or side a measurement belongs to. Their segment labels start
+with the label's name (underscores as spaces), which is how readers map them back
+(:func:`label_of_segment`).
 """
 from __future__ import annotations
 
 import platform
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
 from msk_node import __version__
 from msk_node.codes import ALGORITHM_FAMILY, anatomic_region
-from msk_node.labels import LabelMap
+from msk_node.labels import LabelMap, LabelSpec
 
 MANUFACTURER = "msk-node"
 MANUFACTURER_MODEL_NAME = "msk-node"
@@ -67,6 +74,104 @@ class AlgorithmInfo:
         return {"weights_sha256": self.weights_sha256, **self.parameters}
 
 
+@dataclass(frozen=True)
+class SegmentInstance:
+    """Part of one label written as a segment of its own: a disc level, a thigh side.
+
+    Attributes
+    ----------
+    label : str
+        Label-map name of the voxels, e.g. ``"intervertebral_disc"``.
+    name : str
+        What tells this part apart, e.g. ``"L4-L5"`` or ``"right"``.
+    mask : numpy.ndarray of bool
+        Where the part lies, on the label volume's grid; voxels of other labels in it are
+        not part of it, so one side mask can serve every label of that side.
+    anatomic_region : pydicom.sr.coding.Code or None
+        Anatomic region of the segment, e.g. the SNOMED CT disc level.
+    laterality : pydicom.sr.coding.Code or None
+        SNOMED CT Left or Right, written as the segmented property type modifier.
+    """
+
+    label: str
+    name: str
+    mask: np.ndarray
+    anatomic_region: Code | None = None
+    laterality: Code | None = None
+
+    @property
+    def segment_label(self) -> str:
+        """SegmentLabel, e.g. ``"intervertebral disc L4-L5"``."""
+        return f"{self.label.replace('_', ' ')} {self.name}"
+
+    def on_slices(self, keep: np.ndarray) -> SegmentInstance:
+        """The same part on a subset of the slices (``keep`` indexes the first axis)."""
+        return replace(self, mask=self.mask[keep])
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One segment to write: its label, the label-map entry it belongs to and its own codes."""
+
+    segment_label: str
+    spec: LabelSpec
+    anatomic_region: Code | None
+    laterality: Code | None
+
+
+def segment_layout(label_volume: np.ndarray, label_map: LabelMap,
+                   instances: Sequence[SegmentInstance] = ()) -> tuple[np.ndarray, list[Segment]]:
+    """Segments of a label volume and an array of their numbers (1..n, 0 = background).
+
+    Labels in label-map order; a label with instances gives one segment per non-empty
+    instance (in the given order; where instances overlap the first wins), then one
+    segment under the label's own name for its voxels outside every instance.
+
+    Raises
+    ------
+    ValueError
+        If an instance names a label the map lacks, its mask does not match the volume's
+        shape, or two segments would get the same label.
+    """
+    for instance in instances:
+        label_map.by_name(instance.label)
+        if instance.mask.shape != label_volume.shape:
+            raise ValueError(f"instances: mask of {instance.segment_label!r} has shape {instance.mask.shape}, "
+                             f"the label volume {label_volume.shape}")
+    numbers = np.zeros(label_volume.shape, dtype=np.uint16)
+    segments: list[Segment] = []
+    for spec in label_map.labels:
+        rest = label_volume == spec.value
+        parts = [(i.segment_label, i.mask, i.anatomic_region, i.laterality)
+                 for i in instances if i.label == spec.name]
+        for segment_label, mask, region, laterality in [*parts, (spec.name, rest, anatomic_region(spec.name), None)]:
+            voxels = rest & mask
+            if voxels.any():
+                segments.append(Segment(segment_label, spec, region, laterality))
+                numbers[voxels] = len(segments)
+                rest &= ~voxels
+    labels = [segment.segment_label for segment in segments]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"instances: segment labels repeat: {labels}")
+    return numbers, segments
+
+
+def label_of_segment(segment_label: str, label_map: LabelMap) -> str:
+    """Label-map name of a segment written here: its own label, or that of an instance segment.
+
+    Raises
+    ------
+    KeyError
+        If no label of ``label_map`` matches.
+    """
+    if segment_label in label_map.names:
+        return segment_label
+    matches = [name for name in label_map.names if segment_label.startswith(name.replace("_", " ") + " ")]
+    if not matches:
+        raise KeyError(f"segment {segment_label!r} matches no label of the label map")
+    return max(matches, key=len)
+
+
 def with_type2_patient_attributes(ds: Dataset) -> Dataset:
     """Shallow copy of ``ds`` in which every type-2 patient/study attribute exists.
 
@@ -107,6 +212,7 @@ def build_segmentation(
     series_description: str = "msk-node segmentation",
     software_version: str = __version__,
     device_serial_number: str | None = None,
+    instances: Sequence[SegmentInstance] = (),
 ) -> hd.seg.Segmentation:
     """Build a BINARY DICOM Segmentation of one series from a label volume.
 
@@ -130,13 +236,15 @@ def build_segmentation(
         Software Versions of the writing equipment (msk-node's version).
     device_serial_number : str or None, optional
         Device Serial Number of the writing equipment; defaults to the host name.
+    instances : sequence of SegmentInstance, optional
+        Labels to split into instance segments (see :func:`segment_layout`).
 
     Returns
     -------
     highdicom.seg.Segmentation
-        One segment per label present in ``label_volume`` (numbers 1..n in
-        label-map order, see :func:`segment_number_map`), each with one frame per
-        source instance, uncompressed (Explicit VR Little Endian).
+        One segment per label present in ``label_volume``, or per instance (numbers
+        1..n in label-map order, see :func:`segment_number_map`), each with one frame
+        per source instance, uncompressed (Explicit VR Little Endian).
 
     Raises
     ------
@@ -145,17 +253,13 @@ def build_segmentation(
     ValueError
         If the sources are not single-frame images of one series with one geometry,
         ``label_volume`` has the wrong shape or values the label map does not know,
-        or the volume holds no segment at all (only background).
+        or the volume holds no segment at all (only background), or an instance
+        does not fit (see :func:`segment_layout`).
     """
-    present = _validate(source_images, label_volume, label_map, algorithm, series_number)
-    specs = [spec for spec in label_map.labels if spec.value in present]
-
-    # Relabel to segment numbers 1..n: highdicom reads a label-map style array as
-    # "value v is segment v", and segment numbers must be consecutive.
-    lookup = np.zeros(256, dtype=np.uint8)
-    for number, spec in enumerate(specs, start=1):
-        lookup[spec.value] = number
-    segment_array = lookup[label_volume]
+    _validate(source_images, label_volume, label_map, algorithm, series_number)
+    # Segment numbers 1..n: highdicom reads a label-map style array as "value v is
+    # segment v", and segment numbers must be consecutive.
+    segment_array, segments = segment_layout(label_volume, label_map, instances)
 
     algorithm_identification = hd.AlgorithmIdentificationSequence(
         name=algorithm.name,
@@ -164,22 +268,23 @@ def build_segmentation(
         parameters=algorithm.parameter_items(),
     )
     descriptions = []
-    for number, spec in enumerate(specs, start=1):
-        region = anatomic_region(spec.name)
-        descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=number,
-                segment_label=spec.name,
-                segmented_property_category=spec.category,
-                segmented_property_type=spec.property_type,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algorithm_identification,
-                tracking_uid=hd.UID(),
-                tracking_id=spec.name,
-                anatomic_regions=[region] if region is not None else None,
-                display_color=hd.color.CIELabColor.from_rgb(*spec.colour),
-            )
+    for number, segment in enumerate(segments, start=1):
+        description = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=segment.segment_label,
+            segmented_property_category=segment.spec.category,
+            segmented_property_type=segment.spec.property_type,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm_identification,
+            tracking_uid=hd.UID(),
+            tracking_id=segment.segment_label,
+            anatomic_regions=[segment.anatomic_region] if segment.anatomic_region is not None else None,
+            display_color=hd.color.CIELabColor.from_rgb(*segment.spec.colour),
         )
+        if segment.laterality is not None:
+            # DICOM CID 244 (Laterality) modifies the segmented property type.
+            description.SegmentedPropertyTypeModifierCodeSequence = [hd.sr.CodedConcept.from_code(segment.laterality)]
+        descriptions.append(description)
 
     if device_serial_number is None:
         device_serial_number = (platform.node() or "unknown")[:_MAX_LO_LENGTH]
@@ -246,8 +351,8 @@ def _validate(
     label_map: LabelMap,
     algorithm: AlgorithmInfo,
     series_number: int,
-) -> set[int]:
-    """Check the arguments of :func:`build_segmentation`; return the label values present."""
+) -> None:
+    """Check the arguments of :func:`build_segmentation`."""
     if isinstance(source_images, Dataset) or not isinstance(source_images, Sequence):
         raise TypeError("source_images: expected a sequence of pydicom.Dataset")
     if len(source_images) == 0:
@@ -306,16 +411,16 @@ def _validate(
         raise ValueError("algorithm.weights_sha256: must be a non-empty string")
     if not isinstance(series_number, int) or isinstance(series_number, bool) or series_number < 1:
         raise ValueError(f"series_number: must be a positive integer, got {series_number!r}")
-    return present
 
 
 def label_volume_from_seg(seg: hd.seg.Segmentation, source_uids: Sequence[str], label_map: LabelMap) -> np.ndarray:
     """Read a SEG back as a label volume ``[k, row, col]`` on its sources, in the order of ``source_uids``.
 
-    Where segments overlap (not the case for SEGs we write) the later segment wins.
+    Instance segments go back to their label (:func:`label_of_segment`). Where segments
+    overlap (not the case for SEGs we write) the later segment wins.
     """
     stacked = seg.get_pixels_by_source_instance([str(uid) for uid in source_uids])
     volume = np.zeros(stacked.shape[:3], dtype=np.uint8)
     for name, number in segment_number_map(seg).items():
-        volume[stacked[..., number - 1] > 0] = label_map.by_name(name).value
+        volume[stacked[..., number - 1] > 0] = label_map.by_name(label_of_segment(name, label_map)).value
     return volume

@@ -28,7 +28,7 @@ from msk_node import __version__
 from msk_node import codes as msk_codes
 from msk_node.biomarkers import Measurement
 from msk_node.labels import LabelMap
-from msk_node.seg_writer import AlgorithmInfo, segment_number_map, with_type2_patient_attributes
+from msk_node.seg_writer import AlgorithmInfo, label_of_segment, segment_number_map, with_type2_patient_attributes
 
 #: Measurement names (``Measurement.name``) to their concept and derivation codes.
 CONCEPTS: dict[str, tuple[Code, Code | None]] = {
@@ -54,7 +54,7 @@ class MeasurementGroup:
     Attributes
     ----------
     segment_label
-        Label of the SEG segment measured (e.g. ``"intervertebral_disc"``).
+        Label of the SEG segment measured (e.g. ``"intervertebral disc L4-L5"``).
     tracking_name
         Human-readable tracking identifier, unique in the report (e.g. ``"L4-L5"``).
     measurements
@@ -62,7 +62,7 @@ class MeasurementGroup:
     finding_site
         Anatomy measured, when more specific than the segment's property type.
     laterality
-        Side of the body (DICOM CID 244), e.g. SCT Right for a right knee.
+        Side of the body (DICOM CID 244), e.g. SCT Right for a right knee or one of two thighs.
     topographical_modifier
         Part of the finding site (DICOM CID 2), e.g. SCT Medial for medial tibial cartilage.
     """
@@ -106,7 +106,7 @@ def build_measurement_report(
     for group in groups:
         if group.segment_label not in numbers:
             raise ValueError(f"groups: segment {group.segment_label!r} is not in the SEG ({sorted(numbers)})")
-        spec = label_map.by_name(group.segment_label)
+        spec = label_map.by_name(label_of_segment(group.segment_label, label_map))
         site = group.finding_site or msk_codes.anatomic_region(spec.name) or spec.property_type
         for m in group.measurements:
             _check(m)

@@ -232,7 +232,8 @@ def test_spine_disc_heights_match_the_design(phantoms: dict[str, Path]) -> None:
     volume, labels = _morphology(out)
     designed = truth["biomarkers"]["disc_height_mm"]
     results = disc_heights(labels, volume.pixel_spacing, volume.volume.affine,
-                           value=truth["labels"]["intervertebral_disc"])
+                           value=truth["labels"]["intervertebral_disc"],
+                           bodies=labels == truth["labels"]["vertebral_body"])
     assert [m.label for m in results] == list(designed) == list(LUMBAR_LEVELS)
     for m in results:
         assert (m.name, m.unit) == ("disc_height", "mm")
@@ -245,22 +246,28 @@ def test_disc_levels_follow_patient_z_not_image_rows(phantoms: dict[str, Path]) 
     truth = _truth(out)
     volume, labels = _morphology(out)
     discs = labels == truth["labels"]["intervertebral_disc"]
-    reference = {m.label: m.value for m in disc_heights(discs, volume.pixel_spacing, volume.volume.affine)}
+    bodies = labels == truth["labels"]["vertebral_body"]
+    reference = {m.label: m.value for m in disc_heights(discs, volume.pixel_spacing, volume.volume.affine,
+                                                        bodies=bodies)}
+    assert list(reference) == list(LUMBAR_LEVELS)
     # Store the rows bottom-up: same anatomy, so the same names and heights.
     flipped_affine = volume.volume.affine.copy()
     flipped_affine[:3, 3] += flipped_affine[:3, 1] * (discs.shape[1] - 1)
     flipped_affine[:3, 1] *= -1
-    flipped = disc_heights(discs[:, ::-1], volume.pixel_spacing, flipped_affine)
+    flipped = disc_heights(discs[:, ::-1], volume.pixel_spacing, flipped_affine, bodies=bodies[:, ::-1])
     assert {m.label: m.value for m in flipped} == pytest.approx(reference, rel=1e-4)
-    # Only the three lowest discs in view: names are assigned from the bottom (L5-S1 up).
+    # Only the three lowest discs segmented: names come from the sacrum, not from a count of discs.
     affine = volume.volume.affine
     assert affine[2, 0] == affine[2, 2] == 0.0  # sagittal: patient z depends on the row only
     z_of_row = affine[2, 1] * np.arange(discs.shape[1]) + affine[2, 3]
-    centres = [m.extra["centroid_mm"][2] for m in disc_heights(discs, volume.pixel_spacing, affine)]
+    centres = [m.extra["centroid_mm"][2] for m in disc_heights(discs, volume.pixel_spacing, affine, bodies=bodies)]
     lower = discs.copy()
     lower[:, z_of_row > (centres[2] + centres[3]) / 2] = False
-    assert [m.label for m in disc_heights(lower, volume.pixel_spacing, volume.volume.affine)] == [
+    assert [m.label for m in disc_heights(lower, volume.pixel_spacing, affine, bodies=bodies)] == [
         "L3-L4", "L4-L5", "L5-S1"]
+    # Without vertebral bodies there is no anchor: no level, and no guess.
+    assert all(not m.extra["level_assigned"] and "level uncertain" in m.label
+               for m in disc_heights(discs, volume.pixel_spacing, affine))
     # Without an affine there is no level, only row order.
     assert [m.label for m in disc_heights(discs, volume.pixel_spacing)][:2] == ["disc_1", "disc_2"]
 
@@ -275,7 +282,7 @@ def test_disc_height_on_anisotropic_pixels() -> None:
     affine = np.eye(4)
     affine[2, 1], affine[1, 2] = -spacing[0], spacing[1]  # rows go inferior
     (m,) = disc_heights(disc[None], spacing, affine, level_names=["L5-S1"])
-    assert m.label == "L5-S1"
+    assert m.label == "disc 1 (level uncertain)" and not m.extra["level_assigned"]  # no vertebral body to anchor
     assert m.value == pytest.approx(10.0, abs=0.5)
     short, long, _ = min_area_rectangle(np.argwhere(disc) * spacing)
     assert (short, long) == pytest.approx((m.value, m.extra["width_mm"]))

@@ -57,7 +57,7 @@ def _truth(kind: str, tmp_path: Path) -> dict:
 
 def _report(volume, labels, anatomy, study_series, tmp_path):
     measurements = measure_series(volume, labels, anatomy, LABEL_MAP, study_series)
-    seg = build_segmentation(volume.datasets, labels, LABEL_MAP, ALGORITHM)
+    seg = build_segmentation(volume.datasets, labels, LABEL_MAP, ALGORITHM, instances=measurements.instances)
     sr = build_measurement_report(seg, measurement_groups(measurements), LABEL_MAP, ALGORITHM)
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
