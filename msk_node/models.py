@@ -28,7 +28,7 @@ from msk_node.precision import PRECISIONS
 from msk_node.segmenters.backends import BACKENDS
 
 DETECTOR_KEYS = {"name", "family", "version", "weights", "sha256", "label_map", "image_size", "confidence",
-                 "reproduce", "training_data"}
+                 "reproduce", "training_data", "initial_weights_sha256"}
 SEGMENTER_KEYS = {"name", "family", "version", "weights", "sha256", "config", "precision", "backend",
                   "training_data", "reproduce", "decoder_weights", "decoder_sha256", "decoder_anatomies",
                   "anatomy_decoders"}
