@@ -89,6 +89,49 @@ def measure_series(volume: SeriesVolume, label_volume: np.ndarray, anatomy: str,
     return SeriesMeasurements(by_segment, tuple(instances), maps)
 
 
+def _discs(volume: SeriesVolume, label_volume: np.ndarray,
+           present: dict[str, int]) -> tuple[list[Measurement], list[SegmentInstance]]:
+    """Height of every disc located on the spine and its segment instance, in the same order.
+
+    A disc too small to measure gets a NaN height with the reason.
+    """
+    bodies = label_volume == present.get("vertebral_body", -1)
+    discs = locate_discs(label_volume == present["intervertebral_disc"], bodies, volume.volume.affine)
+    heights, instances = [], []
+    for disc in discs:
+        # "intervertebral disc L4-L5", or "intervertebral disc 3 (level uncertain)"
+        instances.append(SegmentInstance("intervertebral_disc", disc.level or disc.name.removeprefix("disc "),
+                                         disc.mask, DISC_LEVELS.get(disc.level)))
+        height = disc_height(disc.mask, volume.pixel_spacing, disc.name)
+        if height is None:
+            height = unavailable("disc_height", disc.name, "mm", "minimum-area rectangle per sagittal slice",
+                                 "no sagittal section of the disc reaches the minimum area")
+        height.extra.update(level_assigned=disc.level is not None, level_note=disc.note,
+                            centroid_mm=disc.centroid_mm)
+        heights.append(height)
+    return heights, instances
+
+
+def _thigh_sides(label_volume: np.ndarray, present: dict[str, int], affine: np.ndarray) -> list[SegmentInstance]:
+    """Left and right instances of every thigh label when two thighs are in view, else none.
+
+    The thighs are the two largest connected components of all thigh tissue, the smaller
+    at least a quarter of the larger; the one at larger patient x (LPS) is the left.
+    """
+    tissue = np.isin(label_volume, list(present.values()))
+    components, count = ndimage.label(tissue, structure=np.ones((3, 3, 3), dtype=bool))
+    if count < 2:
+        return []
+    sizes = ndimage.sum_labels(tissue, components, range(1, count + 1))
+    largest = np.argsort(sizes)[::-1][:2] + 1
+    if sizes[largest[1] - 1] < 0.25 * sizes[largest[0] - 1]:
+        return []
+    centres_x = [(affine @ [*ndimage.center_of_mass(components == c), 1.0])[0] for c in largest]
+    right, left = (components == c for c in largest[np.argsort(centres_x)])
+    return [SegmentInstance(name, side, mask, laterality=code)
+            for side, mask, code in (("right", right, RIGHT), ("left", left, LEFT)) for name in present]
+
+
 def _knee(volume: SeriesVolume, label_volume: np.ndarray, label_map: LabelMap, spacing: tuple,
           study_series: list[Series], by_segment: dict[str, list[Measurement]]) -> list[RelaxationMap]:
     plates = {name: label_map.by_name(name).value for name in CARTILAGE_PLATES if name in by_segment}
