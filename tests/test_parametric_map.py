@@ -128,7 +128,7 @@ def test_series_that_share_a_fitted_map_share_one_file(tmp_path):
     """Two segmented series of one study fit the same maps: one file per map, listed for both, own numbers."""
     volume = _series(tmp_path)
     maps = [_known_map(volume, "t1rho"), _known_map(volume, "t2")]
-    jobs = [SeriesJob(None, measurements=SeriesMeasurements({}, maps)) for _ in range(2)]
+    jobs = [SeriesJob(None, measurements=SeriesMeasurements({}, maps=maps)) for _ in range(2)]
     written: dict[str, Path] = {}
     out = tmp_path / "out"
     out.mkdir()
