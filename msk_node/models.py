@@ -5,6 +5,8 @@ Layout (the MAP contract's model path, or ``models/`` in this repository)::
     <models>/detector/manifest.yaml    family: yolo, weights, sha256, label_map, image_size, confidence
     <models>/detector/<weights>.pt
     <models>/detector/label_map.yaml
+                                       optional anatomy_detectors: {anatomy: {weights, sha256}}, detectors
+                                       that serve one anatomy instead
     <models>/segmenter/manifest.yaml   family: litemedsam|sam2|sam|medsam, weights, sha256, config,
                                        precision (auto|fp32|bf16), backend (auto|openvino|torch),
                                        optional decoder_weights + decoder_sha256 (a decoder-only finetune),
@@ -28,7 +30,8 @@ from msk_node.precision import PRECISIONS
 from msk_node.segmenters.backends import BACKENDS
 
 DETECTOR_KEYS = {"name", "family", "version", "weights", "sha256", "label_map", "image_size", "confidence",
-                 "reproduce", "training_data", "initial_weights_sha256"}
+                 "reproduce", "training_data", "initial_weights_sha256",
+                 "anatomy_detectors"}
 SEGMENTER_KEYS = {"name", "family", "version", "weights", "sha256", "config", "precision", "backend",
                   "training_data", "reproduce", "decoder_weights", "decoder_sha256", "decoder_anatomies",
                   "anatomy_decoders"}
@@ -109,6 +112,12 @@ class ModelSet:
     segmenter_manifest: ModelManifest
     #: Segmenters that replace ``segmenter`` for some anatomies (a decoder finetuned for them).
     segmenters_by_anatomy: dict[str, object] = field(default_factory=dict)
+    #: Detectors that replace ``detector`` for some anatomies.
+    detectors_by_anatomy: dict[str, object] = field(default_factory=dict)
+
+    def detector_for(self, anatomy: str) -> object:
+        """The detector that serves ``anatomy``."""
+        return self.detectors_by_anatomy.get(anatomy, self.detector)
 
     def segmenter_for(self, anatomy: str) -> object:
         """The segmenter that serves ``anatomy``."""
@@ -137,6 +146,9 @@ def verify_models(models_dir: Path) -> tuple[ModelManifest, ModelManifest]:
     if detector.entries["family"] != "yolo":
         raise ModelError(f"{detector.folder}/manifest.yaml: family must be 'yolo'")
     verify_weights(detector, detector.weights_path() or detector.folder / "missing")
+    for extra in _anatomy_weights(detector, "anatomy_detectors").values():
+        verify_weights(ModelManifest(detector.folder, {**detector.entries, "sha256": extra["sha256"]}),
+                       detector.folder / str(extra["weights"]))
     segmenter_weights = segmenter.weights_path()
     if segmenter_weights is None:
         if segmenter.entries["family"] != "litemedsam":
@@ -159,7 +171,9 @@ def verify_models(models_dir: Path) -> tuple[ModelManifest, ModelManifest]:
                              f"got {segmenter.entries[key]!r}")
     if decoder is not None and segmenter.entries["family"] != "litemedsam":
         raise ModelError(f"{segmenter.folder}/manifest.yaml: 'decoder_weights' applies to family litemedsam only")
-    for anatomy, extra in _anatomy_decoders(segmenter).items():
+    if segmenter.entries.get("anatomy_decoders") and segmenter.entries["family"] != "litemedsam":
+        raise ModelError(f"{segmenter.folder}/manifest.yaml: 'anatomy_decoders' applies to family litemedsam only")
+    for anatomy, extra in _anatomy_weights(segmenter, "anatomy_decoders").items():
         verify_weights(ModelManifest(segmenter.folder, {**segmenter.entries, "sha256": extra["sha256"]}),
                        segmenter.folder / str(extra["weights"]))
     anatomies = segmenter.entries.get("decoder_anatomies")
@@ -170,12 +184,12 @@ def verify_models(models_dir: Path) -> tuple[ModelManifest, ModelManifest]:
     return detector, segmenter
 
 
-def _anatomy_decoders(segmenter: ModelManifest) -> dict[str, dict]:
-    """``anatomy_decoders``: anatomy -> {weights, sha256} of a decoder that serves that anatomy instead."""
-    entries = segmenter.entries.get("anatomy_decoders") or {}
-    where = f"{segmenter.folder}/manifest.yaml: 'anatomy_decoders'"
-    if not isinstance(entries, dict) or (entries and segmenter.entries["family"] != "litemedsam"):
-        raise ModelError(f"{where} must map anatomy names to {{weights, sha256}} (family litemedsam only)")
+def _anatomy_weights(manifest: ModelManifest, key: str) -> dict[str, dict]:
+    """``anatomy_detectors`` / ``anatomy_decoders``: anatomy -> {weights, sha256} of a model serving it instead."""
+    entries = manifest.entries.get(key) or {}
+    where = f"{manifest.folder}/manifest.yaml: '{key}'"
+    if not isinstance(entries, dict):
+        raise ModelError(f"{where} must map anatomy names to {{weights, sha256}}")
     for anatomy, extra in entries.items():
         if not isinstance(extra, dict) or set(extra) != {"weights", "sha256"}:
             raise ModelError(f"{where}.{anatomy} must have exactly 'weights' and 'sha256'")
@@ -196,12 +210,13 @@ def load_models(models_dir: Path) -> ModelSet:
     detector_manifest, segmenter_manifest = verify_models(models_dir)
     label_map = load_label_map(detector_manifest.folder / str(detector_manifest.entries.get("label_map",
                                                                                             "label_map.yaml")))
-    detector = Detector(
-        detector_manifest.weights_path(),
-        label_map,
-        image_size=int(detector_manifest.entries.get("image_size", 256)),
-        confidence=float(detector_manifest.entries.get("confidence", 0.25)),
-    )
+    def detector_of(weights: Path) -> Detector:
+        return Detector(weights, label_map, image_size=int(detector_manifest.entries.get("image_size", 256)),
+                        confidence=float(detector_manifest.entries.get("confidence", 0.25)))
+
+    detector = detector_of(detector_manifest.weights_path())
+    detectors_by_anatomy = {anatomy: detector_of(detector_manifest.folder / str(extra["weights"]))
+                            for anatomy, extra in _anatomy_weights(detector_manifest, "anatomy_detectors").items()}
     entries = segmenter_manifest.entries
     anatomies = entries.get("decoder_anatomies")
     decoder = segmenter_manifest.folder / entries["decoder_weights"] if "decoder_weights" in entries else None
@@ -214,10 +229,10 @@ def load_models(models_dir: Path) -> ModelSet:
         backend=str(entries.get("backend", "auto")),
     )
     by_anatomy = {}
-    extras = _anatomy_decoders(segmenter_manifest)
-    unknown = sorted((set(anatomies or ()) | set(extras)) - set(label_map.anatomies))
+    extras = _anatomy_weights(segmenter_manifest, "anatomy_decoders")
+    unknown = sorted((set(anatomies or ()) | set(extras) | set(detectors_by_anatomy)) - set(label_map.anatomies))
     if unknown:
-        raise ModelError(f"{segmenter_manifest.folder}/manifest.yaml: 'decoder_anatomies' or 'anatomy_decoders' "
+        raise ModelError(f"{models_dir}: 'decoder_anatomies', 'anatomy_decoders' or 'anatomy_detectors' "
                          f"name {unknown}, not in the label map ({', '.join(label_map.anatomies)})")
     if anatomies is not None:
         # The finetuned decoder serves only the listed anatomies; the others keep the base weights.
@@ -225,4 +240,5 @@ def load_models(models_dir: Path) -> ModelSet:
         by_anatomy = {anatomy: finetuned for anatomy in anatomies}
     for anatomy, extra in extras.items():
         by_anatomy[anatomy] = segmenter.with_decoder(segmenter_manifest.folder / str(extra["weights"]))
-    return ModelSet(detector, segmenter, label_map, detector_manifest, segmenter_manifest, by_anatomy)
+    return ModelSet(detector, segmenter, label_map, detector_manifest, segmenter_manifest, by_anatomy,
+                    detectors_by_anatomy)

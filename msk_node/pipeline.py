@@ -121,7 +121,7 @@ def build_volume(job: SeriesJob) -> None:
 
 def detect_anatomy(job: SeriesJob, models: ModelSet) -> None:
     labels = models.label_map.for_anatomy(job.selected.anatomy)
-    job.detections = models.detector.detect(job.normalised, labels)
+    job.detections = models.detector_for(job.selected.anatomy).detect(job.normalised, labels)
     if not job.detections:
         job.fail("nothing found", f"the detector found no {job.selected.anatomy} anatomy")
 

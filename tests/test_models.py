@@ -85,3 +85,19 @@ def test_decoder_anatomies_must_be_in_the_label_map(models_copy):
     manifest.write_text(yaml.safe_dump({**entries, "decoder_anatomies": ["shoulder"]}))
     with pytest.raises(ModelError, match="shoulder"):
         load_models(models_copy)
+
+
+def test_the_thigh_has_its_own_detector_checked_like_the_default(models_copy):
+    import torch
+
+    models = load_models(MODELS)
+    thigh, knee = models.detector_for("thigh"), models.detector_for("knee")
+    assert models.detector_for("spine") is knee is models.detector and thigh is not knee
+    for detector, file in ((thigh, "detector-thigh.pt"), (knee, "detector.pt")):
+        stored = torch.load(MODELS / "detector" / file, map_location="cpu", weights_only=False)["model"].state_dict()
+        loaded = detector.model.model.state_dict()
+        assert all(torch.equal(loaded[key].float(), tensor.float()) for key, tensor in stored.items()), file
+    weights = models_copy / "detector" / "detector-thigh.pt"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ModelError, match="detector-thigh.pt"):
+        verify_models(models_copy)
