@@ -148,7 +148,8 @@ def _knee(volume: SeriesVolume, label_volume: np.ndarray, label_map: LabelMap, s
             if m.label not in plates:
                 # The method column says which side was taken and why, and carries any warning.
                 details = [renamed.method, side_note["knee_side_source"], side_note.get("warning", "")]
-                renamed = replace(renamed, method="; ".join(filter(None, details)), extra={**renamed.extra, **side_note})
+                renamed = replace(renamed, method="; ".join(filter(None, details)),
+                                  extra={**renamed.extra, **side_note})
             by_segment[_plate_of(m.label)].append(renamed)
     maps = []
     study = volume.datasets[0].StudyInstanceUID
