@@ -7,7 +7,6 @@ never below ``PLAUSIBLE_MS[0]`` (0.5 ms), so 0 cannot be mistaken for a measurem
 """
 from __future__ import annotations
 
-import platform
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from msk_node import __version__
 from msk_node import codes as msk_codes
 from msk_node.biomarkers.relaxometry import RelaxationMap
-from msk_node.seg_writer import MANUFACTURER, MANUFACTURER_MODEL_NAME, with_type2_patient_attributes
+from msk_node.seg_writer import MANUFACTURER, MANUFACTURER_MODEL_NAME, node_serial_number, with_type2_patient_attributes
 
 #: Stored value of voxels without a valid fit.
 NOT_FITTED_MS = 0.0
@@ -33,7 +32,6 @@ QUANTITIES: dict[str, Code] = {
 #: Percentiles of the fitted values that bound the default display window.
 WINDOW_PERCENTILES = (1.0, 99.0)
 
-_MAX_LO_LENGTH = 64
 #: Largest distance (mm) between a source slice and the map plane it is matched to.
 _POSITION_TOLERANCE_MM = 0.01
 
@@ -93,8 +91,6 @@ def build_parametric_map(relaxation: RelaxationMap, series_number: int, series_d
     first = sources[0]
     row_spacing, column_spacing = relaxation.geometry.pixel_spacing
     spacing = float(relaxation.geometry.spacing_between_slices)
-    if device_serial_number is None:
-        device_serial_number = (platform.node() or "unknown")[:_MAX_LO_LENGTH]
     pmap = hd.pm.ParametricMap(
         source_images=[with_type2_patient_attributes(ds) for ds in sources],
         pixel_array=frames,
@@ -105,7 +101,7 @@ def build_parametric_map(relaxation: RelaxationMap, series_number: int, series_d
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MANUFACTURER_MODEL_NAME,
         software_versions=__version__,
-        device_serial_number=device_serial_number,
+        device_serial_number=node_serial_number() if device_serial_number is None else device_serial_number,
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=(low + high) / 2,

@@ -172,6 +172,11 @@ def label_of_segment(segment_label: str, label_map: LabelMap) -> str:
     return max(matches, key=len)
 
 
+def node_serial_number() -> str:
+    """DeviceSerialNumber of the objects this node writes: the host name (an LO, at most 64 characters)."""
+    return (platform.node() or "unknown")[:_MAX_LO_LENGTH]
+
+
 def with_type2_patient_attributes(ds: Dataset) -> Dataset:
     """Shallow copy of ``ds`` in which every type-2 patient/study attribute exists.
 
@@ -286,8 +291,6 @@ def build_segmentation(
             description.SegmentedPropertyTypeModifierCodeSequence = [hd.sr.CodedConcept.from_code(segment.laterality)]
         descriptions.append(description)
 
-    if device_serial_number is None:
-        device_serial_number = (platform.node() or "unknown")[:_MAX_LO_LENGTH]
     # highdicom copies the patient and study attributes from the first source, so the
     # filled-in empty type-2 elements are carried into the SEG as empty elements too.
     return hd.seg.Segmentation(
@@ -302,7 +305,7 @@ def build_segmentation(
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MANUFACTURER_MODEL_NAME,
         software_versions=software_version,
-        device_serial_number=device_serial_number,
+        device_serial_number=node_serial_number() if device_serial_number is None else device_serial_number,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=False,
         series_description=series_description,
