@@ -125,19 +125,49 @@ def _serve(args: argparse.Namespace) -> None:
     Node(_node_config(args.config)).run_forever()
 
 
-def _status(args: argparse.Namespace) -> None:
-    from msk_node.service import status
+#: History lines ``msk-node status`` prints under each job (the most recent).
+STATUS_HISTORY_LINES = 3
 
-    rows = status(_node_config(args.config))
+
+def _status(args: argparse.Namespace) -> None:
+    from msk_node.service import association_health, status
+
+    config = _node_config(args.config)
+    rows, health = status(config), association_health(config)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"jobs": rows, "associations": health}, indent=2))
         return
     header = ("id", "study uid", "state", "attempts", "reason")
     table = [tuple(str(row[key]) for key in ("id", "study_uid", "state", "attempts")) + (row["reason"] or "",)
              for row in rows]
     widths = [max([len(header[i])] + [len(line[i]) for line in table]) for i in range(4)]
-    for line in [header, *table]:
+    print("  ".join(value.ljust(width) for value, width in zip(header[:4], widths)) + "  " + header[4])
+    for line, row in zip(table, rows):
         print("  ".join(value.ljust(width) for value, width in zip(line[:4], widths)) + "  " + line[4])
+        history = row["history"]
+        if len(history) > STATUS_HISTORY_LINES:
+            print(f"      ({len(history) - STATUS_HISTORY_LINES} earlier history line(s); --json has all)")
+        for event in history[-STATUS_HISTORY_LINES:]:
+            print(f"      {event}")
+    print(association_summary(health))
+
+
+def association_summary(health: dict | None) -> str:
+    """One line: how the associations of the latest node run ended, by outcome and reason."""
+    import time
+
+    if health is None:
+        return "associations: no node has run on this job store"
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(health["started"]))
+    state = "running" if health["stopped"] is None else \
+        "stopped " + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(health["stopped"]))
+    parts = []
+    for outcome in ("accepted", "refused", "aborted", "dropped"):
+        details = health["counts"].get(outcome, {})
+        text = f"{sum(details.values())} {outcome}"
+        named = [f"{detail} {count}" for detail, count in details.items() if detail]
+        parts.append(text + (f" ({', '.join(named)})" if named else ""))
+    return f"associations since {when} ({health['ae_title']}, {state}): " + "; ".join(parts)
 
 
 def _retry(args: argparse.Namespace) -> None:
@@ -149,6 +179,17 @@ def _retry(args: argparse.Namespace) -> None:
     except (KeyError, ValueError) as error:
         raise SystemExit(f"msk-node retry: {error.args[0] if error.args else error}") from None
     print(f"job {args.job}: {state}")
+
+
+def _release(args: argparse.Namespace) -> None:
+    from msk_node.service import release
+
+    config = _node_config(args.config)
+    try:
+        missing = release(config, args.job)
+    except (KeyError, ValueError) as error:
+        raise SystemExit(f"msk-node release: {error.args[0] if error.args else error}") from None
+    print(f"job {args.job}: stable (runs without {missing} refused instance(s))")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,15 +236,22 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", type=Path, required=True, help="node YAML (see node.example.yaml)")
     serve.set_defaults(handler=_serve)
 
-    status = commands.add_parser("status", help="list the node's jobs: id, study, state, attempts, reason")
+    status = commands.add_parser("status", help="list the node's jobs (id, study, state, attempts, reason, "
+                                 "history) and how its associations ended")
     status.add_argument("--config", type=Path, required=True)
     status.add_argument("--json", action="store_true", help="print every field as JSON")
     status.set_defaults(handler=_status)
 
-    retry = commands.add_parser("retry", help="requeue a dead or failed job, or deliver a pending one now")
+    retry = commands.add_parser("retry", help="requeue a dead, failed or skipped job, or deliver a pending one now")
     retry.add_argument("job", type=int, help="job id (from msk-node status)")
     retry.add_argument("--config", type=Path, required=True)
     retry.set_defaults(handler=_retry)
+
+    release = commands.add_parser("release", help="run a held job without the instances refused for lack of "
+                                  "resources")
+    release.add_argument("job", type=int, help="job id (from msk-node status)")
+    release.add_argument("--config", type=Path, required=True)
+    release.set_defaults(handler=_release)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

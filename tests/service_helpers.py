@@ -78,11 +78,12 @@ def stub_app(folder: Path, mode: str = "copy") -> tuple[list[str], Path]:
 
 def node_config(tmp_path: Path, app_command: Sequence[str] | None, destinations: list[dict], **overrides: Any
                 ) -> NodeConfig:
-    """A test configuration: port 0, 1 s stability, fast polling and retries."""
+    """A test configuration: port 0, 1 s stability, fast polling and retries; every study runs
+    (the small synthetic studies are not ones the series-selection rules take)."""
     document: dict[str, Any] = {
         "ae_title": NODE_AE, "host": "127.0.0.1", "port": 0, "spool_dir": str(tmp_path / "spool"),
         "stable_after_s": 1, "poll_interval_s": 0.1, "retry_backoff_s": 0.2, "max_retry_backoff_s": 1,
-        "job_timeout_s": 60, "destinations": destinations,
+        "job_timeout_s": 60, "destinations": destinations, "preselect_series": False,
     }
     if app_command is not None:
         document["app_command"] = list(app_command)

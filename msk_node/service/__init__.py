@@ -5,7 +5,7 @@ loaded, or in a one-shot ``app_command`` subprocess per study.
 """
 from msk_node.service.config import ConfigError, Destination, NodeConfig, TlsConfig
 from msk_node.service.jobs import Job, JobStore
-from msk_node.service.node import Node, retry, status
+from msk_node.service.node import Node, association_health, release, retry, status
 from msk_node.service.spool import Spool
 
 __all__ = [
@@ -17,6 +17,8 @@ __all__ = [
     "NodeConfig",
     "Spool",
     "TlsConfig",
+    "association_health",
+    "release",
     "retry",
     "status",
 ]

@@ -104,6 +104,11 @@ class NodeConfig:
     late_instance_policy : str
         ``"reprocess"``: a new instance for a processed study opens a new job;
         ``"ignore"``: it is spooled but not processed.
+    preselect_series : bool
+        A stable study none of whose series the application's selection rules
+        (``msk_node/config/series_rules.yaml``) would take is closed as ``skipped``
+        without running the application (headers only); False: every study runs (an
+        ``app_command`` that selects series by rules of its own).
     job_timeout_s : float
         The application is killed after this many seconds; the attempt fails.
     max_attempts : int
@@ -156,6 +161,7 @@ class NodeConfig:
     stable_after_s: float = 30.0
     stable_after_s_by_ae: dict[str, float] = field(default_factory=dict)
     late_instance_policy: str = "reprocess"
+    preselect_series: bool = True
     job_timeout_s: float = 3600.0
     max_attempts: int = 3
     retry_backoff_s: float = 10.0
@@ -248,7 +254,7 @@ class NodeConfig:
 
 _TOP_KEYS = {
     "ae_title", "host", "port", "allowed_calling_aes", "spool_dir", "stable_after_s", "stable_after_s_by_ae",
-    "late_instance_policy", "job_timeout_s", "max_attempts", "retry_backoff_s", "max_retry_backoff_s",
+    "late_instance_policy", "preselect_series", "job_timeout_s", "max_attempts", "retry_backoff_s", "max_retry_backoff_s",
     "models_dir", "app_command", "worker_memory_limit_mb", "destinations", "tls", "poll_interval_s",
     "max_associations", "max_associations_per_address", "artim_timeout_s", "acse_timeout_s", "dimse_timeout_s",
     "network_timeout_s", "db_path",
@@ -295,6 +301,10 @@ def _parse(document: Any, base: Path) -> NodeConfig:
         if policy not in LATE_INSTANCE_POLICIES:
             raise ConfigError(f"'late_instance_policy' must be one of {', '.join(LATE_INSTANCE_POLICIES)}, got {policy!r}")
         kwargs["late_instance_policy"] = policy
+    if get("preselect_series") is not None:
+        if not isinstance(get("preselect_series"), bool):
+            raise ConfigError(f"'preselect_series' must be true or false, got {get('preselect_series')!r}")
+        kwargs["preselect_series"] = get("preselect_series")
     for key in ("max_attempts", "max_associations", "max_associations_per_address", "worker_memory_limit_mb"):
         if get(key) is not None:
             kwargs[key] = _positive_int(get(key), key)

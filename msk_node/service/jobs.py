@@ -3,12 +3,18 @@
 States of a job::
 
     received -> stable -> running -> delivering -> delivered
-                  ^          |            |
-                  |          v            v (destination down: stays delivering, retried)
-                  +------ failed -----> dead (after max_attempts; reason kept)
+       |  ^       ^          |            |
+       |  |       |          v            v (destination down: stays delivering, retried)
+       |  |       +------ failed -----> dead (after max_attempts; reason kept)
+       |  +-- held, skipped (a new instance re-opens them)
+       +----> held -> stable (operator release)
 
 * ``received``: instances are arriving; the study becomes ``stable`` after its
   inactivity timeout.
+* ``held``: instances of the study were refused for lack of resources (0xA7xx) and
+  have not been re-sent; it waits for them, or for an operator's release.
+* ``skipped``: no series of the study matches the series-selection rules; closed
+  without running the application.
 * ``running``: the application runs; a job found ``running`` at start-up (the node was
   killed) goes back to ``stable`` (or ``dead`` when it has used all its attempts).
 * ``delivering``: results exist; every (destination, SOP Instance UID) pair is recorded
@@ -23,6 +29,8 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +38,7 @@ from msk_node.service.spool import DIR_MODE, FILE_MODE
 
 logger = logging.getLogger(__name__)
 
-STATES = ("received", "stable", "running", "delivering", "delivered", "failed", "dead")
+STATES = ("received", "stable", "held", "skipped", "running", "delivering", "delivered", "failed", "dead")
 #: Job states in which a new instance is part of the pending run.
 OPEN_STATES = ("received", "stable", "failed")
 
@@ -80,7 +88,32 @@ CREATE TABLE IF NOT EXISTS deliveries (
     updated REAL NOT NULL,
     PRIMARY KEY (job_id, destination, sop_uid)
 );
+CREATE TABLE IF NOT EXISTS refusals (
+    study_uid TEXT NOT NULL,
+    sop_uid TEXT NOT NULL,
+    cause TEXT NOT NULL,
+    at REAL NOT NULL,
+    released REAL,
+    PRIMARY KEY (study_uid, sop_uid)
+);
+CREATE TABLE IF NOT EXISTS node_runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ae_title TEXT NOT NULL,
+    started REAL NOT NULL,
+    stopped REAL
+);
+CREATE TABLE IF NOT EXISTS association_counts (
+    run_id INTEGER NOT NULL REFERENCES node_runs(id),
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    count INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, outcome, detail)
+);
 """
+
+#: Why instances were refused (``refusals.cause``), as the held job's reason says it.
+REFUSAL_CAUSES = {"space": "for lack of space", "disk": "for a disk write failure",
+                  "database": "for a database failure"}
 
 
 @dataclass(frozen=True)
@@ -139,6 +172,9 @@ class JobStore:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: dict[int, tuple[threading.Thread, sqlite3.Connection]] = {}
+        #: Refusals the database could not take (a full disk fails its writes too); recorded before
+        #: any study is judged stable.
+        self._unrecorded_refusals: list[tuple[str, str, str, float]] = []
         self._connection().executescript(_SCHEMA)
 
     # -- connections ---------------------------------------------------------------
@@ -229,6 +265,11 @@ class JobStore:
             if state == "stable":  # still arriving: wait for the study to settle again
                 self._set(db, job_id, now, state="received")
                 return Received(duplicate, job_id, False)
+            if state == "held" or (state == "skipped" and not duplicate):
+                # The sender is back (re-sending what was refused) or the study grew: judge it again when it settles.
+                self._set(db, job_id, now, state="received", reason="", finished=None)
+                self._note(db, job_id, now, f"re-opened: an instance arrived while it was {state}")
+                return Received(duplicate, job_id, False)
             if state in OPEN_STATES:
                 return Received(duplicate, job_id, False)
             if duplicate or late_instance_policy == "ignore":
@@ -298,14 +339,86 @@ class JobStore:
         ).fetchall()
         return [(_job(row), row["calling_ae"], float(row["last_received"])) for row in rows]
 
-    def mark_stable(self, job_id: int, last_received: float, now: float | None = None) -> bool:
-        """``received`` -> ``stable`` unless an instance arrived after ``last_received``."""
+    def mark_stable(self, job_id: int, last_received: float, now: float | None = None) -> str | None:
+        """``received`` -> ``stable``, or ``held`` while instances refused for lack of resources
+        are missing; nothing (None) if an instance arrived after ``last_received``.
+
+        Returns
+        -------
+        str or None
+            The new state.
+        """
         now = time.time() if now is None else now
-        with self._transaction() as db:
+        with self._transaction_with_refusals() as db:
             cursor = db.execute(
                 "UPDATE jobs SET state = 'stable', updated = ? WHERE id = ? AND state = 'received' AND "
                 "(SELECT last_received FROM studies WHERE uid = jobs.study_uid) <= ?", (now, job_id, last_received))
-            return cursor.rowcount == 1
+            if cursor.rowcount != 1:
+                return None
+            study_uid = db.execute("SELECT study_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()["study_uid"]
+            missing = self._missing_refused(db, study_uid)
+            if not missing:
+                return "stable"
+            causes = [(REFUSAL_CAUSES.get(cause, cause), n) for cause, n in sorted(missing.items())]
+            why = causes[0][0] if len(causes) == 1 else "(" + ", ".join(f"{n} {text}" for text, n in causes) + ")"
+            reason = f"{sum(missing.values())} instance(s) refused {why}; held until the sender re-sends them " \
+                     f"or an operator releases the job"
+            self._set(db, job_id, now, state="held", reason=reason)
+            self._note(db, job_id, now, f"held: {reason}")
+            return "held"
+
+    @staticmethod
+    def _missing_refused(db: sqlite3.Connection, study_uid: str) -> dict[str, int]:
+        """Instances of the study refused and not stored since, by cause (releases excluded)."""
+        rows = db.execute(
+            "SELECT cause, COUNT(*) AS n FROM refusals WHERE study_uid = ? AND released IS NULL AND sop_uid NOT IN "
+            "(SELECT sop_uid FROM instances WHERE study_uid = ?) GROUP BY cause", (study_uid, study_uid)).fetchall()
+        return {row["cause"]: int(row["n"]) for row in rows}
+
+    def record_refusal(self, study_uid: str, sop_uid: str, cause: str, now: float | None = None) -> None:
+        """Record an instance refused for lack of resources (``cause``: a key of :data:`REFUSAL_CAUSES`), so its
+        study is held rather than processed without it.
+
+        When the database cannot write it either, it is kept in memory and written by the next
+        :meth:`record_refusal` or :meth:`mark_stable` of this store (which fail until it is).
+        """
+        now = time.time() if now is None else now
+        try:
+            with self._transaction_with_refusals(((study_uid, sop_uid, cause, now),)):
+                pass
+        except sqlite3.Error as error:
+            logger.error("study %s: refusal of instance %s kept in memory until the database takes it: %s",
+                         study_uid, sop_uid, error)
+
+    @contextmanager
+    def _transaction_with_refusals(self, new: tuple[tuple[str, str, str, float], ...] = ()
+                                   ) -> Iterator[sqlite3.Connection]:
+        """A transaction that first writes the refusals not yet recorded (and ``new``); they are kept
+        for the next try if it fails."""
+        with self._lock:
+            rows, self._unrecorded_refusals = [*self._unrecorded_refusals, *new], []
+        try:
+            with self._transaction() as db:
+                db.executemany(
+                    "INSERT INTO refusals (study_uid, sop_uid, cause, at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(study_uid, sop_uid) DO UPDATE SET cause = excluded.cause, at = excluded.at, "
+                    "released = NULL", rows)
+                yield db
+        except BaseException:
+            with self._lock:
+                self._unrecorded_refusals[:0] = rows
+            raise
+
+    def skip(self, job_id: int, reason: str, now: float | None = None) -> bool:
+        """``stable`` -> ``skipped`` (nothing in the study to process); False if the job moved meanwhile."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            cursor = db.execute("UPDATE jobs SET state = 'skipped', reason = ?, finished = ?, updated = ? "
+                                "WHERE id = ? AND state = 'stable'", (reason, now, now, job_id))
+            if cursor.rowcount != 1:
+                return False
+            self._note(db, job_id, now, f"skipped: {reason}")
+            return True
 
     def next_due(self, now: float | None = None) -> Job | None:
         """The next job to work on: a due delivery first, then the oldest runnable job."""
@@ -437,8 +550,9 @@ class JobStore:
         return dict(row) if row is not None else None
 
     def requeue(self, job_id: int, now: float | None = None) -> str:
-        """Operator retry: a ``dead`` or ``failed`` job runs again with a fresh attempt count; a
-        ``delivering`` job tries its destinations now.
+        """Operator retry: a ``dead``, ``failed`` or ``skipped`` job runs again with a fresh attempt
+        count (a skipped one without looking at its series again); a ``delivering`` job tries its
+        destinations now.
 
         Returns
         -------
@@ -450,7 +564,7 @@ class JobStore:
         KeyError
             If there is no job ``job_id``.
         ValueError
-            If the job is in a state that cannot be retried (received, stable, running, delivered).
+            If the job is in a state that cannot be retried (received, stable, held, running, delivered).
         """
         now = time.time() if now is None else now
         with self._transaction() as db:
@@ -458,14 +572,80 @@ class JobStore:
             if row is None:
                 raise KeyError(f"no job {job_id}")
             state = row["state"]
-            if state in ("dead", "failed"):
+            if state in ("dead", "failed", "skipped"):
                 self._set(db, job_id, now, state="stable", attempts=0, next_attempt=None, finished=None,
                           reason=f"requeued by the operator (was {state})")
                 return "stable"
             if state == "delivering":
                 self._set(db, job_id, now, next_attempt=None)
                 return "delivering"
-            raise ValueError(f"job {job_id} is {state}; only dead, failed or delivering jobs can be retried")
+            raise ValueError(f"job {job_id} is {state}; only dead, failed, skipped or delivering jobs can be retried")
+
+    def release(self, job_id: int, now: float | None = None) -> int:
+        """Operator release: a ``held`` job runs without the instances that were refused.
+
+        Returns
+        -------
+        int
+            How many refused instances it runs without.
+
+        Raises
+        ------
+        KeyError
+            If there is no job ``job_id``.
+        ValueError
+            If the job is not ``held``.
+        """
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            row = db.execute("SELECT state, study_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"no job {job_id}")
+            if row["state"] != "held":
+                raise ValueError(f"job {job_id} is {row['state']}; only held jobs can be released")
+            missing = sum(self._missing_refused(db, row["study_uid"]).values())
+            # Released refusals no longer hold the study, should it grow again.
+            db.execute("UPDATE refusals SET released = ? WHERE study_uid = ? AND released IS NULL",
+                       (now, row["study_uid"]))
+            reason = f"released by the operator with {missing} refused instance(s) missing"
+            self._set(db, job_id, now, state="stable", next_attempt=None, reason=reason)
+            self._note(db, job_id, now, reason)
+            return missing
+
+    # -- association health --------------------------------------------------------
+
+    def begin_run(self, ae_title: str, now: float | None = None) -> int:
+        """A node started: association counts from now on belong to the returned run id."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            return int(db.execute("INSERT INTO node_runs (ae_title, started) VALUES (?, ?)",
+                                  (ae_title, now)).lastrowid)
+
+    def end_run(self, run_id: int, now: float | None = None) -> None:
+        """The node of ``run_id`` stopped."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            db.execute("UPDATE node_runs SET stopped = ? WHERE id = ?", (now, run_id))
+
+    def count_association(self, run_id: int, outcome: str, detail: str = "") -> None:
+        """One more association (or connection) of the run that ended in ``outcome`` (and ``detail``)."""
+        with self._transaction() as db:
+            db.execute("INSERT INTO association_counts (run_id, outcome, detail, count) VALUES (?, ?, ?, 1) "
+                       "ON CONFLICT(run_id, outcome, detail) DO UPDATE SET count = count + 1",
+                       (run_id, outcome, detail))
+
+    def association_health(self) -> dict | None:
+        """Association counts of the latest node run: ``{"ae_title", "started", "stopped", "counts":
+        {outcome: {detail: count}}}``; None before any node ran on this store."""
+        connection = self._connection()
+        run = connection.execute("SELECT * FROM node_runs ORDER BY id DESC LIMIT 1").fetchone()
+        if run is None:
+            return None
+        counts: dict[str, dict[str, int]] = {}
+        for row in connection.execute("SELECT outcome, detail, count FROM association_counts WHERE run_id = ? "
+                                      "ORDER BY outcome, detail", (run["id"],)):
+            counts.setdefault(row["outcome"], {})[row["detail"]] = int(row["count"])
+        return {"ae_title": run["ae_title"], "started": run["started"], "stopped": run["stopped"], "counts": counts}
 
 
 def _job(row: sqlite3.Row) -> Job:

@@ -19,6 +19,7 @@ WARNING per connection; the details and tracebacks are logged at DEBUG.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import sqlite3
@@ -73,6 +74,8 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC210
 
+#: errno values of a full disk or an exhausted quota.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 #: What goes wrong when a received byte stream is not a decodable dataset.
 _DECODE_ERRORS = (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, EOFError, struct.error,
                   NotImplementedError)
@@ -95,6 +98,27 @@ class _AssociationTally:
     def pop(self, assoc: object) -> Counter:
         with self._lock:
             return self._counts.pop(id(assoc), Counter())
+
+
+class _Health:
+    """Counts how associations and connections end, in the job store's current node run, where
+    ``msk-node status`` reads them; a count the database does not take is lost, never an error."""
+
+    def __init__(self, store: JobStore, ae_title: str) -> None:
+        self.store = store
+        self.run_id = store.begin_run(ae_title)
+
+    def count(self, outcome: str, detail: str = "") -> None:
+        try:
+            self.store.count_association(self.run_id, outcome, detail)
+        except sqlite3.Error as error:
+            logger.debug("association %s (%s) not counted: %s", outcome, detail, error)
+
+    def on_accepted(self, event: evt.Event) -> None:
+        self.count("accepted")
+
+    def on_aborted(self, event: evt.Event) -> None:
+        self.count("aborted")
 
 
 def handle_store(event: evt.Event, spool: Spool, store: JobStore, config: NodeConfig,
@@ -140,6 +164,7 @@ def handle_store(event: evt.Event, spool: Spool, store: JobStore, config: NodeCo
     except OSError as error:
         logger.error("C-STORE from %s: study %s instance %s not stored: %s", calling_ae, study_uid, sop_uid, error)
         tally.add(event.assoc, "failed")
+        store.record_refusal(study_uid, sop_uid, "space" if error.errno in _NO_SPACE else "disk")
         return OUT_OF_RESOURCES
     except _DECODE_ERRORS as error:
         logger.warning("C-STORE from %s: study %s instance %s cannot be written as a DICOM file (%s)",
@@ -151,6 +176,7 @@ def handle_store(event: evt.Event, spool: Spool, store: JobStore, config: NodeCo
     except sqlite3.Error as error:
         logger.error("C-STORE from %s: study %s instance %s not recorded: %s", calling_ae, study_uid, sop_uid, error)
         tally.add(event.assoc, "failed")
+        store.record_refusal(study_uid, sop_uid, "database")
         return OUT_OF_RESOURCES
     tally.add(event.assoc, "duplicate" if received.duplicate else "stored", study_uid)
     if received.opened:
@@ -180,11 +206,11 @@ def tls_context(tls: TlsConfig) -> ssl.SSLContext:
     return context
 
 
-#: A-ASSOCIATE-RJ (result, source, diagnostic) -> why, for the audit line.
+#: A-ASSOCIATE-RJ (result, source, diagnostic) -> why, for the audit line, and its count in the node's health.
 _REJECT_REASONS = {
-    (0x01, 0x01, 0x03): "calling AE title not allowed",
-    (0x01, 0x01, 0x07): "called AE title is not ours",
-    (0x02, 0x03, 0x02): "max_associations reached",
+    (0x01, 0x01, 0x03): ("calling AE title not allowed", "calling AE unknown"),
+    (0x01, 0x01, 0x07): ("called AE title is not ours", "called AE wrong"),
+    (0x02, 0x03, 0x02): ("max_associations reached", "node limit"),
 }
 #: Warnings about one peer address beyond this many a minute are counted, not logged.
 _WARNINGS_PER_MINUTE = 5
@@ -322,8 +348,9 @@ def _waiting_for_request(assoc: Association) -> bool:
 class _Guard:
     """Event handlers that keep the listener's slots for peers that associate."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, health: _Health) -> None:
         self.config = config
+        self.health = health
         self.warnings = _PeerWarnings()
         self._refused_here: weakref.WeakSet = weakref.WeakSet()
 
@@ -348,6 +375,7 @@ class _Guard:
         if len(described) > 1:
             what += f" and {len(described) - 1} more protocol error(s)"
         self.warnings.warning(assoc.requestor.address, "connection from %s dropped: %s", _peer(assoc), what)
+        self.health.count("dropped", "protocol error")
 
     def on_open(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -388,14 +416,15 @@ class _Guard:
         code = (answer.result, answer.result_source, answer.diagnostic) if answer is not None else None
         if assoc in self._refused_here:
             limit = self.config.max_associations_per_address
-            reason = f"more than max_associations_per_address={limit} from this address"
+            reason, kind = f"more than max_associations_per_address={limit} from this address", "per-address limit"
         elif code == (0x02, 0x03, 0x02):
-            reason = f"max_associations={self.config.max_associations} reached"
+            reason, kind = f"max_associations={self.config.max_associations} reached", "node limit"
         else:
-            reason = _REJECT_REASONS.get(code, f"result {code}")
+            reason, kind = _REJECT_REASONS.get(code, (f"result {code}", f"other ({code})"))
         self.warnings.warning(assoc.requestor.address, "association refused (%s): calling AE %r, called AE %r, from %s",
                               reason, str(getattr(request, "calling_ae_title", "")).strip(),
                               str(getattr(request, "called_ae_title", "")).strip(), _peer(assoc), kind="refused")
+        self.health.count("refused", kind)
 
     def on_close(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -406,6 +435,7 @@ class _Guard:
         elif waiting and assoc.dul.artim_timer.expired:
             self.warnings.warning(assoc.requestor.address, "connection from %s closed: no association request "
                                   "within %g s", _peer(assoc), assoc.dul.artim_timer.timeout)
+            self.health.count("dropped", "no association request")
         elif waiting:
             logger.debug("connection from %s closed before an association request", _peer(assoc))
         if waiting and assoc.dul.to_user_queue.empty():
@@ -432,6 +462,7 @@ class _Server(ThreadedAssociationServer):
             except OSError as error:  # ssl.SSLError, a timeout, a reset
                 self.msk_guard.warnings.warning(client_address[0], "TLS handshake with %s:%d failed: %s",
                                                 client_address[0], client_address[1], error)
+                self.msk_guard.health.count("dropped", "TLS handshake failed")
                 self.shutdown_request(request)
                 return
         super().process_request_thread(request, client_address)
@@ -475,11 +506,13 @@ def start_listener(config: NodeConfig, spool: Spool, store: JobStore) -> Threade
     """
     ae = make_ae(config)
     tally = _AssociationTally()
-    guard = _Guard(config)
+    guard = _Guard(config, _Health(store, config.ae_title))
     handlers = [
         (evt.EVT_C_STORE, handle_store, [spool, store, config, tally]),
         (evt.EVT_RELEASED, _handle_end, [tally]),
         (evt.EVT_ABORTED, _handle_end, [tally]),
+        (evt.EVT_ACCEPTED, guard.health.on_accepted),
+        (evt.EVT_ABORTED, guard.health.on_aborted),
         *guard.handlers(),
     ]
     ssl_context = tls_context(config.tls) if config.tls is not None else None
@@ -502,3 +535,7 @@ def stop_listener(server: ThreadedAssociationServer) -> None:
     guard = getattr(server, "msk_guard", None)
     if guard is not None:
         guard.warnings.flush()
+        try:
+            guard.health.store.end_run(guard.health.run_id)
+        except sqlite3.Error as error:
+            logger.warning("the end of this node run was not recorded: %s", error)

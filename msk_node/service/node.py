@@ -1,4 +1,4 @@
-"""The node: listener + scheduler over one spool and one job store; status and retry."""
+"""The node: listener + scheduler over one spool and one job store; status, retry and release."""
 from __future__ import annotations
 
 import logging
@@ -148,8 +148,53 @@ def status(config: NodeConfig) -> list[dict]:
         store.close()
 
 
+def association_health(config: NodeConfig) -> dict | None:
+    """How the associations of the latest node run ended, as the listener counted them.
+
+    Returns
+    -------
+    dict or None
+        ``ae_title``, ``started`` and ``stopped`` (epoch seconds; ``stopped`` is None while
+        the node runs or when it was killed) and ``counts``: outcome (``accepted``,
+        ``refused``, ``aborted``, ``dropped``) to detail (the refusal's reason, what was
+        wrong with a dropped connection; ``""`` for none) to count. None before any node
+        ran on this job store.
+    """
+    if not config.database.exists():
+        return None
+    store = JobStore(config.database)
+    try:
+        return store.association_health()
+    finally:
+        store.close()
+
+
+def release(config: NodeConfig, job_id: int) -> int:
+    """Run a held job without the instances that were refused for lack of resources.
+
+    Returns
+    -------
+    int
+        How many refused instances the job runs without.
+
+    Raises
+    ------
+    KeyError
+        If there is no such job.
+    ValueError
+        If the job is not held.
+    """
+    if not config.database.exists():
+        raise KeyError(f"no job {job_id} (no job store at {config.database})")
+    store = JobStore(config.database)
+    try:
+        return store.release(int(job_id))
+    finally:
+        store.close()
+
+
 def retry(config: NodeConfig, job_id: int) -> str:
-    """Requeue a dead or failed job (fresh attempts), or deliver a ``delivering`` job now.
+    """Requeue a dead, failed or skipped job (fresh attempts), or deliver a ``delivering`` job now.
 
     Returns
     -------

@@ -23,11 +23,13 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from msk_node.selection import load_rules
 from msk_node.service.app_worker import AppPidFile, AppResult, WarmApp, WarmAppError, kill_process_group
 from msk_node.service.config import NodeConfig
 from msk_node.service.delivery import DeliveryError, read_results, send
 from msk_node.service.jobs import Job, JobStore
 from msk_node.service.spool import APP_UMASK, DIR_MODE, Spool, open_private
+from msk_node.service.triage import judge_study
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +146,8 @@ class Worker:
         #: The warm worker; None when ``app_command`` runs a one-shot process per study.
         self.app = None if config.app_command else WarmApp(config.models_dir, config.worker_memory_limit_mb,
                                                            self.pid_file)
+        #: The application's series-selection rules, applied to each stable study before it is queued.
+        self.rules = load_rules() if config.preselect_series else None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -221,17 +225,47 @@ class Worker:
         return True
 
     def promote_stable(self, now: float | None = None) -> list[int]:
-        """``received`` -> ``stable`` for studies idle for their (per-AE) timeout."""
+        """``received`` -> ``stable`` for studies idle for their (per-AE) timeout; ``held`` when
+        instances were refused for lack of resources, ``skipped`` when no series is one the
+        application would select. All of them settle before any job runs, so a study to
+        process never waits behind ones that will not be.
+
+        Returns
+        -------
+        list of int
+            Ids of the jobs that became ``stable`` (queued).
+        """
         now = time.time() if now is None else now
         promoted = []
         for job, calling_ae, last_received in self.store.received_jobs():
-            if now - last_received >= self.config.stable_after(calling_ae):
-                if self.store.mark_stable(job.id, last_received, now):
-                    study = self.store.study(job.study_uid) or {}
-                    logger.info("job %d: study %s stable with %s instance(s)", job.id, job.study_uid,
-                                study.get("instance_count", "?"))
-                    promoted.append(job.id)
+            if now - last_received < self.config.stable_after(calling_ae):
+                continue
+            state = self.store.mark_stable(job.id, last_received, now)
+            if state is None:
+                continue
+            study = self.store.study(job.study_uid) or {}
+            if state == "held":
+                logger.warning("job %d: study %s held with %s instance(s): %s", job.id, job.study_uid,
+                               study.get("instance_count", "?"), self.store.job(job.id).reason)
+                continue
+            if self.rules is not None and self._skip_unselectable(job):
+                continue
+            logger.info("job %d: study %s stable with %s instance(s)", job.id, job.study_uid,
+                        study.get("instance_count", "?"))
+            promoted.append(job.id)
         return promoted
+
+    def _skip_unselectable(self, job: Job) -> bool:
+        """Close a stable job whose study has no series the rules select; True if it was closed."""
+        verdict = judge_study(self.spool.instance_files(job.study_uid), self.rules)
+        if verdict.selectable is None:
+            self.store.note(job.id, f"series selection not checked before queueing: {verdict.reason}")
+            return False
+        if verdict.selectable or not self.store.skip(job.id, verdict.reason):
+            return False
+        logger.info("job %d: study %s skipped, nothing to segment: %d series (%s)", job.id, job.study_uid,
+                    len(verdict.modalities), ", ".join(verdict.modalities) or "no image series")
+        return True
 
     def run(self, job: Job) -> str:
         """Run the application once for ``job`` and record the outcome.
