@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import yaml
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
@@ -76,10 +77,10 @@ def stub_app(folder: Path, mode: str = "copy") -> tuple[list[str], Path]:
     return [sys.executable, str(script), str(mode_file)], mode_file
 
 
-def node_config(tmp_path: Path, app_command: Sequence[str] | None, destinations: list[dict], **overrides: Any
-                ) -> NodeConfig:
-    """A test configuration: port 0, 1 s stability, fast polling and retries; every study runs
-    (the small synthetic studies are not ones the series-selection rules take)."""
+def node_document(tmp_path: Path, app_command: Sequence[str] | None, destinations: list[dict], **overrides: Any
+                  ) -> dict[str, Any]:
+    """A test configuration document: port 0, 1 s stability, fast polling and retries; every study
+    runs (the small synthetic studies are not ones the series-selection rules take)."""
     document: dict[str, Any] = {
         "ae_title": NODE_AE, "host": "127.0.0.1", "port": 0, "spool_dir": str(tmp_path / "spool"),
         "stable_after_s": 1, "poll_interval_s": 0.1, "retry_backoff_s": 0.2, "max_retry_backoff_s": 1,
@@ -88,7 +89,21 @@ def node_config(tmp_path: Path, app_command: Sequence[str] | None, destinations:
     if app_command is not None:
         document["app_command"] = list(app_command)
     document.update(overrides)
-    return NodeConfig.from_mapping(document, tmp_path)
+    return document
+
+
+def node_config(tmp_path: Path, app_command: Sequence[str] | None, destinations: list[dict], **overrides: Any
+                ) -> NodeConfig:
+    """The configuration of :func:`node_document`."""
+    return NodeConfig.from_mapping(node_document(tmp_path, app_command, destinations, **overrides), tmp_path)
+
+
+def node_config_file(tmp_path: Path, app_command: Sequence[str] | None, destinations: list[dict],
+                     **overrides: Any) -> Path:
+    """:func:`node_document` as ``tmp_path/node.yaml``, for the ``msk-node`` commands."""
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump(node_document(tmp_path, app_command, destinations, **overrides)))
+    return path
 
 
 def free_port() -> int:

@@ -3,6 +3,7 @@ pynetdicom and dcmtk SCPs, a STOW-RS endpoint; a stub application for speed and 
 end-to-end run of the real application."""
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -24,6 +25,7 @@ import pytest
 import yaml
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -37,7 +39,7 @@ from pydicom.uid import (
 from pynetdicom import AE
 
 from msk_node import cli
-from msk_node.service import ConfigError, JobStore, Node, NodeConfig, status
+from msk_node.service import ConfigError, JobStore, Node, NodeConfig, association_health, status
 from msk_node.service.app_worker import AppPidFile, process_start
 from msk_node.service.listener import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
 from msk_node.service.spool import Spool
@@ -53,6 +55,7 @@ from tests.service_helpers import (
     free_port,
     make_study,
     node_config,
+    node_config_file,
     pdu_header,
     raw_connection,
     storescu,
@@ -643,6 +646,164 @@ def test_stow_rs_sender_with_either_http_client(tmp_path, monkeypatch, client):
         stow.stop()
     with pytest.raises(DeliveryError, match="STOW-RS to"):  # nobody listening
         send_stow(Destination("stow", url=stow.url), results, confirmed.append)
+
+
+# -- studies that are not processed: skipped, held; association health ---------------------
+
+def _non_msk_studies(folder: Path, count: int) -> list[Path]:
+    """Studies the series-selection rules take nothing from: CT of the knee, axial brain MR, and
+    sagittal PD series too short for a volume; each 2 instances. Returns their folders."""
+    folders = []
+    for index in range(count):
+        kind = ("ct", "brain", "short")[index % 3]
+        study = make_study(folder / f"{kind}-{index}", n=2, description={
+            "ct": "CT knee", "brain": "Ax T2 FLAIR brain", "short": "sag PD knee"}[kind])
+        for path in study:
+            ds = pydicom.dcmread(path)
+            if kind == "ct":
+                ds.Modality, ds.BodyPartExamined = "CT", "KNEE"
+                ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+            elif kind == "brain":
+                ds.BodyPartExamined, ds.ImageOrientationPatient = "HEAD", [1, 0, 0, 0, 1, 0]
+            ds.save_as(path, enforce_file_format=True)
+        folders.append(study[0].parent)
+    return folders
+
+
+def test_judge_study_applies_the_selection_rules_to_headers_and_never_skips_what_it_cannot_read(tmp_path):
+    from msk_node.phantoms import write_phantom
+    from msk_node.selection import load_rules
+    from msk_node.service.triage import judge_study
+
+    rules = load_rules()
+    (ct,) = _non_msk_studies(tmp_path / "ct", 1)
+    verdict = judge_study(sorted(ct.glob("*.dcm")), rules)
+    assert verdict.selectable is False and verdict.modalities == ("CT",)
+    assert verdict.reason == "no series matches the MSK selection rules: 1 series (CT 'CT knee')"
+    knee = sorted(write_phantom("knee", tmp_path / "knee", seed=3, n_slices=8).rglob("*.dcm"))
+    assert judge_study(knee + sorted(ct.glob("*.dcm")), rules).selectable is True
+    (tmp_path / "garbage.dcm").write_bytes(b"not DICOM at all")
+    unreadable = judge_study([*sorted(ct.glob("*.dcm")), tmp_path / "garbage.dcm"], rules)
+    assert unreadable.selectable is None and "garbage.dcm unreadable" in unreadable.reason
+    assert judge_study([], rules).selectable is None
+
+
+def test_msk_study_runs_first_when_ten_studies_without_msk_series_arrived_before_it(tmp_path, nodes, dest, caplog):
+    from msk_node.phantoms import write_phantom
+
+    caplog.set_level(logging.INFO, logger="msk_node.service")
+    command, _ = stub_app(tmp_path / "stub")
+    config = node_config(tmp_path, command, [dest.destination()], preselect_series=True)
+    node = nodes(config)
+    others = _non_msk_studies(tmp_path / "others", 10)
+    knee = write_phantom("knee", tmp_path / "knee", seed=3, n_slices=8) / "dicom"
+    assert storescu(node.port, others).returncode == 0
+    assert storescu(node.port, [knee]).returncode == 0
+    wait_for(lambda: states(config) == ["skipped"] * 10 + ["delivered"], 60, what="10 skipped, the knee delivered")
+
+    *skipped, msk = jobs_of(config)
+    assert msk["study_uid"] == study_uid_of(sorted(knee.rglob("*.dcm"))) and msk["attempts"] == 1
+    assert dest.study_uids == [msk["study_uid"]]
+    # One application start in all: the only attempt folder is the knee's.
+    assert sorted(path.relative_to(config.spool_dir / "jobs").as_posix()
+                  for path in (config.spool_dir / "jobs").glob("*/attempt-*")) == [f"{msk['id']}/attempt-1"]
+    assert max(job["finished"] for job in skipped) <= msk["started"]
+    for job in skipped:
+        assert job["attempts"] == 0 and job["output_dir"] is None
+        assert re.fullmatch(r"no series matches the MSK selection rules: 1 series \((CT 'CT knee'|MR 'Ax T2 FLAIR "
+                            r"brain'|MR 'sag PD knee')\)", job["reason"]), job["reason"]
+        assert job["history"] == [f"skipped: {job['reason']}"]
+        audit = f"job {job['id']}: study {job['study_uid']} skipped, nothing to segment: 1 series "
+        assert audit + "(CT)" in caplog.text or audit + "(MR)" in caplog.text
+    assert "Test^Knee" not in caplog.text and "MSK0001" not in caplog.text
+
+    # A skipped study that grows gets judged again (a knee series sent after the CT).
+    late = make_study(tmp_path / "late", n=8, description="sag PD knee")
+    for path in late:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = skipped[0]["study_uid"]
+        ds.save_as(path, enforce_file_format=True)
+    assert storescu(node.port, [late[0].parent]).returncode == 0
+    wait_for(lambda: states(config)[0] == "delivered", 30, what="the grown study delivered")
+    grown = jobs_of(config)[0]
+    assert grown["input_instances"] == 10 and "re-opened: an instance arrived while it was skipped" in grown["history"]
+
+
+def test_study_with_instances_refused_for_lack_of_space_is_held_until_resent_or_released(tmp_path, nodes, dest,
+                                                                                          monkeypatch, capsys):
+    command, _ = stub_app(tmp_path / "stub")
+    config_path = node_config_file(tmp_path, command, [dest.destination()])
+    config = NodeConfig.load(config_path)
+    node = nodes(config)
+    write = Spool.write_instance
+    refused: set[str] = set()
+
+    def disk_full_for_some(self, ds):
+        if str(ds.SOPInstanceUID) in refused:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, ds)
+
+    monkeypatch.setattr(Spool, "write_instance", disk_full_for_some)
+    first = [pydicom.dcmread(path) for path in make_study(tmp_path / "first", n=4)]
+    second = [pydicom.dcmread(path) for path in make_study(tmp_path / "second", n=3)]
+    refused.update({str(first[1].SOPInstanceUID), str(first[2].SOPInstanceUID), str(second[0].SOPInstanceUID)})
+    assert _send_with_pynetdicom(node.port, first) == [0x0000, OUT_OF_RESOURCES, OUT_OF_RESOURCES, 0x0000]
+    assert _send_with_pynetdicom(node.port, second) == [OUT_OF_RESOURCES, 0x0000, 0x0000]
+    wait_for(lambda: states(config) == ["held", "held"], 30, what="both studies held")
+    held = jobs_of(config)
+    assert held[0]["reason"] == ("2 instance(s) refused for lack of space; held until the sender re-sends them "
+                                 "or an operator releases the job")
+    assert held[1]["reason"].startswith("1 instance(s) refused for lack of space;")
+    assert dest.received == [] and not list((config.spool_dir / "jobs").iterdir())
+
+    assert cli.main(["status", "--config", str(config_path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^1 +\S+ +held +0 +2 instance\(s\) refused for lack of space", out, re.MULTILINE), out
+    assert f"      held: {held[0]['reason']}" in out
+
+    # The operator releases the first: it runs without its two missing instances.
+    assert cli.main(["release", "1", "--config", str(config_path)]) == 0
+    assert capsys.readouterr().out.strip() == "job 1: stable (runs without 2 refused instance(s))"
+    wait_for(lambda: states(config)[0] == "delivered", 30, what="the released job delivered")
+    released = jobs_of(config)[0]
+    assert released["input_instances"] == 2 and "from 2 input(s)" in dest.received[0].ImageComments
+    assert released["history"][-1] == "released by the operator with 2 refused instance(s) missing"
+    with pytest.raises(SystemExit, match="job 1 is delivered; only held jobs can be released"):
+        cli.main(["release", "1", "--config", str(config_path)])
+
+    # The sender re-sends what was refused to the second: it runs, complete, with no one's help.
+    refused.clear()
+    assert _send_with_pynetdicom(node.port, second[:1]) == [0x0000]
+    wait_for(lambda: states(config) == ["delivered", "delivered"], 30, what="the re-sent study delivered")
+    resent = jobs_of(config)[1]
+    assert resent["input_instances"] == 3 and resent["attempts"] == 1
+    assert resent["history"] == [f"held: {held[1]['reason']}", "re-opened: an instance arrived while it was held"]
+
+
+def test_status_shows_how_associations_ended_since_the_node_started(tmp_path, nodes, capsys):
+    config_path = node_config_file(tmp_path, None, [], allowed_calling_aes=["SCU"])
+    config = NodeConfig.load(config_path)
+    node = nodes(config)
+    assert echoscu(node.port, calling="STRANGER").returncode != 0
+    assert echoscu(node.port, calling="SCU").returncode == 0
+    expected = {"accepted": {"": 1}, "refused": {"calling AE unknown": 1}}
+    wait_for(lambda: association_health(config)["counts"] == expected, 5, what="both associations counted")
+
+    assert cli.main(["status", "--config", str(config_path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^associations since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(MSKNODE, running\): 1 accepted; "
+                     r"1 refused \(calling AE unknown 1\); 0 aborted; 0 dropped$", out, re.MULTILINE), out
+    assert cli.main(["status", "--json", "--config", str(config_path)]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["jobs"] == [] and document["associations"]["counts"] == expected
+
+    # Counts start again with the next node run; the last one's end is recorded.
+    node.stop()
+    assert association_health(config)["stopped"] is not None
+    node = nodes(config)
+    assert echoscu(node.port, calling="SCU", called="OTHER").returncode != 0
+    wait_for(lambda: association_health(config)["counts"] == {"refused": {"called AE wrong": 1}}, 5,
+             what="the new run's count")
 
 
 # -- what is stored ------------------------------------------------------------------------
