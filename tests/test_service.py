@@ -443,7 +443,7 @@ def test_crashing_app_is_retried_then_dead_and_the_operator_can_retry_it(tmp_pat
     config_path = tmp_path / "node.yaml"
     document = {"ae_title": NODE_AE, "port": 0, "spool_dir": "spool", "stable_after_s": 1, "poll_interval_s": 0.1,
                 "retry_backoff_s": 0.3, "max_retry_backoff_s": 1, "max_attempts": 2, "app_command": command,
-                "destinations": [dest.destination()]}
+                "destinations": [dest.destination()], "preselect_series": False}
     config_path.write_text(yaml.safe_dump(document))
     config = NodeConfig.load(config_path)
     node = nodes(config)
@@ -488,7 +488,8 @@ def test_killed_node_resumes_the_job_and_delivers_exactly_once(tmp_path, nodes, 
     config_path = tmp_path / "node.yaml"
     port = free_port()
     document = {"ae_title": NODE_AE, "port": port, "spool_dir": "spool", "stable_after_s": 1, "poll_interval_s": 0.1,
-                "retry_backoff_s": 0.2, "app_command": command, "destinations": [dest.destination()]}
+                "retry_backoff_s": 0.2, "app_command": command, "destinations": [dest.destination()],
+                "preselect_series": False}
     config_path.write_text(yaml.safe_dump(document))
     config = NodeConfig.load(config_path)
     log = open(tmp_path / "serve.log", "wb")

@@ -254,10 +254,10 @@ class NodeConfig:
 
 _TOP_KEYS = {
     "ae_title", "host", "port", "allowed_calling_aes", "spool_dir", "stable_after_s", "stable_after_s_by_ae",
-    "late_instance_policy", "preselect_series", "job_timeout_s", "max_attempts", "retry_backoff_s", "max_retry_backoff_s",
-    "models_dir", "app_command", "worker_memory_limit_mb", "destinations", "tls", "poll_interval_s",
-    "max_associations", "max_associations_per_address", "artim_timeout_s", "acse_timeout_s", "dimse_timeout_s",
-    "network_timeout_s", "db_path",
+    "late_instance_policy", "preselect_series", "job_timeout_s", "max_attempts", "retry_backoff_s",
+    "max_retry_backoff_s", "models_dir", "app_command", "worker_memory_limit_mb", "destinations", "tls",
+    "poll_interval_s", "max_associations", "max_associations_per_address", "artim_timeout_s", "acse_timeout_s",
+    "dimse_timeout_s", "network_timeout_s", "db_path",
 }
 _DESTINATION_KEYS = {"cstore": {"type", "ae_title", "host", "port"}, "stow": {"type", "url"},
                      "folder": {"type", "path"}}

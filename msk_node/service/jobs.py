@@ -3,11 +3,12 @@
 States of a job::
 
     received -> stable -> running -> delivering -> delivered
-       |  ^       ^          |            |
-       |  |       |          v            v (destination down: stays delivering, retried)
-       |  |       +------ failed -----> dead (after max_attempts; reason kept)
-       |  +-- held, skipped (a new instance re-opens them)
-       +----> held -> stable (operator release)
+      ^  |        ^          |            |
+      |  |        |          v            v (destination down: stays delivering, retried)
+      |  |        +------ failed -----> dead (after max_attempts; reason kept)
+      |  +-> held -----> stable (operator release)
+      |  +-> skipped
+      +----- held, skipped (a new instance re-opens them)
 
 * ``received``: instances are arriving; the study becomes ``stable`` after its
   inactivity timeout.

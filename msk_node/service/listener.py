@@ -3,7 +3,11 @@
 The C-STORE handler answers ``0x0000`` only after the instance is on disk (fsynced and
 renamed into its study folder) and recorded in the job store; ``0xA700`` (out of
 resources) when the disk or the database fails, ``0xC210`` (cannot understand) when the
-dataset cannot be decoded or lacks valid Study/SOP Instance UIDs.
+dataset cannot be decoded or lacks valid Study/SOP Instance UIDs. An instance refused with
+``0xA700`` is recorded, so its study is held rather than processed without it.
+
+How each association or connection ends (accepted, refused and why, aborted, dropped) is
+counted in the job store for ``msk-node status``.
 
 Logs at INFO name AE titles, UIDs and counts, never patient attributes.
 

@@ -1,5 +1,9 @@
 """The scheduler: studies become stable, jobs run one at a time, results go out once.
 
+A study that settles is held while instances refused for lack of resources are missing,
+and closed as skipped when the series-selection rules take none of its series
+(:mod:`msk_node.service.triage`), before any job runs.
+
 Jobs run in a warm worker process that keeps the models loaded
 (:mod:`msk_node.service.app_worker`), or, when ``app_command`` is set, as a one-shot
 subprocess ``app_command -i IN -o OUT -m MODELS``. Either way a crash, a hang (timeout)
