@@ -803,8 +803,14 @@ def test_status_shows_how_associations_ended_since_the_node_started(tmp_path, no
     assert association_health(config)["stopped"] is not None
     node = nodes(config)
     assert echoscu(node.port, calling="SCU", called="OTHER").returncode != 0
-    wait_for(lambda: association_health(config)["counts"] == {"refused": {"called AE wrong": 1}}, 5,
-             what="the new run's count")
+    aborted = associate(node.port)
+    assert aborted.is_established
+    aborted.abort()
+    raw_connection(node.port, GARBAGE["http"])
+    raw_connection(node.port)
+    expected = {"accepted": {"": 1}, "aborted": {"": 1}, "refused": {"called AE wrong": 1},
+                "dropped": {"protocol error": 1, "closed before a request": 1}}
+    wait_for(lambda: association_health(config)["counts"] == expected, 5, what="the new run's counts")
 
 
 # -- what is stored ------------------------------------------------------------------------

@@ -442,6 +442,7 @@ class _Guard:
             self.health.count("dropped", "no association request")
         elif waiting:
             logger.debug("connection from %s closed before an association request", _peer(assoc))
+            self.health.count("dropped", "closed before a request")
         if waiting and assoc.dul.to_user_queue.empty():
             # The association thread waits acse_timeout_s for a request that will not come,
             # holding its slot; None is what it gets when that wait times out.
