@@ -12,7 +12,9 @@ States of a job::
 * ``running``: the application runs; a job found ``running`` at start-up (the node was
   killed) goes back to ``stable`` (or ``dead`` when it has used all its attempts).
 * ``delivering``: results exist; every (destination, SOP Instance UID) pair is recorded
-  in ``deliveries`` as soon as the peer confirms it, so a restart never sends it twice.
+  in ``deliveries`` as ``sending`` before it leaves and as ``delivered`` as soon as the
+  peer confirms it, so a restart never sends a confirmed one again and knows which ones
+  may have reached the peer unconfirmed (the worker asks the peer about those).
 
 The database runs in WAL mode with one connection per thread.
 """
@@ -23,6 +25,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -382,14 +385,34 @@ class JobStore:
             (job_id, destination)).fetchall()
         return {row["sop_uid"] for row in rows}
 
-    def record_delivery(self, job_id: int, destination: str, sop_uid: str, now: float | None = None) -> None:
-        """Record that ``destination`` confirmed one result instance (never sent again)."""
+    def in_doubt(self, job_id: int, destination: str) -> set[str]:
+        """SOP Instance UIDs of the job sent to ``destination`` (or about to be) without a confirmation."""
+        rows = self._connection().execute(
+            "SELECT sop_uid FROM deliveries WHERE job_id = ? AND destination = ? AND state = 'sending'",
+            (job_id, destination)).fetchall()
+        return {row["sop_uid"] for row in rows}
+
+    def record_sending(self, job_id: int, destination: str, sop_uids: Sequence[str], now: float | None = None) -> None:
+        """Record that these instances are about to go to ``destination``, before they leave."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            db.executemany("INSERT INTO deliveries (job_id, destination, sop_uid, state, updated) "
+                           "VALUES (?, ?, ?, 'sending', ?) ON CONFLICT(job_id, destination, sop_uid) "
+                           "DO UPDATE SET updated = excluded.updated WHERE state = 'sending'",
+                           [(job_id, destination, sop_uid, now) for sop_uid in sop_uids])
+
+    def record_delivery(self, job_id: int, destination: str, sop_uid: str, note: str | None = None,
+                        now: float | None = None) -> None:
+        """Record that ``destination`` confirmed one result instance (never sent again), with an
+        optional history line written in the same transaction."""
         now = time.time() if now is None else now
         with self._transaction() as db:
             db.execute("INSERT INTO deliveries (job_id, destination, sop_uid, state, updated) "
                        "VALUES (?, ?, ?, 'delivered', ?) ON CONFLICT(job_id, destination, sop_uid) "
                        "DO UPDATE SET state = 'delivered', updated = excluded.updated",
                        (job_id, destination, sop_uid, now))
+            if note is not None:
+                self._note(db, job_id, now, note)
 
     def finish_delivery(self, job_id: int, complete: bool, reason: str, backoff_s: float,
                         now: float | None = None) -> str:
