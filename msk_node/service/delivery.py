@@ -275,10 +275,10 @@ def send_folder(destination: Destination, results: Sequence[ResultFile], confirm
         try:
             private_dir(folder, parents=True)
             temp = folder / f".{result.sop_uid}.{uuid.uuid4().hex}.part"
-            with open(result.path, "rb") as source, open_private(temp, exclusive=True) as target:
-                shutil.copyfileobj(source, target)
-                target.flush()
-                os.fsync(target.fileno())
+            with open(result.path, "rb") as source, open_private(temp, exclusive=True) as copy:
+                shutil.copyfileobj(source, copy)
+                copy.flush()
+                os.fsync(copy.fileno())
             os.replace(temp, target)
             fsync_dir(folder)
         except OSError as error:
