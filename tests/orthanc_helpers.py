@@ -469,7 +469,40 @@ def scenario_crash(args: dict, workdir: Path, orthanc: Orthanc, log: logging.Log
     return result
 
 
-SCENARIOS = {"forward": scenario_forward, "filter": scenario_filter, "crash": scenario_crash}
+def scenario_commitment(args: dict, workdir: Path, orthanc: Orthanc, log: logging.Logger) -> dict:
+    """The node delivers its SEG to Orthanc with Storage Commitment; Orthanc reports on a new
+    association to the node's listener."""
+    from msk_node.phantoms import write_phantom
+    from msk_node.service import JobStore, Node, NodeConfig, status
+    from msk_node.service.delivery import read_results
+
+    case = write_phantom("knee", workdir / "knee", seed=args.get("seed", 5), n_slices=args.get("n_slices", 8))
+    document = node_document(workdir, "stub", "cstore", None, orthanc)
+    document["destinations"][0]["storage_commitment"] = True
+    config = NodeConfig.from_mapping(document, ORTHANC_DIR)
+    node = Node(config).start()
+    try:
+        storescu(config.port, [case / "dicom"], calling=ORTHANC_AE, called=config.ae_title)
+        wait_for(lambda: node_jobs(config)[0]["state"] == "delivered", 60, interval=0.25, what="delivered")
+        wait_for(lambda: any("committed by" in line for line in status(config)[0]["history"]), 30, interval=0.25,
+                 what="the storage commitment report")
+    finally:
+        node.stop()
+    store = JobStore(config.database)
+    try:
+        (job,) = store.jobs()
+        (seg,) = read_results(Path(job.output_dir or ""))[0]
+        commitments = store.commitments(job.id, config.destinations[0].key)
+    finally:
+        store.close()
+    text = orthanc.log_path.read_text(errors="replace")
+    return {"sop_uid": seg.sop_uid, "commitments": commitments, "history": status(config)[0]["history"],
+            "orthanc_reports": re.findall(r'Reporting modality "[^"]+" about storage commitment transaction: '
+                                          r"(\S+) \((\d+) successes, (\d+) failures\)", text)}
+
+
+SCENARIOS = {"forward": scenario_forward, "filter": scenario_filter, "crash": scenario_crash,
+             "commitment": scenario_commitment}
 
 
 def main(argv: list[str]) -> int:

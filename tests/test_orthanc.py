@@ -310,3 +310,14 @@ def test_node_killed_after_orthanc_stored_its_result_asks_orthanc_before_sending
     else:  # at-least-once: Orthanc gets a second C-STORE request for the same instance
         assert result["finds"] == {} and result["stores"] == {sop: 2}
         assert result["history"] == []
+
+
+@needs_orthanc
+def test_storage_commitment_report_from_orthanc_is_recorded_in_the_job_history(tmp_path):
+    result = run_scenario(tmp_path, {"scenario": "commitment"}, timeout=120)
+    assert "error" not in result, result["error"]
+    sop = result["sop_uid"]
+    assert result["commitments"] == {sop: "committed"}
+    ((transaction, successes, failures),) = result["orthanc_reports"]
+    assert (successes, failures) == ("1", "0")
+    assert result["history"] == [f"1 instance(s) committed by cstore:ORTHANC@127.0.0.1:4242 (transaction {transaction})"]

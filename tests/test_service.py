@@ -134,6 +134,8 @@ def test_example_config_documents_and_loads_every_key():
     ({"destinations": [{"type": "stow", "url": "pacs:8042"}]}, "'destinations[0].url'"),
     ({"destinations": [{"type": "folder", "path": "x", "query_before_resend": "no"}]},
      "'destinations[0].query_before_resend'"),
+    ({"destinations": [{"type": "stow", "url": "http://pacs/dicom-web", "storage_commitment": True}]},
+     "'destinations[0]' of type stow has unknown key"),
     ({"tls": {"cert": "missing.pem", "key": "missing.key"}}, "'tls.cert'"),
     ({"stable_after_s_by_ae": {"PACS": "slow"}}, "'stable_after_s_by_ae.PACS'"),
     ({"max_attempts": 0}, "'max_attempts'"),
@@ -836,6 +838,20 @@ def test_unconfirmed_folder_result_is_found_by_its_file_name_unless_the_query_is
     found = [f"{result.sop_uid} found at {key}, not re-sent"]
     assert worker.store.history(job.id) == (found if query else [])
     assert worker.store.delivered(job.id, key) == {result.sop_uid}
+
+
+def test_storage_commitment_the_destination_does_not_offer_is_noted_and_delivery_completes(tmp_path):
+    scp = QueryStoreSCP(answers_find=False)
+    try:
+        worker, job, (result,), key = _delivering_job(tmp_path, {**scp.destination(), "storage_commitment": True}, n=1)
+        assert worker.deliver(job) == "delivered"
+        assert scp.stored == [result.sop_uid]
+        assert worker.store.history(job.id) == [
+            f"storage commitment not requested from {key}: {key[7:]} does not offer Storage Commitment"]
+        assert worker.store.commitments(job.id, key) == {result.sop_uid: "requested"}
+        assert worker.store.record_commitment_report(pydicom.uid.generate_uid(), [result.sop_uid], []) is None
+    finally:
+        scp.stop()
 
 
 # -- what is stored ------------------------------------------------------------------------

@@ -8,6 +8,8 @@ away, so the job store records it before the next one is sent. Anything else rai
 
 :func:`find_stored` asks a destination which of the instances a crash left unconfirmed it
 already holds (C-FIND, QIDO-RS or the file name), so they are not sent twice.
+:func:`request_commitment` and :func:`handle_commitment_report` are the two halves of
+DICOM Storage Commitment (Push Model) for C-STORE destinations that offer it.
 """
 from __future__ import annotations
 
@@ -26,10 +28,11 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel, StudyRootQueryRetrieveInformationModelFind
 
 from msk_node.service.config import Destination
+from msk_node.service.jobs import JobStore
 from msk_node.service.spool import fsync_dir, is_valid_uid, open_private, private_dir
 
 logger = logging.getLogger(__name__)
@@ -40,6 +43,11 @@ STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 #: C-FIND statuses of a match (pending, pending with optional keys unsupported) and of the end.
 FIND_PENDING = frozenset({0xFF00, 0xFF01})
 FIND_DONE = 0x0000
+#: The well-known SOP Instance of the Storage Commitment Push Model (PS3.4 J.3.5).
+COMMITMENT_INSTANCE_UID = "1.2.840.10008.1.20.1.1"
+#: Storage Commitment N-EVENT-REPORT event types: all committed; some failed.
+COMMITTED, COMMITTED_WITH_FAILURES = 1, 2
+PROCESSING_FAILURE = 0x0110
 
 Confirm = Callable[[str], None]
 Sending = Callable[[Sequence[str]], None]
@@ -365,3 +373,66 @@ def find_qido(destination: Destination, results: Sequence[ResultFile]) -> tuple[
         if result.sop_uid in matches:
             found.add(result.sop_uid)
     return found, None
+
+
+def request_commitment(destination: Destination, results: Sequence[ResultFile], transaction_uid: str,
+                       calling_ae: str) -> None:
+    """Ask a C-STORE destination to commit ``results`` (N-ACTION, Storage Commitment Push Model).
+
+    The destination answers later with an N-EVENT-REPORT on an association to the node's
+    listener (:func:`handle_commitment_report`); a report sent on this association before
+    it is released is not read.
+
+    Raises
+    ------
+    DeliveryError
+        If the destination is unreachable, does not offer Storage Commitment or refuses the request.
+    """
+    ae = _client_ae(calling_ae)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        if assoc.is_rejected or assoc.rejected_contexts:
+            raise DeliveryError(f"{_peer(destination)} does not offer Storage Commitment")
+        raise DeliveryError(f"association with {_peer(destination)} {'aborted' if assoc.is_aborted else 'failed'}")
+    try:
+        request = Dataset()
+        request.TransactionUID = transaction_uid
+        request.ReferencedSOPSequence = []
+        for result in results:
+            reference = Dataset()
+            reference.ReferencedSOPClassUID = result.sop_class_uid
+            reference.ReferencedSOPInstanceUID = result.sop_uid
+            request.ReferencedSOPSequence.append(reference)
+        status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, COMMITMENT_INSTANCE_UID)
+        code = int(status.Status) if "Status" in status else None
+        if code != 0x0000:
+            raise DeliveryError(f"N-ACTION to {_peer(destination)}: "
+                                + ("no response" if code is None else f"status 0x{code:04X}"))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def handle_commitment_report(event: evt.Event, store: JobStore) -> tuple[int, None]:
+    """EVT_N_EVENT_REPORT handler of the listener: record a Storage Commitment result."""
+    try:
+        report = event.event_information
+        kind = event.event_type
+        transaction_uid = str(report.TransactionUID)
+        committed = [str(item.ReferencedSOPInstanceUID) for item in report.get("ReferencedSOPSequence", [])]
+        failed = [str(item.ReferencedSOPInstanceUID) for item in report.get("FailedSOPSequence", [])]
+    except (AttributeError, KeyError, ValueError, TypeError) as error:
+        logger.warning("unreadable storage commitment report: %s", error)
+        return PROCESSING_FAILURE, None
+    if kind not in (COMMITTED, COMMITTED_WITH_FAILURES):
+        logger.warning("storage commitment report of unknown event type %s", kind)
+        return PROCESSING_FAILURE, None
+    job_id = store.record_commitment_report(transaction_uid, committed, failed)
+    if job_id is None:
+        logger.warning("storage commitment report for transaction %s, which the node did not request",
+                       transaction_uid)
+    else:
+        logger.info("job %d: storage commitment %s: %d committed, %d failed", job_id, transaction_uid,
+                    len(committed), len(failed))
+    return 0x0000, None

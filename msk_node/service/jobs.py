@@ -83,6 +83,15 @@ CREATE TABLE IF NOT EXISTS deliveries (
     updated REAL NOT NULL,
     PRIMARY KEY (job_id, destination, sop_uid)
 );
+CREATE TABLE IF NOT EXISTS commitments (
+    transaction_uid TEXT NOT NULL,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    destination TEXT NOT NULL,
+    sop_uid TEXT NOT NULL,
+    state TEXT NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (transaction_uid, sop_uid)
+);
 """
 
 
@@ -413,6 +422,46 @@ class JobStore:
                        (job_id, destination, sop_uid, now))
             if note is not None:
                 self._note(db, job_id, now, note)
+
+    def record_commitment_request(self, job_id: int, destination: str, transaction_uid: str,
+                                  sop_uids: Sequence[str], now: float | None = None) -> None:
+        """Record a Storage Commitment request (state ``requested``), before it is sent."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            db.executemany("INSERT INTO commitments (transaction_uid, job_id, destination, sop_uid, state, updated) "
+                           "VALUES (?, ?, ?, ?, 'requested', ?)",
+                           [(transaction_uid, job_id, destination, sop_uid, now) for sop_uid in sop_uids])
+
+    def record_commitment_report(self, transaction_uid: str, committed: Sequence[str], failed: Sequence[str],
+                                 now: float | None = None) -> int | None:
+        """Record a Storage Commitment report: instances ``committed`` or ``failed``, with a history line.
+
+        Returns
+        -------
+        int or None
+            The job the transaction belongs to; None for a transaction the node did not request.
+        """
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            row = db.execute("SELECT job_id, destination FROM commitments WHERE transaction_uid = ? LIMIT 1",
+                             (transaction_uid,)).fetchone()
+            if row is None:
+                return None
+            for state, sop_uids in (("committed", committed), ("failed", failed)):
+                db.executemany("UPDATE commitments SET state = ?, updated = ? WHERE transaction_uid = ? AND sop_uid = ?",
+                               [(state, now, transaction_uid, sop_uid) for sop_uid in sop_uids])
+            event = f"{len(committed)} instance(s) committed by {row['destination']} (transaction {transaction_uid})"
+            if failed:
+                event += f"; {len(failed)} not committed: {', '.join(list(failed)[:3])}"
+            self._note(db, row["job_id"], now, event)
+            return int(row["job_id"])
+
+    def commitments(self, job_id: int, destination: str) -> dict[str, str]:
+        """SOP Instance UID -> commitment state (requested, committed, failed) of the job at ``destination``."""
+        rows = self._connection().execute(
+            "SELECT sop_uid, state FROM commitments WHERE job_id = ? AND destination = ? ORDER BY updated",
+            (job_id, destination)).fetchall()
+        return {row["sop_uid"]: row["state"] for row in rows}
 
     def finish_delivery(self, job_id: int, complete: bool, reason: str, backoff_s: float,
                         now: float | None = None) -> str:

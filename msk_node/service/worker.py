@@ -25,9 +25,18 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pydicom.uid import generate_uid
+
 from msk_node.service.app_worker import AppPidFile, AppResult, WarmApp, WarmAppError, kill_process_group
 from msk_node.service.config import Destination, NodeConfig
-from msk_node.service.delivery import DeliveryError, ResultFile, find_stored, read_results, send
+from msk_node.service.delivery import (
+    DeliveryError,
+    ResultFile,
+    find_stored,
+    read_results,
+    request_commitment,
+    send,
+)
 from msk_node.service.jobs import Job, JobStore
 from msk_node.service.spool import APP_UMASK, DIR_MODE, Spool, open_private
 
@@ -310,19 +319,25 @@ class Worker:
             confirmed = self.store.delivered(job.id, destination.key)
             pending = [r for r in results if r.sop_uid not in confirmed]
 
+            confirmed_now: set[str] = set()
+
             def confirm(sop_uid: str, key: str = destination.key) -> None:
                 nonlocal sent
                 self.store.record_delivery(job.id, key, sop_uid)
+                confirmed_now.add(sop_uid)
                 sent += 1
 
             def sending(sop_uids: Sequence[str], key: str = destination.key) -> None:
                 self.store.record_sending(job.id, key, sop_uids)
 
             try:
-                pending = self._not_found_at(job.id, destination, pending)
-                send(destination, pending, confirm, self.config.ae_title, sending)
+                to_send = self._not_found_at(job.id, destination, pending)
+                confirmed_now.update(r.sop_uid for r in pending if r not in to_send)
+                send(destination, to_send, confirm, self.config.ae_title, sending)
             except DeliveryError as error:
                 errors.append(f"{destination.key}: {error}")
+            if destination.storage_commitment and confirmed_now:
+                self._request_commitment(job.id, destination, [r for r in pending if r.sop_uid in confirmed_now])
         summary = success_summary(output_dir, len(results))
         if problems:
             summary += "; " + "; ".join(problems[:3])
@@ -337,6 +352,19 @@ class Worker:
         logger.info("job %d: delivered (%d instance(s) sent now) to %d destination(s)", job.id, sent,
                     len(self.config.destinations))
         return "delivered"
+
+    def _request_commitment(self, job_id: int, destination: Destination, results: list[ResultFile]) -> None:
+        """Ask ``destination`` to commit ``results``; its report arrives at the listener later."""
+        transaction_uid = generate_uid()
+        self.store.record_commitment_request(job_id, destination.key, transaction_uid, [r.sop_uid for r in results])
+        try:
+            request_commitment(destination, results, transaction_uid, self.config.ae_title)
+        except DeliveryError as error:
+            self.store.note(job_id, f"storage commitment not requested from {destination.key}: {error}")
+            logger.warning("job %d: storage commitment not requested: %s", job_id, error)
+            return
+        logger.info("job %d: storage commitment of %d instance(s) requested from %s (transaction %s)", job_id,
+                    len(results), destination.key, transaction_uid)
 
     def _not_found_at(self, job_id: int, destination: Destination, pending: list[ResultFile]) -> list[ResultFile]:
         """``pending`` less the instances that a crash left sent but unconfirmed and that the
