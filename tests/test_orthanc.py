@@ -320,4 +320,5 @@ def test_storage_commitment_report_from_orthanc_is_recorded_in_the_job_history(t
     assert result["commitments"] == {sop: "committed"}
     ((transaction, successes, failures),) = result["orthanc_reports"]
     assert (successes, failures) == ("1", "0")
-    assert result["history"] == [f"1 instance(s) committed by cstore:ORTHANC@127.0.0.1:4242 (transaction {transaction})"]
+    destination = "cstore:ORTHANC@127.0.0.1:4242"
+    assert result["history"] == [f"1 instance(s) committed by {destination} (transaction {transaction})"]

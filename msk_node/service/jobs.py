@@ -448,7 +448,8 @@ class JobStore:
             if row is None:
                 return None
             for state, sop_uids in (("committed", committed), ("failed", failed)):
-                db.executemany("UPDATE commitments SET state = ?, updated = ? WHERE transaction_uid = ? AND sop_uid = ?",
+                db.executemany("UPDATE commitments SET state = ?, updated = ? "
+                               "WHERE transaction_uid = ? AND sop_uid = ?",
                                [(state, now, transaction_uid, sop_uid) for sop_uid in sop_uids])
             event = f"{len(committed)} instance(s) committed by {row['destination']} (transaction {transaction_uid})"
             if failed:
