@@ -324,7 +324,7 @@ def find_cstore(destination: Destination, results: Sequence[ResultFile], calling
     ae = _client_ae(calling_ae)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-    if not assoc.is_established:
+    if not assoc.is_established:  # pynetdicom aborts when the peer accepts no requested context
         if assoc.is_rejected or assoc.rejected_contexts:
             return set(), f"{_peer(destination)} rejected a Study Root C-FIND association"
         what = "aborted" if assoc.is_aborted else "not established"
@@ -337,11 +337,7 @@ def find_cstore(destination: Destination, results: Sequence[ResultFile], calling
             query.StudyInstanceUID = result.study_uid
             query.SeriesInstanceUID = result.series_uid
             query.SOPInstanceUID = result.sop_uid
-            try:
-                responses = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
-            except ValueError:  # the peer accepted no Query/Retrieve context
-                return found, f"{_peer(destination)} does not accept Study Root C-FIND"
-            for status, identifier in responses:
+            for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
                 code = int(status.Status) if "Status" in status else None
                 if code is None:
                     raise DeliveryError(f"C-FIND to {_peer(destination)}: no response")

@@ -15,6 +15,7 @@ States of a job::
   in ``deliveries`` as ``sending`` before it leaves and as ``delivered`` as soon as the
   peer confirms it, so a restart never sends a confirmed one again and knows which ones
   may have reached the peer unconfirmed (the worker asks the peer about those).
+  Storage Commitment requests and the peer's reports on them are kept in ``commitments``.
 
 The database runs in WAL mode with one connection per thread.
 """

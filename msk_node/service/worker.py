@@ -10,7 +10,8 @@ status``. Results are delivered per instance per destination, each confirmation 
 at once, so a restart sends only what was not confirmed; a destination that is down
 keeps the job in ``delivering`` and is tried again with backoff. An instance sent but not
 confirmed when the node died is first looked up at the destination and sent only if it
-is not there.
+is not there. Destinations with ``storage_commitment`` are asked to commit what they
+confirmed; their reports reach the listener.
 """
 from __future__ import annotations
 
@@ -332,7 +333,8 @@ class Worker:
 
             try:
                 to_send = self._not_found_at(job.id, destination, pending)
-                confirmed_now.update(r.sop_uid for r in pending if r not in to_send)
+                leaving = {r.sop_uid for r in to_send}
+                confirmed_now.update(r.sop_uid for r in pending if r.sop_uid not in leaving)
                 send(destination, to_send, confirm, self.config.ae_title, sending)
             except DeliveryError as error:
                 errors.append(f"{destination.key}: {error}")
