@@ -13,6 +13,9 @@ private PID namespace, so that nothing it started outlives it):
 process from ``orthanc/node.yaml``, plays the scenario, writes ``result.json`` and stops
 everything. Inside the namespace the shipped ports are free: Orthanc DICOM 4242 and
 HTTP 8042, the node 11112.
+
+With ``trace_dicom`` Orthanc also logs every incoming DIMSE message and the keys of each
+C-FIND, UIDs shown; :func:`incoming_stores` and :func:`incoming_finds` count them.
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -28,6 +33,7 @@ import time
 import traceback
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +77,24 @@ seg = build_segmentation(images, labels, load_label_map(label_map), AlgorithmInf
 target.mkdir(parents=True, exist_ok=True)
 write_segmentation(seg, target / "seg.dcm")
 (target / "report.json").write_text(json.dumps({"series": [{"outcome": "segmented"}], "skipped": []}))
+'''
+
+
+#: The node, killed with SIGKILL the moment it would record a destination's confirmation:
+#: after the destination stored the result, before the job store knows. argv: CONFIG.
+CRASHING_NODE = r'''
+import os, signal, sys
+
+from msk_node.cli import main
+from msk_node.service.jobs import JobStore
+
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+JobStore.record_delivery = die
+sys.exit(main(["serve", "--config", sys.argv[1]]))
 '''
 
 
@@ -141,10 +165,13 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never 
 class Orthanc:
     """An Orthanc process with a copy of ``orthanc/orthanc.json`` adapted to ``workdir``."""
 
-    def __init__(self, workdir: Path, stable_age: int = 1, retry_delay: float = 1) -> None:
+    def __init__(self, workdir: Path, stable_age: int = 1, retry_delay: float = 1, trace_dicom: bool = False) -> None:
         config = json.loads((ORTHANC_DIR / "orthanc.json").read_text())
         config.update(StorageDirectory=str(workdir / "orthanc-storage"), IndexDirectory=str(workdir / "orthanc-index"),
                       StableAge=stable_age, PythonScript=str(ORTHANC_DIR / "msk_forward.py"))
+        if trace_dicom:  # phantom data only: the UIDs must be readable in the log
+            config["DeidentifyLogs"] = False
+        self.log_options = ["--verbose", "--trace-dicom"] if trace_dicom else ["--verbose"]
         scanner = config["DicomModalities"]["scanner"]
         config["DicomModalities"]["scanner"] = [scanner[0], "127.0.0.1", scanner[2]]
         config["MskNode"]["StoreRetryDelay"] = retry_delay
@@ -158,7 +185,7 @@ class Orthanc:
 
     def start(self, timeout: float = 30) -> Orthanc:
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(["Orthanc", "--verbose", str(self.config_path)], stdout=log,
+            self.process = subprocess.Popen(["Orthanc", *self.log_options, str(self.config_path)], stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while True:
@@ -228,11 +255,33 @@ def storescu(port: int, paths: list[Path], calling: str = SCANNER_AE, called: st
         raise RuntimeError(f"storescu failed ({done.returncode}): {done.stdout[-1500:]}{done.stderr[-1500:]}")
 
 
+def incoming_stores(log_text: str) -> Counter:
+    """C-STORE requests in a ``--trace-dicom`` Orthanc log, counted by Affected SOP Instance UID."""
+    counts: Counter = Counter()
+    for message in re.findall(r"INCOMING DIMSE MESSAGE =+\n(.*?)=+ END DIMSE MESSAGE", log_text, re.S):
+        kind = re.search(r"^Message Type\s*: (.+)$", message, re.M)
+        sop = re.search(r"^Affected SOP Instance UID\s*: (\S+)", message, re.M)
+        if kind and kind[1].strip() == "C-STORE RQ" and sop:
+            counts[sop[1]] += 1
+    return counts
+
+
+def incoming_finds(log_text: str) -> Counter:
+    """C-FIND requests with a SOP Instance UID key in a ``--trace-dicom`` Orthanc log, by that UID."""
+    return Counter(re.findall(r"OrthancFindRequestHandler\.cpp:\d+\] \(dicom\)\s+\(0008,0018\)\s+"
+                              r"SOPInstanceUID = (\S+)", log_text))
+
+
 def node_config(workdir: Path, app: str, destination: str, models_dir: str | None, orthanc: Orthanc):
     """``orthanc/node.yaml`` with the spool in ``workdir`` and test timings."""
-    import yaml
-
     from msk_node.service import NodeConfig
+
+    return NodeConfig.from_mapping(node_document(workdir, app, destination, models_dir, orthanc), ORTHANC_DIR)
+
+
+def node_document(workdir: Path, app: str, destination: str, models_dir: str | None, orthanc: Orthanc) -> dict:
+    """The YAML document of :func:`node_config`."""
+    import yaml
 
     document = yaml.safe_load((ORTHANC_DIR / "node.yaml").read_text())
     document.update(spool_dir=str(workdir / "node-spool"), stable_after_s=1, poll_interval_s=0.2,
@@ -246,7 +295,7 @@ def node_config(workdir: Path, app: str, destination: str, models_dir: str | Non
         script.write_text(STUB_SEG_APP)
         label_map = Path(models_dir or REPO / "models") / "detector" / "label_map.yaml"
         document["app_command"] = [sys.executable, str(script), str(label_map)]
-    return NodeConfig.from_mapping(document, ORTHANC_DIR)
+    return document
 
 
 def node_jobs(config) -> list[dict]:
@@ -364,7 +413,96 @@ def scenario_filter(args: dict, workdir: Path, orthanc: Orthanc, log: logging.Lo
         node.stop()
 
 
-SCENARIOS = {"forward": scenario_forward, "filter": scenario_filter}
+def scenario_crash(args: dict, workdir: Path, orthanc: Orthanc, log: logging.Logger) -> dict:
+    """The node dies (SIGKILL) after Orthanc stored its SEG and before it recorded that; the
+    restarted node asks Orthanc (C-FIND) instead of sending the SEG again, or, with
+    ``query_before_resend`` false, sends it again."""
+    import yaml
+
+    from msk_node.phantoms import write_phantom
+    from msk_node.service import JobStore, Node, NodeConfig
+    from msk_node.service.delivery import read_results
+
+    case = write_phantom("knee", workdir / "knee", seed=args.get("seed", 5), n_slices=args.get("n_slices", 8))
+    config_path = workdir / "node.yaml"
+    document = node_document(workdir, "stub", "cstore", None, orthanc)
+    document["destinations"][0]["query_before_resend"] = args.get("query_before_resend", True)
+    config_path.write_text(yaml.safe_dump(document))
+    config = NodeConfig.load(config_path)
+    script = workdir / "crashing_node.py"
+    script.write_text(CRASHING_NODE)
+    with open(workdir / "crashing-node.log", "wb") as output:
+        crashing = subprocess.Popen([sys.executable, str(script), str(config_path)], cwd=REPO, stdout=output,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def listening() -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex((config.host, config.port)) == 0
+
+    wait_for(listening, 60, interval=0.25, what="the node to listen")
+    storescu(config.port, [case / "dicom"], calling=ORTHANC_AE, called=config.ae_title)
+    log.info("study stored in the node; waiting for it to die at its first confirmation")
+    result: dict[str, Any] = {"exit": crashing.wait(120)}
+    store = JobStore(config.database)
+    try:
+        (job,) = store.jobs()
+        (seg,) = read_results(Path(job.output_dir or ""))[0]
+        key = config.destinations[0].key
+        result["sop_uid"] = seg.sop_uid
+        result["after_crash"] = {"state": job.state, "in_doubt": sorted(store.in_doubt(job.id, key)),
+                                 "delivered": sorted(store.delivered(job.id, key)),
+                                 "stores": incoming_stores(orthanc.log_path.read_text(errors="replace"))}
+    finally:
+        store.close()
+    node = Node(config).start()
+    log.info("node restarted")
+    try:
+        wait_for(lambda: node_jobs(config)[0]["state"] == "delivered", 60, interval=0.25, what="delivered")
+    finally:
+        node.stop()
+    time.sleep(1)  # Orthanc's log lags its answers a little
+    text = orthanc.log_path.read_text(errors="replace")
+    from msk_node.service import status
+
+    result.update(node_jobs=node_jobs(config), history=status(config)[0]["history"], stores=incoming_stores(text),
+                  finds=incoming_finds(text))
+    return result
+
+
+def scenario_commitment(args: dict, workdir: Path, orthanc: Orthanc, log: logging.Logger) -> dict:
+    """The node delivers its SEG to Orthanc with Storage Commitment; Orthanc reports on a new
+    association to the node's listener."""
+    from msk_node.phantoms import write_phantom
+    from msk_node.service import JobStore, Node, NodeConfig, status
+    from msk_node.service.delivery import read_results
+
+    case = write_phantom("knee", workdir / "knee", seed=args.get("seed", 5), n_slices=args.get("n_slices", 8))
+    document = node_document(workdir, "stub", "cstore", None, orthanc)
+    document["destinations"][0]["storage_commitment"] = True
+    config = NodeConfig.from_mapping(document, ORTHANC_DIR)
+    node = Node(config).start()
+    try:
+        storescu(config.port, [case / "dicom"], calling=ORTHANC_AE, called=config.ae_title)
+        wait_for(lambda: node_jobs(config)[0]["state"] == "delivered", 60, interval=0.25, what="delivered")
+        wait_for(lambda: any("committed by" in line for line in status(config)[0]["history"]), 30, interval=0.25,
+                 what="the storage commitment report")
+    finally:
+        node.stop()
+    store = JobStore(config.database)
+    try:
+        (job,) = store.jobs()
+        (seg,) = read_results(Path(job.output_dir or ""))[0]
+        commitments = store.commitments(job.id, config.destinations[0].key)
+    finally:
+        store.close()
+    text = orthanc.log_path.read_text(errors="replace")
+    return {"sop_uid": seg.sop_uid, "commitments": commitments, "history": status(config)[0]["history"],
+            "orthanc_reports": re.findall(r'Reporting modality "[^"]+" about storage commitment transaction: '
+                                          r"(\S+) \((\d+) successes, (\d+) failures\)", text)}
+
+
+SCENARIOS = {"forward": scenario_forward, "filter": scenario_filter, "crash": scenario_crash,
+             "commitment": scenario_commitment}
 
 
 def main(argv: list[str]) -> int:
@@ -374,7 +512,8 @@ def main(argv: list[str]) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("orthanc-driver")
     result: dict[str, Any] = {"scenario": args["scenario"]}
-    orthanc = Orthanc(workdir, stable_age=args.get("stable_age", 1), retry_delay=args.get("retry_delay", 1))
+    orthanc = Orthanc(workdir, stable_age=args.get("stable_age", 1), retry_delay=args.get("retry_delay", 1),
+                      trace_dicom=args.get("trace_dicom", False))
     try:
         t0 = time.monotonic()
         orthanc.start()

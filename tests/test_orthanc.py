@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import sys
 import types
 from pathlib import Path
@@ -288,3 +289,36 @@ def test_real_application_seg_lands_in_the_same_study_in_orthanc(tmp_path):
                                      "models_dir": str(MODELS), "job_timeout": 150}, timeout=210)
     assert_forwarded_once_and_seg_back(result)
     assert "series: segmented 1" in result["node_jobs"][0]["reason"]
+
+
+@needs_orthanc
+@pytest.mark.parametrize("query_before_resend", [True, False])
+def test_node_killed_after_orthanc_stored_its_result_asks_orthanc_before_sending_it_again(tmp_path,
+                                                                                         query_before_resend):
+    result = run_scenario(tmp_path, {"scenario": "crash", "trace_dicom": True,
+                                     "query_before_resend": query_before_resend}, timeout=180)
+    assert "error" not in result, result["error"]
+    sop = result["sop_uid"]
+    # Killed right after Orthanc answered the C-STORE of the SEG, before the job store recorded it.
+    assert result["exit"] == -signal.SIGKILL
+    assert result["after_crash"] == {"state": "delivering", "in_doubt": [sop], "delivered": [], "stores": {sop: 1}}
+    (job,) = result["node_jobs"]
+    assert (job["state"], job["deliveries"]) == ("delivered", 1), job["reason"]
+    if query_before_resend:  # one C-FIND for it, still one C-STORE request, and the job says why
+        assert result["finds"] == {sop: 1} and result["stores"] == {sop: 1}
+        assert result["history"] == [f"{sop} found at cstore:ORTHANC@127.0.0.1:4242, not re-sent"]
+    else:  # at-least-once: Orthanc gets a second C-STORE request for the same instance
+        assert result["finds"] == {} and result["stores"] == {sop: 2}
+        assert result["history"] == []
+
+
+@needs_orthanc
+def test_storage_commitment_report_from_orthanc_is_recorded_in_the_job_history(tmp_path):
+    result = run_scenario(tmp_path, {"scenario": "commitment"}, timeout=120)
+    assert "error" not in result, result["error"]
+    sop = result["sop_uid"]
+    assert result["commitments"] == {sop: "committed"}
+    ((transaction, successes, failures),) = result["orthanc_reports"]
+    assert (successes, failures) == ("1", "0")
+    destination = "cstore:ORTHANC@127.0.0.1:4242"
+    assert result["history"] == [f"1 instance(s) committed by {destination} (transaction {transaction})"]

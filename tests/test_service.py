@@ -17,6 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
@@ -36,13 +38,16 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
-from pynetdicom import AE
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from msk_node import cli
 from msk_node.service import ConfigError, JobStore, Node, NodeConfig, association_health, status
 from msk_node.service.app_worker import AppPidFile, process_start
+from msk_node.service.delivery import read_results, send_cstore, stored_path
 from msk_node.service.listener import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
 from msk_node.service.spool import Spool
+from msk_node.service.worker import Worker
 from tests.dicom_checks import dciodvfy_errors
 from tests.service_helpers import (
     GARBAGE,
@@ -130,6 +135,10 @@ def test_example_config_documents_and_loads_every_key():
     ({"destinations": [{"type": "cstore", "ae_title": "P", "host": "h"}]}, "'destinations[0].port'"),
     ({"destinations": [{"type": "ftp"}]}, "'destinations[0].type'"),
     ({"destinations": [{"type": "stow", "url": "pacs:8042"}]}, "'destinations[0].url'"),
+    ({"destinations": [{"type": "folder", "path": "x", "query_before_resend": "no"}]},
+     "'destinations[0].query_before_resend'"),
+    ({"destinations": [{"type": "stow", "url": "http://pacs/dicom-web", "storage_commitment": True}]},
+     "'destinations[0]' of type stow has unknown key"),
     ({"tls": {"cert": "missing.pem", "key": "missing.key"}}, "'tls.cert'"),
     ({"stable_after_s_by_ae": {"PACS": "slow"}}, "'stable_after_s_by_ae.PACS'"),
     ({"max_attempts": 0}, "'max_attempts'"),
@@ -811,6 +820,204 @@ def test_status_shows_how_associations_ended_since_the_node_started(tmp_path, no
     expected = {"accepted": {"": 1}, "aborted": {"": 1}, "refused": {"called AE wrong": 1},
                 "dropped": {"protocol error": 1, "closed before a request": 1}}
     wait_for(lambda: association_health(config)["counts"] == expected, 5, what="the new run's counts")
+# -- delivery across a crash ---------------------------------------------------------------
+
+class DicomWebServer:
+    """STOW-RS into a set of held instances and QIDO-RS of them by SOP Instance UID.
+
+    Parameters
+    ----------
+    qido_status : int
+        200 answers queries; anything else refuses them with that status.
+    """
+
+    def __init__(self, qido_status: int = 200) -> None:
+        self.held: dict[str, str] = {}      # SOP Instance UID -> Study Instance UID
+        self.stored: list[str] = []         # every instance POSTed, repeats included
+        self.queries: list[str] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self, status: int, document: object) -> None:
+                payload = json.dumps(document).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+                url = urllib.parse.urlsplit(self.path)
+                study = re.fullmatch(r"/dicom-web/studies/([0-9.]+)/instances", url.path)[1]
+                (sop,) = urllib.parse.parse_qs(url.query)["SOPInstanceUID"]
+                owner.queries.append(sop)
+                if qido_status != 200:
+                    self._answer(qido_status, {})
+                    return
+                match = owner.held.get(sop) == study
+                self._answer(200, [{"00080018": {"vr": "UI", "Value": [sop]}}] if match else [])
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server API)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                boundary = self.headers["Content-Type"].split("boundary=")[1].encode()
+                for part in body.split(b"--" + boundary)[1:-1]:
+                    ds = pydicom.dcmread(io.BytesIO(part.split(b"\r\n\r\n", 1)[1][:-2]))
+                    owner.held[str(ds.SOPInstanceUID)] = str(ds.StudyInstanceUID)
+                    owner.stored.append(str(ds.SOPInstanceUID))
+                self._answer(200, {})
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class QueryStoreSCP:
+    """A C-STORE destination that answers Study Root C-FIND at IMAGE level about what it holds,
+    or, with ``answers_find`` False, accepts no Query/Retrieve context."""
+
+    def __init__(self, answers_find: bool) -> None:
+        self.stored: list[str] = []         # every instance received, repeats included
+        self.queries: list[str] = []
+        self.held: dict[str, str] = {}
+        ae = AE(ae_title="QDEST")
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax)
+        if answers_find:
+            ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, self._on_store), (evt.EVT_C_FIND, self._on_find)])
+        self.port = int(self.server.server_address[1])
+
+    def _on_store(self, event: evt.Event) -> int:
+        self.stored.append(str(event.dataset.SOPInstanceUID))
+        self.held[str(event.dataset.SOPInstanceUID)] = str(event.dataset.StudyInstanceUID)
+        return 0x0000
+
+    def _on_find(self, event: evt.Event):
+        query = event.identifier
+        self.queries.append(str(query.SOPInstanceUID))
+        if query.QueryRetrieveLevel == "IMAGE" and self.held.get(query.SOPInstanceUID) == query.StudyInstanceUID:
+            match = pydicom.Dataset()
+            match.QueryRetrieveLevel = "IMAGE"
+            match.StudyInstanceUID, match.SOPInstanceUID = query.StudyInstanceUID, query.SOPInstanceUID
+            yield 0xFF00, match
+
+    def destination(self) -> dict:
+        return {"type": "cstore", "ae_title": "QDEST", "host": "127.0.0.1", "port": self.port}
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def _delivering_job(tmp_path: Path, destination: dict, n: int = 2):
+    """A job whose application wrote ``n`` results, now ``delivering``; returns its (unstarted)
+    worker, the job, the results and the destination's key."""
+    command, _ = stub_app(tmp_path / "stub")
+    config = node_config(tmp_path, command, [destination])
+    store = JobStore(config.database)
+    output = tmp_path / "output"
+    make_study(output, n=n)
+    job_id = store.record_instance(pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), "SCU", "reprocess").job_id
+    assert store.mark_stable(job_id, time.time() + 1)
+    store.start_attempt(job_id, str(output))
+    assert store.finish_attempt(job_id, True, "1 result(s)", 3, 0) == "delivering"
+    results, _ = read_results(output)
+    return Worker(config, Spool(config.spool_dir), store), store.job(job_id), results, config.destinations[0].key
+
+
+@pytest.mark.parametrize("answers_find", [True, False])
+def test_unconfirmed_cstore_result_is_looked_up_with_c_find_or_sent_again(tmp_path, answers_find):
+    scp = QueryStoreSCP(answers_find)
+    try:
+        worker, job, (first, second), key = _delivering_job(tmp_path, scp.destination())
+        # The first result reached the destination; the node died before recording the confirmation.
+        worker.store.record_sending(job.id, key, [first.sop_uid])
+        send_cstore(worker.config.destinations[0], [first], lambda sop_uid: None, NODE_AE)
+        assert worker.store.in_doubt(job.id, key) == {first.sop_uid} and worker.store.delivered(job.id, key) == set()
+
+        assert worker.deliver(job) == "delivered"
+        history = worker.store.history(job.id)
+        if answers_find:
+            assert scp.queries == [first.sop_uid] and scp.stored == [first.sop_uid, second.sop_uid]
+            assert history == [f"{first.sop_uid} found at {key}, not re-sent"]
+        else:  # at-least-once: sent again, and said why
+            assert scp.queries == [] and scp.stored == [first.sop_uid, first.sop_uid, second.sop_uid]
+            assert history == [f"{key} cannot say which results it holds ({key[7:]} rejected a Study Root C-FIND "
+                               "association); unconfirmed ones are re-sent"]
+        assert worker.store.delivered(job.id, key) == {first.sop_uid, second.sop_uid}
+        assert worker.store.in_doubt(job.id, key) == set()
+    finally:
+        scp.stop()
+
+
+def test_unreachable_destination_keeps_unconfirmed_results_in_doubt(tmp_path):
+    destination = {"type": "cstore", "ae_title": "GONE", "host": "127.0.0.1", "port": free_port()}
+    worker, job, results, key = _delivering_job(tmp_path, destination, n=1)
+    worker.store.record_sending(job.id, key, [results[0].sop_uid])
+    assert worker.deliver(job) == "delivering"
+    assert "C-FIND association with GONE" in worker.store.job(job.id).reason
+    assert worker.store.in_doubt(job.id, key) == {results[0].sop_uid} and worker.store.history(job.id) == []
+
+
+@pytest.mark.parametrize("qido_status", [200, 400, 503])
+def test_unconfirmed_stow_results_are_looked_up_with_qido_or_sent_again(tmp_path, qido_status):
+    web = DicomWebServer(qido_status)
+    try:
+        worker, job, (first, second), key = _delivering_job(tmp_path, {"type": "stow", "url": web.url})
+        # The POST of both left, the node died; only the first had reached the destination.
+        worker.store.record_sending(job.id, key, [first.sop_uid, second.sop_uid])
+        web.held[first.sop_uid] = first.study_uid
+
+        assert worker.deliver(job) == "delivered"
+        history = worker.store.history(job.id)
+        if qido_status == 200:
+            assert web.queries == [first.sop_uid, second.sop_uid] and web.stored == [second.sop_uid]
+            assert history == [f"{first.sop_uid} found at {key}, not re-sent"]
+        else:
+            assert web.queries == [first.sop_uid] and web.stored == [first.sop_uid, second.sop_uid]
+            assert history == [f"{key} cannot say which results it holds (QIDO-RS to {web.url}: HTTP {qido_status}); "
+                               "unconfirmed ones are re-sent"]
+        assert worker.store.delivered(job.id, key) == {first.sop_uid, second.sop_uid}
+    finally:
+        web.stop()
+
+
+@pytest.mark.parametrize("query", [True, False])
+def test_unconfirmed_folder_result_is_found_by_its_file_name_unless_the_query_is_off(tmp_path, query):
+    destination = {"type": "folder", "path": "store", "query_before_resend": query}
+    worker, job, (result,), key = _delivering_job(tmp_path, destination, n=1)
+    worker.store.record_sending(job.id, key, [result.sop_uid])
+    target = stored_path(worker.config.destinations[0], result)
+    target.parent.mkdir(parents=True)
+    shutil.copyfile(result.path, target)
+    copied = target.stat().st_ino
+
+    assert worker.deliver(job) == "delivered"
+    assert (target.stat().st_ino == copied) == query  # a copy replaces the file (a new inode)
+    found = [f"{result.sop_uid} found at {key}, not re-sent"]
+    assert worker.store.history(job.id) == (found if query else [])
+    assert worker.store.delivered(job.id, key) == {result.sop_uid}
+
+
+def test_storage_commitment_the_destination_does_not_offer_is_noted_and_delivery_completes(tmp_path):
+    scp = QueryStoreSCP(answers_find=False)
+    try:
+        worker, job, (result,), key = _delivering_job(tmp_path, {**scp.destination(), "storage_commitment": True}, n=1)
+        assert worker.deliver(job) == "delivered"
+        assert scp.stored == [result.sop_uid]
+        assert worker.store.history(job.id) == [
+            f"storage commitment not requested from {key}: {key[7:]} does not offer Storage Commitment"]
+        assert worker.store.commitments(job.id, key) == {result.sop_uid: "requested"}
+        assert worker.store.record_commitment_report(pydicom.uid.generate_uid(), [result.sop_uid], []) is None
+    finally:
+        scp.stop()
 
 
 # -- what is stored ------------------------------------------------------------------------

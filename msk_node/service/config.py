@@ -62,6 +62,14 @@ class Destination:
         ``<url>/studies`` (``stow`` only).
     path : pathlib.Path
         Folder of the local store (``folder`` only).
+    query_before_resend : bool
+        After a crash, ask the destination whether it already holds an instance that was
+        sent without a recorded confirmation (C-FIND, QIDO-RS, file name) and send it only
+        if not; False re-sends such instances unasked (at-least-once).
+    storage_commitment : bool
+        Ask the destination to commit what it stored (DICOM Storage Commitment Push Model,
+        N-ACTION) and record its N-EVENT-REPORT, which arrives at the node's listener
+        (``cstore`` only; default False).
     """
 
     type: str
@@ -70,6 +78,8 @@ class Destination:
     port: int = 0
     url: str = ""
     path: Path | None = None
+    query_before_resend: bool = True
+    storage_commitment: bool = False
 
     @property
     def key(self) -> str:
@@ -261,6 +271,8 @@ _TOP_KEYS = {
 }
 _DESTINATION_KEYS = {"cstore": {"type", "ae_title", "host", "port"}, "stow": {"type", "url"},
                      "folder": {"type", "path"}}
+_OPTIONAL_DESTINATION_KEYS = {"cstore": {"query_before_resend", "storage_commitment"},
+                              "stow": {"query_before_resend"}, "folder": {"query_before_resend"}}
 
 
 def _parse(document: Any, base: Path) -> NodeConfig:
@@ -375,27 +387,37 @@ def _path(value: Any, key: str, base: Path) -> Path:
     return path if path.is_absolute() else (base / path)
 
 
+def _flag(mapping: Mapping, name: str, default: bool, key: str) -> bool:
+    value = mapping.get(name, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"'{key}.{name}' must be true or false, got {value!r}")
+    return value
+
+
 def _destination(value: Any, key: str, base: Path) -> Destination:
     if not isinstance(value, Mapping):
         raise ConfigError(f"'{key}' must be a mapping with a 'type', got {value!r}")
     kind = value.get("type")
     if kind not in DESTINATION_TYPES:
         raise ConfigError(f"'{key}.type' must be one of {', '.join(DESTINATION_TYPES)}, got {kind!r}")
-    unknown = sorted(set(map(str, value)) - _DESTINATION_KEYS[kind])
+    unknown = sorted(set(map(str, value)) - _DESTINATION_KEYS[kind] - _OPTIONAL_DESTINATION_KEYS[kind])
     if unknown:
         raise ConfigError(f"'{key}' of type {kind} has unknown key(s) {', '.join(repr(k) for k in unknown)}")
     for required in sorted(_DESTINATION_KEYS[kind] - {"type"}):
         if value.get(required) is None:
             raise ConfigError(f"'{key}.{required}' is required for a {kind} destination")
+    query = _flag(value, "query_before_resend", True, key)
     if kind == "cstore":
         return Destination("cstore", ae_title=_ae_title(value["ae_title"], f"{key}.ae_title"),
-                           host=_string(value["host"], f"{key}.host"), port=_port(value["port"], f"{key}.port"))
+                           host=_string(value["host"], f"{key}.host"), port=_port(value["port"], f"{key}.port"),
+                           query_before_resend=query,
+                           storage_commitment=_flag(value, "storage_commitment", False, key))
     if kind == "stow":
         url = _string(value["url"], f"{key}.url").rstrip("/")
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"'{key}.url' must be an http(s) URL, got {url!r}")
-        return Destination("stow", url=url)
-    return Destination("folder", path=_path(value["path"], f"{key}.path", base))
+        return Destination("stow", url=url, query_before_resend=query)
+    return Destination("folder", path=_path(value["path"], f"{key}.path", base), query_before_resend=query)
 
 
 def _tls(value: Any, base: Path) -> TlsConfig:

@@ -1,9 +1,15 @@
 """Senders for results: C-STORE SCU, STOW-RS and the local folder store.
 
-Each sender gets the instances not yet confirmed by its destination and calls
-``confirm(sop_uid)`` for every instance the destination accepted, right away, so the job
-store records it before the next one is sent. Anything else raises
+Each sender gets the instances not yet confirmed by its destination, calls
+``sending(sop_uids)`` before it sends them, so the job store knows they may reach the
+destination, and ``confirm(sop_uid)`` for every instance the destination accepted, right
+away, so the job store records it before the next one is sent. Anything else raises
 :class:`DeliveryError` with a reason; the scheduler tries again later.
+
+:func:`find_stored` asks a destination which of the instances a crash left unconfirmed it
+already holds (C-FIND, QIDO-RS or the file name), so they are not sent twice.
+:func:`request_commitment` and :func:`handle_commitment_report` are the two halves of
+DICOM Storage Commitment (Push Model) for C-STORE destinations that offer it.
 """
 from __future__ import annotations
 
@@ -19,11 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel, StudyRootQueryRetrieveInformationModelFind
 
 from msk_node.service.config import Destination
+from msk_node.service.jobs import JobStore
 from msk_node.service.spool import fsync_dir, is_valid_uid, open_private, private_dir
 
 logger = logging.getLogger(__name__)
@@ -31,7 +40,17 @@ logger = logging.getLogger(__name__)
 #: C-STORE statuses that mean the peer stored the instance (success and warnings).
 STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 
+#: C-FIND statuses of a match (pending, pending with optional keys unsupported) and of the end.
+FIND_PENDING = frozenset({0xFF00, 0xFF01})
+FIND_DONE = 0x0000
+#: The well-known SOP Instance of the Storage Commitment Push Model (PS3.4 J.3.5).
+COMMITMENT_INSTANCE_UID = "1.2.840.10008.1.20.1.1"
+#: Storage Commitment N-EVENT-REPORT event types: all committed; some failed.
+COMMITTED, COMMITTED_WITH_FAILURES = 1, 2
+PROCESSING_FAILURE = 0x0110
+
 Confirm = Callable[[str], None]
+Sending = Callable[[Sequence[str]], None]
 
 
 class DeliveryError(RuntimeError):
@@ -46,6 +65,7 @@ class ResultFile:
     sop_uid: str
     sop_class_uid: str
     study_uid: str
+    series_uid: str
     transfer_syntax_uid: str
 
 
@@ -63,7 +83,7 @@ def read_results(output_dir: Path) -> tuple[list[ResultFile], list[str]]:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             result = ResultFile(path, str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.StudyInstanceUID),
-                                str(ds.file_meta.TransferSyntaxUID))
+                                str(ds.SeriesInstanceUID), str(ds.file_meta.TransferSyntaxUID))
         except (InvalidDicomError, AttributeError, OSError, ValueError) as error:
             problems.append(f"{path.name} is not a readable DICOM result ({type(error).__name__})")
             continue
@@ -74,7 +94,12 @@ def read_results(output_dir: Path) -> tuple[list[ResultFile], list[str]]:
     return results, problems
 
 
-def send(destination: Destination, results: Sequence[ResultFile], confirm: Confirm, calling_ae: str) -> None:
+def _ignore(sop_uids: Sequence[str]) -> None:
+    """The default ``sending``: nothing to record."""
+
+
+def send(destination: Destination, results: Sequence[ResultFile], confirm: Confirm, calling_ae: str,
+         sending: Sending = _ignore) -> None:
     """Send ``results`` to one destination, confirming each accepted instance.
 
     Parameters
@@ -86,6 +111,8 @@ def send(destination: Destination, results: Sequence[ResultFile], confirm: Confi
         Called with each SOP Instance UID the destination accepted.
     calling_ae : str
         Our AE title (C-STORE).
+    sending : callable
+        Called with the SOP Instance UIDs about to be sent, before they leave.
 
     Raises
     ------
@@ -95,20 +122,30 @@ def send(destination: Destination, results: Sequence[ResultFile], confirm: Confi
     if not results:
         return
     if destination.type == "cstore":
-        send_cstore(destination, results, confirm, calling_ae)
+        send_cstore(destination, results, confirm, calling_ae, sending)
     elif destination.type == "stow":
-        send_stow(destination, results, confirm)
+        send_stow(destination, results, confirm, sending)
     else:
-        send_folder(destination, results, confirm)
+        send_folder(destination, results, confirm, sending)
 
 
-def send_cstore(destination: Destination, results: Sequence[ResultFile], confirm: Confirm, calling_ae: str) -> None:
-    """C-STORE every result over one association and check each returned status."""
+def _client_ae(calling_ae: str) -> AE:
     ae = AE(ae_title=calling_ae)
     ae.connection_timeout = 10
     ae.acse_timeout = 30
     ae.dimse_timeout = 120
     ae.network_timeout = 120
+    return ae
+
+
+def _peer(destination: Destination) -> str:
+    return f"{destination.ae_title}@{destination.host}:{destination.port}"
+
+
+def send_cstore(destination: Destination, results: Sequence[ResultFile], confirm: Confirm, calling_ae: str,
+                sending: Sending = _ignore) -> None:
+    """C-STORE every result over one association and check each returned status."""
+    ae = _client_ae(calling_ae)
     contexts: dict[str, list[str]] = {}
     for result in results:
         syntaxes = contexts.setdefault(result.sop_class_uid, [])
@@ -122,12 +159,14 @@ def send_cstore(destination: Destination, results: Sequence[ResultFile], confirm
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
         what = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
-        raise DeliveryError(f"association with {destination.ae_title}@{destination.host}:{destination.port} {what}")
+        raise DeliveryError(f"association with {_peer(destination)} {what}")
     failures = []
     try:
         for result in results:
             try:
-                status = assoc.send_c_store(pydicom.dcmread(result.path))
+                dataset = pydicom.dcmread(result.path)
+                sending([result.sop_uid])
+                status = assoc.send_c_store(dataset)
             except (ValueError, RuntimeError) as error:  # no accepted context; association gone
                 failures.append(f"{result.sop_uid}: {error}")
                 if not assoc.is_established:
@@ -158,26 +197,36 @@ def _multipart(results: Sequence[ResultFile]) -> tuple[bytes, str]:
     return b"".join(parts), f'multipart/related; type="application/dicom"; boundary={boundary}'
 
 
-def _post(url: str, body: bytes, content_type: str) -> tuple[int, bytes]:
-    headers = {"Content-Type": content_type, "Accept": "application/dicom+json"}
+def _http(url: str, body: bytes | None = None, content_type: str = "", what: str = "STOW-RS") -> tuple[int, bytes]:
+    """POST ``body`` (GET without one) to ``url``; returns the status and the response body.
+
+    Raises
+    ------
+    DeliveryError
+        If no HTTP response came back (connection refused, timeout).
+    """
+    headers = {"Accept": "application/dicom+json"}
+    if body is not None:
+        headers["Content-Type"] = content_type
+    method = "GET" if body is None else "POST"
     try:
         import requests
     except ImportError:
         requests = None
     if requests is not None:
         try:
-            response = requests.post(url, data=body, headers=headers, timeout=120)
+            response = requests.request(method, url, data=body, headers=headers, timeout=120)
         except requests.RequestException as error:
-            raise DeliveryError(f"STOW-RS to {url}: {error}") from error
+            raise DeliveryError(f"{what} to {url}: {error}") from error
         return response.status_code, response.content
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    request = urllib.request.Request(url, data=body, headers=headers, method=method)
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
     except (urllib.error.URLError, OSError) as error:
-        raise DeliveryError(f"STOW-RS to {url}: {error}") from error
+        raise DeliveryError(f"{what} to {url}: {error}") from error
 
 
 def _failed_sops(body: bytes) -> set[str] | None:
@@ -190,7 +239,8 @@ def _failed_sops(body: bytes) -> set[str] | None:
         return None
 
 
-def send_stow(destination: Destination, results: Sequence[ResultFile], confirm: Confirm) -> None:
+def send_stow(destination: Destination, results: Sequence[ResultFile], confirm: Confirm,
+              sending: Sending = _ignore) -> None:
     """POST all results to ``<url>/studies`` as one multipart/related request.
 
     HTTP 200 confirms every instance; 202 confirms all but those in the response's
@@ -198,7 +248,8 @@ def send_stow(destination: Destination, results: Sequence[ResultFile], confirm: 
     """
     url = f"{destination.url}/studies"
     body, content_type = _multipart(results)
-    status, content = _post(url, body, content_type)
+    sending([result.sop_uid for result in results])
+    status, content = _http(url, body, content_type)
     if status == 200:
         for result in results:
             confirm(result.sop_uid)
@@ -216,20 +267,168 @@ def send_stow(destination: Destination, results: Sequence[ResultFile], confirm: 
     raise DeliveryError(f"STOW-RS to {url}: HTTP {status}")
 
 
-def send_folder(destination: Destination, results: Sequence[ResultFile], confirm: Confirm) -> None:
-    """Copy results to ``<path>/<StudyInstanceUID>/<SOPInstanceUID>.dcm`` (temp + fsync + rename)."""
+def stored_path(destination: Destination, result: ResultFile) -> Path:
+    """Where the folder store keeps one result: ``<path>/<StudyInstanceUID>/<SOPInstanceUID>.dcm``."""
     assert destination.path is not None
+    return destination.path / result.study_uid / f"{result.sop_uid}.dcm"
+
+
+def send_folder(destination: Destination, results: Sequence[ResultFile], confirm: Confirm,
+                sending: Sending = _ignore) -> None:
+    """Copy results to :func:`stored_path` (temp + fsync + rename)."""
     for result in results:
-        folder = destination.path / result.study_uid
+        target = stored_path(destination, result)
+        folder = target.parent
+        sending([result.sop_uid])
         try:
             private_dir(folder, parents=True)
             temp = folder / f".{result.sop_uid}.{uuid.uuid4().hex}.part"
-            with open(result.path, "rb") as source, open_private(temp, exclusive=True) as target:
-                shutil.copyfileobj(source, target)
-                target.flush()
-                os.fsync(target.fileno())
-            os.replace(temp, folder / f"{result.sop_uid}.dcm")
+            with open(result.path, "rb") as source, open_private(temp, exclusive=True) as copy:
+                shutil.copyfileobj(source, copy)
+                copy.flush()
+                os.fsync(copy.fileno())
+            os.replace(temp, target)
             fsync_dir(folder)
         except OSError as error:
             raise DeliveryError(f"folder {destination.path}: {error}") from error
         confirm(result.sop_uid)
+
+
+def find_stored(destination: Destination, results: Sequence[ResultFile], calling_ae: str
+                ) -> tuple[set[str], str | None]:
+    """Which of ``results`` the destination already holds.
+
+    Returns
+    -------
+    tuple of (set of str, str or None)
+        The SOP Instance UIDs found, and why the destination could not answer for the
+        others (it does not support the query), or None when it answered for all.
+
+    Raises
+    ------
+    DeliveryError
+        If the destination is unreachable: nothing is known and nothing can be sent.
+    """
+    if not results:
+        return set(), None
+    if destination.type == "cstore":
+        return find_cstore(destination, results, calling_ae)
+    if destination.type == "stow":
+        return find_qido(destination, results)
+    return {result.sop_uid for result in results if stored_path(destination, result).is_file()}, None
+
+
+def find_cstore(destination: Destination, results: Sequence[ResultFile], calling_ae: str
+                ) -> tuple[set[str], str | None]:
+    """C-FIND (Study Root, IMAGE level) for each result by its Study, Series and SOP Instance UIDs."""
+    ae = _client_ae(calling_ae)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:  # pynetdicom aborts when the peer accepts no requested context
+        if assoc.is_rejected or assoc.rejected_contexts:
+            return set(), f"{_peer(destination)} rejected a Study Root C-FIND association"
+        what = "aborted" if assoc.is_aborted else "not established"
+        raise DeliveryError(f"C-FIND association with {_peer(destination)} {what}")
+    found: set[str] = set()
+    try:
+        for result in results:
+            query = Dataset()
+            query.QueryRetrieveLevel = "IMAGE"
+            query.StudyInstanceUID = result.study_uid
+            query.SeriesInstanceUID = result.series_uid
+            query.SOPInstanceUID = result.sop_uid
+            for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+                code = int(status.Status) if "Status" in status else None
+                if code is None:
+                    raise DeliveryError(f"C-FIND to {_peer(destination)}: no response")
+                if code in FIND_PENDING:
+                    if identifier is not None and str(identifier.get("SOPInstanceUID", "")) == result.sop_uid:
+                        found.add(result.sop_uid)
+                elif code != FIND_DONE:
+                    return found, f"C-FIND to {_peer(destination)} answered status 0x{code:04X}"
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return found, None
+
+
+def find_qido(destination: Destination, results: Sequence[ResultFile]) -> tuple[set[str], str | None]:
+    """QIDO-RS ``<url>/studies/{study}/instances?SOPInstanceUID={sop}`` for each result."""
+    found: set[str] = set()
+    for result in results:
+        url = f"{destination.url}/studies/{result.study_uid}/instances?SOPInstanceUID={result.sop_uid}"
+        status, body = _http(url, what="QIDO-RS")
+        if status == 204:  # no match
+            continue
+        if status != 200:
+            return found, f"QIDO-RS to {destination.url}: HTTP {status}"
+        try:
+            matches = [str(item["00080018"]["Value"][0]) for item in json.loads(body or b"[]")]
+        except (ValueError, KeyError, IndexError, TypeError) as error:
+            return found, f"QIDO-RS to {destination.url}: unreadable response ({type(error).__name__})"
+        if result.sop_uid in matches:
+            found.add(result.sop_uid)
+    return found, None
+
+
+def request_commitment(destination: Destination, results: Sequence[ResultFile], transaction_uid: str,
+                       calling_ae: str) -> None:
+    """Ask a C-STORE destination to commit ``results`` (N-ACTION, Storage Commitment Push Model).
+
+    The destination answers later with an N-EVENT-REPORT on an association to the node's
+    listener (:func:`handle_commitment_report`); a report sent on this association before
+    it is released is not read.
+
+    Raises
+    ------
+    DeliveryError
+        If the destination is unreachable, does not offer Storage Commitment or refuses the request.
+    """
+    ae = _client_ae(calling_ae)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        if assoc.is_rejected or assoc.rejected_contexts:
+            raise DeliveryError(f"{_peer(destination)} does not offer Storage Commitment")
+        raise DeliveryError(f"association with {_peer(destination)} {'aborted' if assoc.is_aborted else 'failed'}")
+    try:
+        request = Dataset()
+        request.TransactionUID = transaction_uid
+        request.ReferencedSOPSequence = []
+        for result in results:
+            reference = Dataset()
+            reference.ReferencedSOPClassUID = result.sop_class_uid
+            reference.ReferencedSOPInstanceUID = result.sop_uid
+            request.ReferencedSOPSequence.append(reference)
+        status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, COMMITMENT_INSTANCE_UID)
+        code = int(status.Status) if "Status" in status else None
+        if code != 0x0000:
+            raise DeliveryError(f"N-ACTION to {_peer(destination)}: "
+                                + ("no response" if code is None else f"status 0x{code:04X}"))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def handle_commitment_report(event: evt.Event, store: JobStore) -> tuple[int, None]:
+    """EVT_N_EVENT_REPORT handler of the listener: record a Storage Commitment result."""
+    try:
+        report = event.event_information
+        kind = event.event_type
+        transaction_uid = str(report.TransactionUID)
+        committed = [str(item.ReferencedSOPInstanceUID) for item in report.get("ReferencedSOPSequence", [])]
+        failed = [str(item.ReferencedSOPInstanceUID) for item in report.get("FailedSOPSequence", [])]
+    except (AttributeError, KeyError, ValueError, TypeError) as error:
+        logger.warning("unreadable storage commitment report: %s", error)
+        return PROCESSING_FAILURE, None
+    if kind not in (COMMITTED, COMMITTED_WITH_FAILURES):
+        logger.warning("storage commitment report of unknown event type %s", kind)
+        return PROCESSING_FAILURE, None
+    job_id = store.record_commitment_report(transaction_uid, committed, failed)
+    if job_id is None:
+        logger.warning("storage commitment report for transaction %s, which the node did not request",
+                       transaction_uid)
+    else:
+        logger.info("job %d: storage commitment %s: %d committed, %d failed", job_id, transaction_uid,
+                    len(committed), len(failed))
+    return 0x0000, None

@@ -19,7 +19,10 @@ States of a job::
 * ``running``: the application runs; a job found ``running`` at start-up (the node was
   killed) goes back to ``stable`` (or ``dead`` when it has used all its attempts).
 * ``delivering``: results exist; every (destination, SOP Instance UID) pair is recorded
-  in ``deliveries`` as soon as the peer confirms it, so a restart never sends it twice.
+  in ``deliveries`` as ``sending`` before it leaves and as ``delivered`` as soon as the
+  peer confirms it, so a restart never sends a confirmed one again and knows which ones
+  may have reached the peer unconfirmed (the worker asks the peer about those).
+  Storage Commitment requests and the peer's reports on them are kept in ``commitments``.
 
 The database runs in WAL mode with one connection per thread.
 """
@@ -30,7 +33,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +112,15 @@ CREATE TABLE IF NOT EXISTS association_counts (
     detail TEXT NOT NULL DEFAULT '',
     count INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (run_id, outcome, detail)
+);
+CREATE TABLE IF NOT EXISTS commitments (
+    transaction_uid TEXT NOT NULL,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    destination TEXT NOT NULL,
+    sop_uid TEXT NOT NULL,
+    state TEXT NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (transaction_uid, sop_uid)
 );
 """
 
@@ -496,14 +508,75 @@ class JobStore:
             (job_id, destination)).fetchall()
         return {row["sop_uid"] for row in rows}
 
-    def record_delivery(self, job_id: int, destination: str, sop_uid: str, now: float | None = None) -> None:
-        """Record that ``destination`` confirmed one result instance (never sent again)."""
+    def in_doubt(self, job_id: int, destination: str) -> set[str]:
+        """SOP Instance UIDs of the job sent to ``destination`` (or about to be) without a confirmation."""
+        rows = self._connection().execute(
+            "SELECT sop_uid FROM deliveries WHERE job_id = ? AND destination = ? AND state = 'sending'",
+            (job_id, destination)).fetchall()
+        return {row["sop_uid"] for row in rows}
+
+    def record_sending(self, job_id: int, destination: str, sop_uids: Sequence[str], now: float | None = None) -> None:
+        """Record that these instances are about to go to ``destination``, before they leave."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            db.executemany("INSERT INTO deliveries (job_id, destination, sop_uid, state, updated) "
+                           "VALUES (?, ?, ?, 'sending', ?) ON CONFLICT(job_id, destination, sop_uid) "
+                           "DO UPDATE SET updated = excluded.updated WHERE state = 'sending'",
+                           [(job_id, destination, sop_uid, now) for sop_uid in sop_uids])
+
+    def record_delivery(self, job_id: int, destination: str, sop_uid: str, note: str | None = None,
+                        now: float | None = None) -> None:
+        """Record that ``destination`` confirmed one result instance (never sent again), with an
+        optional history line written in the same transaction."""
         now = time.time() if now is None else now
         with self._transaction() as db:
             db.execute("INSERT INTO deliveries (job_id, destination, sop_uid, state, updated) "
                        "VALUES (?, ?, ?, 'delivered', ?) ON CONFLICT(job_id, destination, sop_uid) "
                        "DO UPDATE SET state = 'delivered', updated = excluded.updated",
                        (job_id, destination, sop_uid, now))
+            if note is not None:
+                self._note(db, job_id, now, note)
+
+    def record_commitment_request(self, job_id: int, destination: str, transaction_uid: str,
+                                  sop_uids: Sequence[str], now: float | None = None) -> None:
+        """Record a Storage Commitment request (state ``requested``), before it is sent."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            db.executemany("INSERT INTO commitments (transaction_uid, job_id, destination, sop_uid, state, updated) "
+                           "VALUES (?, ?, ?, ?, 'requested', ?)",
+                           [(transaction_uid, job_id, destination, sop_uid, now) for sop_uid in sop_uids])
+
+    def record_commitment_report(self, transaction_uid: str, committed: Sequence[str], failed: Sequence[str],
+                                 now: float | None = None) -> int | None:
+        """Record a Storage Commitment report: instances ``committed`` or ``failed``, with a history line.
+
+        Returns
+        -------
+        int or None
+            The job the transaction belongs to; None for a transaction the node did not request.
+        """
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            row = db.execute("SELECT job_id, destination FROM commitments WHERE transaction_uid = ? LIMIT 1",
+                             (transaction_uid,)).fetchone()
+            if row is None:
+                return None
+            for state, sop_uids in (("committed", committed), ("failed", failed)):
+                db.executemany("UPDATE commitments SET state = ?, updated = ? "
+                               "WHERE transaction_uid = ? AND sop_uid = ?",
+                               [(state, now, transaction_uid, sop_uid) for sop_uid in sop_uids])
+            event = f"{len(committed)} instance(s) committed by {row['destination']} (transaction {transaction_uid})"
+            if failed:
+                event += f"; {len(failed)} not committed: {', '.join(list(failed)[:3])}"
+            self._note(db, row["job_id"], now, event)
+            return int(row["job_id"])
+
+    def commitments(self, job_id: int, destination: str) -> dict[str, str]:
+        """SOP Instance UID -> commitment state (requested, committed, failed) of the job at ``destination``."""
+        rows = self._connection().execute(
+            "SELECT sop_uid, state FROM commitments WHERE job_id = ? AND destination = ? ORDER BY updated",
+            (job_id, destination)).fetchall()
+        return {row["sop_uid"]: row["state"] for row in rows}
 
     def finish_delivery(self, job_id: int, complete: bool, reason: str, backoff_s: float,
                         now: float | None = None) -> str:

@@ -57,10 +57,11 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from msk_node.service.config import NodeConfig, TlsConfig
+from msk_node.service.delivery import handle_commitment_report
 from msk_node.service.jobs import JobStore
 from msk_node.service.spool import Spool, is_valid_uid
 
@@ -474,7 +475,8 @@ class _Server(ThreadedAssociationServer):
 
 
 def make_ae(config: NodeConfig, storage_transfer_syntaxes: Sequence[str] = STORAGE_TRANSFER_SYNTAXES) -> AE:
-    """The node's application entity as SCP: Verification and every storage SOP class.
+    """The node's application entity as SCP: Verification, every storage SOP class and
+    Storage Commitment reports (N-EVENT-REPORT).
 
     Associations must call ``config.ae_title``; when ``allowed_calling_aes`` is not
     empty, only those calling AE titles are accepted (others are rejected at
@@ -490,6 +492,8 @@ def make_ae(config: NodeConfig, storage_transfer_syntaxes: Sequence[str] = STORA
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, list(storage_transfer_syntaxes))
+    # Storage Commitment reports: the destination calls in as SCP of the Push Model.
+    ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
     return ae
 
 
@@ -514,6 +518,7 @@ def start_listener(config: NodeConfig, spool: Spool, store: JobStore) -> Threade
     guard = _Guard(config, _Health(store, config.ae_title))
     handlers = [
         (evt.EVT_C_STORE, handle_store, [spool, store, config, tally]),
+        (evt.EVT_N_EVENT_REPORT, handle_commitment_report, [store]),
         (evt.EVT_RELEASED, _handle_end, [tally]),
         (evt.EVT_ABORTED, _handle_end, [tally]),
         (evt.EVT_ACCEPTED, guard.health.on_accepted),

@@ -12,7 +12,10 @@ by a fresh one. Failed attempts are retried with exponential backoff up to
 ``max_attempts``; then the job is ``dead`` and its reason stays visible in ``msk-node
 status``. Results are delivered per instance per destination, each confirmation recorded
 at once, so a restart sends only what was not confirmed; a destination that is down
-keeps the job in ``delivering`` and is tried again with backoff.
+keeps the job in ``delivering`` and is tried again with backoff. An instance sent but not
+confirmed when the node died is first looked up at the destination and sent only if it
+is not there. Destinations with ``storage_commitment`` are asked to commit what they
+confirmed; their reports reach the listener.
 """
 from __future__ import annotations
 
@@ -24,13 +27,22 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from pydicom.uid import generate_uid
 
 from msk_node.selection import load_rules
 from msk_node.service.app_worker import AppPidFile, AppResult, WarmApp, WarmAppError, kill_process_group
-from msk_node.service.config import NodeConfig
-from msk_node.service.delivery import DeliveryError, read_results, send
+from msk_node.service.config import Destination, NodeConfig
+from msk_node.service.delivery import (
+    DeliveryError,
+    ResultFile,
+    find_stored,
+    read_results,
+    request_commitment,
+    send,
+)
 from msk_node.service.jobs import Job, JobStore
 from msk_node.service.spool import APP_UMASK, DIR_MODE, Spool, open_private
 from msk_node.service.triage import judge_study
@@ -346,15 +358,26 @@ class Worker:
             confirmed = self.store.delivered(job.id, destination.key)
             pending = [r for r in results if r.sop_uid not in confirmed]
 
+            confirmed_now: set[str] = set()
+
             def confirm(sop_uid: str, key: str = destination.key) -> None:
                 nonlocal sent
                 self.store.record_delivery(job.id, key, sop_uid)
+                confirmed_now.add(sop_uid)
                 sent += 1
 
+            def sending(sop_uids: Sequence[str], key: str = destination.key) -> None:
+                self.store.record_sending(job.id, key, sop_uids)
+
             try:
-                send(destination, pending, confirm, self.config.ae_title)
+                to_send = self._not_found_at(job.id, destination, pending)
+                leaving = {r.sop_uid for r in to_send}
+                confirmed_now.update(r.sop_uid for r in pending if r.sop_uid not in leaving)
+                send(destination, to_send, confirm, self.config.ae_title, sending)
             except DeliveryError as error:
                 errors.append(f"{destination.key}: {error}")
+            if destination.storage_commitment and confirmed_now:
+                self._request_commitment(job.id, destination, [r for r in pending if r.sop_uid in confirmed_now])
         summary = success_summary(output_dir, len(results))
         if problems:
             summary += "; " + "; ".join(problems[:3])
@@ -369,3 +392,41 @@ class Worker:
         logger.info("job %d: delivered (%d instance(s) sent now) to %d destination(s)", job.id, sent,
                     len(self.config.destinations))
         return "delivered"
+
+    def _request_commitment(self, job_id: int, destination: Destination, results: list[ResultFile]) -> None:
+        """Ask ``destination`` to commit ``results``; its report arrives at the listener later."""
+        transaction_uid = generate_uid()
+        self.store.record_commitment_request(job_id, destination.key, transaction_uid, [r.sop_uid for r in results])
+        try:
+            request_commitment(destination, results, transaction_uid, self.config.ae_title)
+        except DeliveryError as error:
+            self.store.note(job_id, f"storage commitment not requested from {destination.key}: {error}")
+            logger.warning("job %d: storage commitment not requested: %s", job_id, error)
+            return
+        logger.info("job %d: storage commitment of %d instance(s) requested from %s (transaction %s)", job_id,
+                    len(results), destination.key, transaction_uid)
+
+    def _not_found_at(self, job_id: int, destination: Destination, pending: list[ResultFile]) -> list[ResultFile]:
+        """``pending`` less the instances that a crash left sent but unconfirmed and that the
+        destination says it holds: those are confirmed now, with a history line each.
+
+        A destination that cannot answer the query gets the instances again (at-least-once),
+        noted once in the job's history.
+        """
+        in_doubt = self.store.in_doubt(job_id, destination.key)
+        asked = [result for result in pending if result.sop_uid in in_doubt]
+        if not asked or not destination.query_before_resend:
+            return pending
+        found, unanswered = find_stored(destination, asked, self.config.ae_title)
+        for result in asked:
+            if result.sop_uid in found:
+                self.store.record_delivery(job_id, destination.key, result.sop_uid,
+                                           note=f"{result.sop_uid} found at {destination.key}, not re-sent")
+        if unanswered is not None:
+            note = f"{destination.key} cannot say which results it holds ({unanswered}); unconfirmed ones are re-sent"
+            if note not in self.store.history(job_id):
+                self.store.note(job_id, note)
+            logger.warning("job %d: %s", job_id, note)
+        logger.info("job %d: %d of %d unconfirmed instance(s) found at %s", job_id, len(found), len(asked),
+                    destination.key)
+        return [result for result in pending if result.sop_uid not in found]
