@@ -251,6 +251,20 @@ def test_connections_that_never_associate_do_not_lock_senders_out(tmp_path, node
     wait_for(lambda: not node.server.active_associations, 2, what="every slot free")
 
 
+def test_bursts_of_empty_and_junk_connections_leave_echo_answered_within_a_second(tmp_path, nodes, caplog):
+    """20 connections closed without a byte, then 20 junk byte streams, against the default slot count."""
+    caplog.set_level(logging.DEBUG)
+    node = nodes(node_config(tmp_path, None, []))
+    junk = [payload for payload in GARBAGE.values() if payload]
+    for burst in ([b""] * 20, [junk[index % len(junk)] for index in range(20)]):
+        logged = len(caplog.records)
+        for payload in burst:
+            raw_connection(node.port, payload)
+        wait_for(lambda: echo_ok(node.port), 1, interval=0.05, what="a C-ECHO within 1 s of the burst")
+        node_lines = [r for r in caplog.records[logged:] if r.name.startswith("msk_node") and r.levelno >= logging.INFO]
+        assert len(node_lines) <= len(burst) + 1, [r.getMessage() for r in node_lines]  # + the echo's own line
+
+
 def test_one_peer_address_cannot_take_every_slot(tmp_path, nodes, caplog):
     caplog.set_level(logging.INFO)
     command, _ = stub_app(tmp_path / "stub")
