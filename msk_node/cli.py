@@ -72,7 +72,8 @@ def follow_jobs(config, timeout_s: float) -> None:
             if seen.get(job["id"]) != job["state"]:
                 seen[job["id"]] = job["state"]
                 print(f"  {time.monotonic() - start:6.1f} s  job {job['id']}: {job['state']}", flush=True)
-        if jobs and all(job["state"] in ("delivered", "dead") for job in jobs):
+        # skipped and held jobs wait for the sender or an operator, not for this loop
+        if jobs and all(job["state"] in ("delivered", "dead", "skipped", "held") for job in jobs):
             return
         time.sleep(0.5)
     print(f"gave up waiting after {timeout_s:g} s")
