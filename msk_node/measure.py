@@ -179,20 +179,23 @@ def _medial_lateral_split(volume: SeriesVolume, label_volume: np.ndarray,
                           label_map: LabelMap) -> tuple[dict[str, tuple[SplitPlane, ...]], dict[str, str]]:
     """Cartilage split planes and a note of the knee side, from the anatomy first and the Laterality tag second.
 
-    The anatomy decides when its cues agree (a tag can be wrong); a tag that contradicts it
-    is logged and noted as a warning on every split measurement.
+    The anatomy decides when its cues agree (a tag can be wrong), but over a tag only with two
+    agreeing cues: one cue may come from a structure the field of view cuts. A tag that
+    contradicts the anatomy is logged and noted as a warning on every split measurement.
     """
     first = volume.datasets[0]
     tag = str(first.get("Laterality", "") or first.get("ImageLaterality", "")).upper()
     tag = tag if tag in ("R", "L") else ""
     values = {spec.name: spec.value for spec in label_map.labels if spec.anatomy == "knee"}
     anatomy = knee_side(label_volume, volume.volume.affine, values, _image(volume))
-    side = anatomy.laterality or tag
-    source = anatomy.describe() if anatomy.laterality else f"Laterality tag {tag}"
+    anatomy_decides = bool(anatomy.laterality) and (not tag or anatomy.votes >= 2)
+    side = anatomy.laterality if anatomy_decides else tag
+    source = anatomy.describe() if anatomy_decides else f"Laterality tag {tag}"
     note = {"knee_side": side, "knee_side_source": source}
     if anatomy.laterality and tag and tag != anatomy.laterality:
         note["warning"] = f"Laterality tag {tag} contradicts the anatomy: {anatomy.describe()}"
-        logger.warning("%s; medial and lateral follow the anatomy", note["warning"])
+        logger.warning("%s; medial and lateral follow the %s", note["warning"],
+                       "anatomy" if anatomy_decides else "tag (one anatomical cue only)")
     if not side:
         logger.warning("knee side unknown (no Laterality tag; %s): cartilage not split", anatomy.describe())
         return {}, {}

@@ -18,7 +18,6 @@ from pydicom.uid import JPEG2000Lossless
 
 from evaluation import cli as eval_cli
 from msk_node.metrics import dice_per_label
-from msk_node.models import load_models
 from msk_node.phantoms import write_phantom
 from msk_node.pipeline import process_study
 from msk_node.plausibility import label_figures
@@ -26,24 +25,15 @@ from msk_node.precision import resolve_precision
 from msk_node.volume import labels_on_volume_grid, volume_to_sitk
 from tests.dicom_checks import assert_frames_on_sources, dciodvfy_errors, make_mr_series, seg_label_volume
 
-REPO = Path(__file__).resolve().parent.parent
-MODELS = REPO / "models"
+from tests.conftest import MODELS, REPO, TEST_SEED
+
 BONES = {"knee": ["femur", "tibia", "patella"], "thigh": ["femoral_cortex", "femoral_marrow"],
          "spine": ["vertebral_body"]}
 MUSCLES = {"thigh": ["quadriceps", "hamstrings", "adductors", "sartorius", "gracilis"]}
-#: Phantom seeds never used to train the default detector.
-TEST_SEED = 424242
-
-
-@pytest.fixture(scope="module")
-def models():
-    return load_models(MODELS)
-
 
 @pytest.mark.parametrize("kind", ["knee", "thigh", "spine"])
-def test_default_pipeline_reaches_the_dice_targets_on_phantoms(tmp_path, models, kind):
-    case = write_phantom(kind, tmp_path / "case", seed=TEST_SEED)
-    work = process_study(case / "dicom", tmp_path / "out", models)
+def test_default_pipeline_reaches_the_dice_targets_on_phantoms(phantom_run, models, kind):
+    case, out, work = phantom_run(kind)
 
     (job,) = work.jobs
     assert job.outcome == "segmented", job.reason
@@ -64,7 +54,7 @@ def test_default_pipeline_reaches_the_dice_targets_on_phantoms(tmp_path, models,
 
     # The precision and encoder backend used travel with the result: report, SEG and SR.
     used = {"precision": resolve_precision("auto"), "backend": models.provenance()["backend"]}
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text())
     assert {key: report["models"][key] for key in used} == used
     parameters = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
     assert f"precision={used['precision']}" in parameters and f"backend={used['backend']}" in parameters
@@ -137,14 +127,9 @@ def test_application_refuses_corrupted_models_at_start_up(tmp_path):
     assert "detector.pt are corrupted or replaced" in result.stderr
 
 
-REAL_KNEE = Path(os.environ.get("MSK_NODE_REAL_KNEE", REPO.parent / "shared" / "data" / "knee-mri-ge-3t"))
-
-
 @pytest.fixture(scope="module")
-def real_knee_work(tmp_path_factory, models):
-    if not (REAL_KNEE / "dess-echo1").is_dir():
-        pytest.skip(f"real knee data not found at {REAL_KNEE}")
-    return process_study(REAL_KNEE, tmp_path_factory.mktemp("real-knee"), models)
+def real_knee_work(real_knee_run):
+    return real_knee_run[1]
 
 
 def test_real_knee_dess_without_patient_id_gives_a_valid_aligned_seg(real_knee_work, models):

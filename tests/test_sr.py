@@ -16,7 +16,7 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from msk_node.biomarkers.cartilage import split_by_plane
-from msk_node.biomarkers.knee_side import cartilage_split_planes, knee_side
+from msk_node.biomarkers.knee_side import KneeSide, cartilage_split_planes, knee_side
 from msk_node.dicom_input import read_study_folder
 from msk_node.labels import load_label_map
 from msk_node.measure import measure_series, measurement_groups
@@ -217,14 +217,32 @@ def test_knee_without_laterality_is_split_from_its_anatomy(tmp_path):
             assert m.value == pytest.approx(truth["cartilage_thickness_mm"][plate], rel=0.1), m.label
 
 
-def test_a_laterality_tag_that_contradicts_the_anatomy_is_flagged(tmp_path, caplog):
+def test_a_laterality_tag_that_contradicts_the_anatomy_is_flagged_and_overruled_by_two_cues(tmp_path, monkeypatch,
+                                                                                             caplog):
+    """One cue can come from a structure the field of view cuts: it flags a contradicting tag without overruling
+    it; two agreeing cues overrule it."""
+    import msk_node.measure as measure
+
     volume, labels, series = _study("knee", tmp_path, laterality="L")
-    measurements = measure_series(volume, labels, "knee", LABEL_MAP, series)
-    medial = next(m for m in measurements.rows() if m.label == "tibial_cartilage_medial")
-    assert medial.extra["knee_side"] == "R"  # the anatomy wins over the wrong tag
-    assert "Laterality tag L contradicts the anatomy" in medial.extra["warning"]
+    anatomy = knee_side(labels, volume.volume.affine, KNEE_VALUES, volume.volume.array)
+    assert anatomy.laterality == "R" and anatomy.votes == 1  # the fibula cue; patella and condyles are symmetric
+
+    def medial_part():
+        return next(m for m in measure_series(volume, labels, "knee", LABEL_MAP, series).rows()
+                    if m.label == "tibial_cartilage_medial")
+
+    medial = medial_part()
+    assert medial.extra["knee_side"] == "L" and medial.extra["knee_side_source"] == "Laterality tag L"
+    assert "Laterality tag L contradicts the anatomy: R knee from anatomy" in medial.extra["warning"]
     assert "contradicts" in medial.method
-    assert any("contradicts the anatomy" in record.getMessage() for record in caplog.records)
+    assert "follow the tag (one anatomical cue only)" in caplog.text
+
+    monkeypatch.setattr(measure, "knee_side", lambda *args: KneeSide(-1, {"patella": -6.9, "fibula": -1.8}, votes=2))
+    medial = medial_part()
+    assert medial.extra["knee_side"] == "R"  # the anatomy wins over the wrong tag
+    assert "Laterality tag L contradicts the anatomy: R knee from anatomy (patella -6.9, fibula -1.8)" \
+        in medial.extra["warning"]
+    assert "medial and lateral follow the anatomy" in caplog.text
 
 
 def test_knee_side_of_the_real_label_maps():

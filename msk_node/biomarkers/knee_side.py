@@ -8,7 +8,9 @@ condyle       the medial femoral condyle reaches further distally than the later
 fibula        the fibular head, posterolateral below the plateau, has the tibia's marrow
               signal where the mirrored medial spot holds muscle or fat (image cue).
 
-A cue votes only beyond its threshold; the side is known when the votes agree.
+A cue votes only beyond its threshold; the side is known when the votes agree. One vote
+may come from a structure the field of view cuts, so a single vote names the side only
+where no Laterality tag does (see ``msk_node.measure``).
 """
 from __future__ import annotations
 
@@ -29,10 +31,12 @@ FIBULA_RADIUS_MM = 5.0
 
 @dataclass(frozen=True)
 class KneeSide:
-    """Knee side from anatomy: ``lateral_sign`` +1 (lateral is +x, left knee), -1 (right knee) or 0 (unknown)."""
+    """Knee side from anatomy: ``lateral_sign`` +1 (lateral is +x, left knee), -1 (right knee) or 0 (unknown),
+    from ``votes`` agreeing cues."""
 
     lateral_sign: int
     cues: dict[str, float]
+    votes: int = 0
 
     @property
     def laterality(self) -> str:
@@ -74,8 +78,10 @@ def knee_side(label_volume: npt.ArrayLike, affine: npt.ArrayLike, values: dict[s
         cue = _fibula_cue(np.asarray(image, dtype=float), labels, affine, plateau, values["tibia"])
         if cue is not None:
             cues["fibula"] = cue
-    votes = {int(np.sign(v)) for name, v in cues.items() if abs(v) >= THRESHOLDS[name]}
-    return KneeSide(votes.pop() if len(votes) == 1 else 0, cues)
+    votes = [int(np.sign(v)) for name, v in cues.items() if abs(v) >= THRESHOLDS[name]]
+    if len(set(votes)) != 1:
+        return KneeSide(0, cues)
+    return KneeSide(votes[0], cues, len(votes))
 
 
 def _fibula_cue(image: np.ndarray, labels: np.ndarray, affine: np.ndarray, plateau: np.ndarray,

@@ -1,0 +1,48 @@
+"""Runs of the default pipeline shared by the test modules that check their outputs (each run costs minutes)."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from msk_node.models import ModelSet, load_models
+from msk_node.phantoms import write_phantom
+from msk_node.pipeline import StudyWork, process_study
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / "models"
+REAL_KNEE = Path(os.environ.get("MSK_NODE_REAL_KNEE", REPO.parent / "shared" / "data" / "knee-mri-ge-3t"))
+#: Phantom seed never used to train the default models.
+TEST_SEED = 424242
+
+
+@pytest.fixture(scope="session")
+def models() -> ModelSet:
+    return load_models(MODELS)
+
+
+@pytest.fixture(scope="session")
+def phantom_run(tmp_path_factory, models) -> Callable[[str], tuple[Path, Path, StudyWork]]:
+    """``run(kind)``: the phantom of ``kind`` (seed TEST_SEED) through the default pipeline, once per session.
+    Returns the phantom folder, the output folder and the study's work."""
+    done: dict[str, tuple[Path, Path, StudyWork]] = {}
+
+    def run(kind: str) -> tuple[Path, Path, StudyWork]:
+        if kind not in done:
+            root = tmp_path_factory.mktemp(f"pipeline-{kind}")
+            case = write_phantom(kind, root / "case", seed=TEST_SEED)
+            done[kind] = (case, root / "out", process_study(case / "dicom", root / "out", models))
+        return done[kind]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def real_knee_run(tmp_path_factory, models) -> tuple[Path, StudyWork]:
+    """The real knee study (DESS echoes and CubeQuant series) through the default pipeline: output folder, work."""
+    if not (REAL_KNEE / "dess-echo1").is_dir():
+        pytest.skip(f"real knee data not found at {REAL_KNEE}")
+    out = tmp_path_factory.mktemp("real-knee")
+    return out, process_study(REAL_KNEE, out, models)
