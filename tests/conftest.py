@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from msk_node.models import ModelSet, load_models
 from msk_node.phantoms import write_phantom
@@ -16,6 +17,15 @@ MODELS = REPO / "models"
 REAL_KNEE = Path(os.environ.get("MSK_NODE_REAL_KNEE", REPO.parent / "shared" / "data" / "knee-mri-ge-3t"))
 #: Phantom seed never used to train the default models.
 TEST_SEED = 424242
+#: PyTorch's thread count before any test changes it: every shared run uses it, so results do not depend on
+#: which tests ran before (the reduction order of a thread pool follows its size).
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+def run_pipeline(input_dir: Path, output_dir: Path, models: ModelSet) -> StudyWork:
+    """``process_study`` with PyTorch's default thread count."""
+    torch.set_num_threads(DEFAULT_THREADS)
+    return process_study(input_dir, output_dir, models)
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +43,7 @@ def phantom_run(tmp_path_factory, models) -> Callable[[str], tuple[Path, Path, S
         if kind not in done:
             root = tmp_path_factory.mktemp(f"pipeline-{kind}")
             case = write_phantom(kind, root / "case", seed=TEST_SEED)
-            done[kind] = (case, root / "out", process_study(case / "dicom", root / "out", models))
+            done[kind] = (case, root / "out", run_pipeline(case / "dicom", root / "out", models))
         return done[kind]
 
     return run
@@ -45,4 +55,4 @@ def real_knee_run(tmp_path_factory, models) -> tuple[Path, StudyWork]:
     if not (REAL_KNEE / "dess-echo1").is_dir():
         pytest.skip(f"real knee data not found at {REAL_KNEE}")
     out = tmp_path_factory.mktemp("real-knee")
-    return out, process_study(REAL_KNEE, out, models)
+    return out, run_pipeline(REAL_KNEE, out, models)

@@ -107,19 +107,18 @@ def main() -> int:
 
     from msk_node.models import load_models
     from msk_node.phantoms import write_phantom
-    from msk_node.pipeline import process_study
-    from tests.conftest import MODELS, REAL_KNEE, TEST_SEED
+    from tests.conftest import MODELS, REAL_KNEE, TEST_SEED, run_pipeline
 
     models = load_models(MODELS)
     studies: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as temp:
         for kind in PHANTOM_KINDS:
             case = write_phantom(kind, Path(temp) / kind / "case", seed=TEST_SEED)
-            process_study(case / "dicom", Path(temp) / kind / "out", models)
+            run_pipeline(case / "dicom", Path(temp) / kind / "out", models)
             studies[f"phantom-{kind}"] = output_digest(Path(temp) / kind / "out")
             print(f"phantom {kind}: done", file=sys.stderr)
         if (REAL_KNEE / "dess-echo1").is_dir():
-            process_study(REAL_KNEE, Path(temp) / "real-knee", models)
+            run_pipeline(REAL_KNEE, Path(temp) / "real-knee", models)
             studies["real-knee"] = output_digest(Path(temp) / "real-knee")
             print("real knee: done", file=sys.stderr)
     REFERENCE.parent.mkdir(exist_ok=True)
