@@ -26,7 +26,14 @@ from msk_node.pipeline import process_study
 from msk_node.plausibility import label_figures
 from msk_node.precision import resolve_precision
 from msk_node.volume import labels_on_volume_grid, volume_to_sitk
-from tests.dicom_checks import assert_frames_on_sources, dciodvfy_errors, make_mr_series, seg_label_volume
+from tests.dicom_checks import (
+    assert_frames_on_sources,
+    dciodvfy_errors,
+    make_mr_series,
+    seg_label_volume,
+    sr_validator_errors,
+    tid1500_read,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
@@ -70,9 +77,16 @@ def test_default_pipeline_reaches_the_dice_targets_on_phantoms(tmp_path, models,
     assert {key: report["models"][key] for key in used} == used
     parameters = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
     assert f"precision={used['precision']}" in parameters and f"backend={used['backend']}" in parameters
-    if job.report_output is not None:
-        sr_text = str(pydicom.dcmread(job.report_output))
-        assert f"precision={used['precision']}" in sr_text and f"backend={used['backend']}" in sr_text
+    assert job.report_output is not None
+    sr_text = str(pydicom.dcmread(job.report_output))
+    assert f"precision={used['precision']}" in sr_text and f"backend={used['backend']}" in sr_text
+    _assert_valid_report(job.report_output)
+
+
+def _assert_valid_report(path: Path) -> None:
+    """dciodvfy and DicomSRValidator accept the SR, and dcmqi's tid1500reader reads a number from it."""
+    assert dciodvfy_errors(path) == [] and sr_validator_errors(path) == []
+    assert any(group["measurementItems"] for group in tid1500_read(path)["Measurements"])
 
 
 def test_bad_input_is_reported_and_the_rest_of_the_study_is_processed(tmp_path, models):
@@ -109,6 +123,7 @@ def test_bad_input_is_reported_and_the_rest_of_the_study_is_processed(tmp_path, 
     assert "modality CT is not MR" in joined
     assert "1 slice(s)" in joined
     assert dciodvfy_errors(work.jobs[0].output) == []
+    _assert_valid_report(work.jobs[0].report_output)  # on JPEG 2000 sources
 
 
 def test_application_entry_point_reads_the_map_paths_from_the_environment(tmp_path):
@@ -123,6 +138,7 @@ def test_application_entry_point_reads_the_map_paths_from_the_environment(tmp_pa
     assert series["outcome"] == "segmented"
     assert set(series["labels"]) == {"vertebral_body", "intervertebral_disc"}
     assert dciodvfy_errors(tmp_path / "out" / series["seg"]) == []
+    _assert_valid_report(tmp_path / "out" / series["sr"])
 
 
 REAL_MESE = Path(os.environ.get("MSK_NODE_REAL_MESE", REPO.parent / "shared" / "data" / "knee-mese-t2-ge-3t"))
@@ -214,6 +230,7 @@ def test_real_knee_dess_without_patient_id_gives_a_valid_aligned_seg(real_knee_w
     assert seg.PatientID == ""
     assert_frames_on_sources(seg, job.volume.datasets)
     assert (seg_label_volume(seg, job.volume.datasets, models.label_map) == job.label_volume).all()
+    _assert_valid_report(job.report_output)
     found = set(work.report["series"][0]["labels"])
     assert {"femur", "tibia"} <= found, found
 

@@ -184,6 +184,7 @@ def test_bones_cut_by_the_field_of_view_are_not_reported_as_volumes(tmp_path):
     volume, labels, series = _study("knee", tmp_path)
     truth = _truth("knee", tmp_path)
     measurements, _, path = _report(volume, labels, "knee", series, tmp_path)
+    assert dciodvfy_errors(path) == [] and sr_validator_errors(path) == []
     volumes = {m.label: m for m in measurements.rows() if m.name == "volume"}
     # The phantom's femoral shaft and tibia leave the field of view; patella, cartilage and menisci do not.
     for bone in ("femur", "tibia"):
