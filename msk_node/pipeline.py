@@ -23,11 +23,11 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from msk_node import __version__
+from msk_node.biomarkers.relaxometry import RelaxationMap
 from msk_node.detect import Detection
 from msk_node.dicom_input import Series, SkippedFile, StudyFiles, read_study_folder
 from msk_node.intensity import normalise_volume
 from msk_node.labels import LabelMap
-from msk_node.biomarkers.relaxometry import RelaxationMap
 from msk_node.measure import SeriesMeasurements, measure_series, measurement_groups, unmeasured_relaxation_maps
 from msk_node.models import ModelSet
 from msk_node.parametric_map_writer import build_parametric_map, write_parametric_map

@@ -4,7 +4,9 @@ One measurement group per measured structure. Each group references the SEG
 segment it was measured on and the source series, names its finding site, and
 carries a tracking identifier and UID, so Slicer, dcmqi and any TID 1500 reader can
 join the numbers to the outlines. Sub-regions (medial, lateral, trochlear cartilage)
-name their finding site with SNOMED CT laterality and topographical modifiers.
+name their finding site with SNOMED CT laterality and topographical modifiers. A relaxation
+time names its fit as its Measurement Method (a DESS T2 is not a multi-echo T2) and comes with
+the share of the compartment's voxels rejected from its mean, in percent, with the same method.
 
 A value that could not be measured is no number, never zero: it is a qualitative
 evaluation of its concept with the value DCM "Measurement failure", its derivation as
