@@ -152,17 +152,51 @@ def _knee(volume: SeriesVolume, label_volume: np.ndarray, label_map: LabelMap, s
                                   extra={**renamed.extra, **side_note})
             by_segment[_plate_of(m.label)].append(renamed)
     maps = []
-    study = volume.datasets[0].StudyInstanceUID
+    for kind, group in relaxometry_groups(study_series, volume.datasets[0].StudyInstanceUID).items():
+        fitted, measurements = _relaxation(kind, group, volume, label_volume, plates, splits)
+        maps.extend([fitted] if fitted is not None else [])
+        for m in measurements:
+            by_segment[_plate_of(m.label)].append(m)
+    return maps
+
+
+def relaxometry_groups(study_series: list[Series], study_instance_uid: str) -> dict[str, list[Series]]:
+    """The series of each relaxometry acquisition (``t1rho``, ``t2``, ``dess_t2``) in one study, by description.
+
+    A DESS acquisition counts only with both of its echoes.
+    """
+    groups = {}
     for kind, pattern in RELAXOMETRY_PATTERNS.items():
         group = [s for s in study_series if re.search(pattern, s.description, re.IGNORECASE)
-                 and s.study_instance_uid == study]
-        if kind == "dess_t2" and len(_echo_times(group)) < 2:
-            continue
-        if group:
-            fitted, measurements = _relaxation(kind, group, volume, label_volume, plates, splits)
-            maps.extend([fitted] if fitted is not None else [])
-            for m in measurements:
-                by_segment[_plate_of(m.label)].append(m)
+                 and s.study_instance_uid == study_instance_uid]
+        if group and (kind != "dess_t2" or len(_echo_times(group)) >= 2):
+            groups[kind] = group
+    return groups
+
+
+def fit_relaxation_map(kind: str, group: list[Series]) -> RelaxationMap:
+    """The map of one relaxometry acquisition, fitted over the whole imaged volume (ValueError if it cannot be)."""
+    datasets = [s.datasets for s in group]
+    return dess_t2_map(datasets) if kind == "dess_t2" else relaxation_map(kind, datasets)
+
+
+def unmeasured_relaxation_maps(study_series: list[Series], fitted: list[RelaxationMap]) -> list[RelaxationMap]:
+    """Maps of the relaxometry acquisitions that no segmented series measured on, one per acquisition.
+
+    A relaxometry acquisition always gets its map, even in a study where no cartilage was
+    segmented (an axial series, a failed segmentation, a study of the mapping series
+    alone); a map fails only when its series cannot be fitted, which is logged.
+    """
+    done = {(m.kind, str(m.source_datasets[0].SeriesInstanceUID)) for m in fitted if m.source_datasets}
+    maps = []
+    for study in dict.fromkeys(s.study_instance_uid for s in study_series):
+        for kind, group in relaxometry_groups(study_series, study).items():
+            if any((kind, s.series_instance_uid) in done for s in group):
+                continue
+            try:
+                maps.append(fit_relaxation_map(kind, group))
+            except ValueError as error:
+                logger.warning("%s map of study %s not fitted: %s", kind, study, error)
     return maps
 
 
@@ -211,16 +245,17 @@ def _relaxation(kind: str, group: list[Series], volume: SeriesVolume, label_volu
                 splits: dict[str, tuple[SplitPlane, ...]]) -> tuple[RelaxationMap | None, list[Measurement]]:
     """The map of one acquisition and its mean per plate and plate part; NaN with the reason when it cannot be fitted.
 
-    DESS T2 is reported as ``t2_mean`` (the quantity is T2; the SR codes it so), its method naming the DESS model.
+    DESS T2 is reported as ``t2_mean`` (the quantity is T2), its method naming the DESS model; ``extra["map_kind"]``
+    says which map it came from, so that the SR codes the method and a DESS T2 is never taken for a multi-echo T2.
     """
     name = "t2_mean" if kind == "dess_t2" else f"{kind}_mean"
     model = _MODELS[kind]
     try:
-        datasets = [s.datasets for s in group]
-        fitted = dess_t2_map(datasets) if kind == "dess_t2" else relaxation_map(kind, datasets)
+        fitted = fit_relaxation_map(kind, group)
     except ValueError as error:
         logger.warning("%s map not fitted: %s", kind, error)
-        return None, [unavailable(name, plate, "ms", model, f"no {kind} map: {error}") for plate in plates]
+        return None, [unavailable(name, plate, "ms", model, f"no {kind} map: {error}", map_kind=kind)
+                      for plate in plates]
     source, registration = _aligned_morphology(volume, fitted)
     results = []
     for plate, value in plates.items():
@@ -229,7 +264,8 @@ def _relaxation(kind: str, group: list[Series], volume: SeriesVolume, label_volu
         for label, mask in parts.items():
             fraction = mask_on_grid(mask, source, fitted.geometry)
             m = mean_relaxation(fitted.t_ms, fraction, label, name=name, noise_sigma=fitted.noise_sigma)
-            results.append(replace(m, method=f"{model}; {m.method}", extra={**m.extra, **registration}))
+            results.append(replace(m, method=f"{model}; {m.method}",
+                                   extra={**m.extra, **registration, "map_kind": kind}))
     return fitted, results
 
 

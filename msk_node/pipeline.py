@@ -1,7 +1,8 @@
 """The main job as plain functions: study folder in, one DICOM-SEG per selected series out.
 
 Beside each SEG go a TID 1500 SR of its measurements and a DICOM Parametric Map of every
-relaxation map (T1rho, T2) fitted to measure it.
+relaxation map (T1rho, T2, DESS T2) fitted to measure it. Every relaxometry acquisition of the
+study gets its Parametric Map, also where no cartilage was segmented to measure on.
 
 Each step is a function the MONAI Deploy operators wrap one to one, and that tests,
 training and evaluation call directly. A series that fails at any step is recorded
@@ -22,11 +23,12 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from msk_node import __version__
+from msk_node.biomarkers.relaxometry import RelaxationMap
 from msk_node.detect import Detection
 from msk_node.dicom_input import Series, SkippedFile, StudyFiles, read_study_folder
 from msk_node.intensity import normalise_volume
 from msk_node.labels import LabelMap
-from msk_node.measure import SeriesMeasurements, measure_series, measurement_groups
+from msk_node.measure import SeriesMeasurements, measure_series, measurement_groups, unmeasured_relaxation_maps
 from msk_node.models import ModelSet
 from msk_node.parametric_map_writer import build_parametric_map, write_parametric_map
 from msk_node.plausibility import Finding, check_label_volume
@@ -224,18 +226,23 @@ def write_maps(job: SeriesJob, output_dir: Path, written: dict[str, Path], first
     """
     for relaxation in job.measurements.maps:
         try:
-            if not relaxation.source_datasets:
-                raise ValueError("no source instances")
-            name = f"pmap-{relaxation.kind}-{relaxation.source_datasets[0].SeriesInstanceUID}.dcm"
-            if name not in written:
-                pmap = build_parametric_map(relaxation, series_number=first_series_number + len(written),
-                                            series_description=f"msk-node {relaxation.kind} map")
-                written[name] = write_parametric_map(pmap, output_dir / name)
+            job.map_outputs.append(write_map(relaxation, output_dir, written, first_series_number))
         except ValueError as error:
             logger.warning("series %s: %s Parametric Map not written: %s", job.series_instance_uid,
                            relaxation.kind, error)
-            continue
-        job.map_outputs.append(written[name])
+
+
+def write_map(relaxation: RelaxationMap, output_dir: Path, written: dict[str, Path], first_series_number: int) -> Path:
+    """The Parametric Map of ``relaxation``, written once per study (``written``: file name to path)."""
+    if not relaxation.source_datasets:
+        raise ValueError("no source instances")
+    name = f"pmap-{relaxation.kind}-{relaxation.source_datasets[0].SeriesInstanceUID}.dcm"
+    if name not in written:
+        pmap = build_parametric_map(relaxation, series_number=first_series_number + len(written),
+                                    series_description=f"msk-node {relaxation.kind} map")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        written[name] = write_parametric_map(pmap, output_dir / name)
+    return written[name]
 
 
 def measurement_rows(study_uid: str, series_uid: str, measurements: SeriesMeasurements) -> list[dict]:
@@ -265,6 +272,8 @@ class StudyWork:
     series: list[Series] = field(default_factory=list)
     times: StageTimes = field(default_factory=StageTimes)
     report: dict | None = None
+    #: Relaxation maps of acquisitions no segmented series measured on (written as Parametric Maps all the same).
+    maps: list[RelaxationMap] = field(default_factory=list)
 
     def active_jobs(self) -> list[SeriesJob]:
         return [job for job in self.jobs if not job.failed]
@@ -289,17 +298,23 @@ def write_outputs(work: StudyWork, models: ModelSet) -> dict:
                 except ValueError as error:
                     logger.warning("series %s: SR not written: %s", job.series_instance_uid, error)
                 write_maps(job, work.output_dir, maps_written, first_series_number=9200)
+        for relaxation in work.maps:
+            try:
+                write_map(relaxation, work.output_dir, maps_written, first_series_number=9200)
+            except ValueError as error:
+                logger.warning("%s Parametric Map not written: %s", relaxation.kind, error)
         rows = [row for job in work.jobs if job.measurements is not None and job.output is not None
                 for row in measurement_rows(job.selected.series.study_instance_uid, job.series_instance_uid,
                                             job.measurements)]
         write_measurement_tables(rows, work.output_dir)
-        work.report = study_report(work.jobs, work.skipped, models)
+        work.report = study_report(work.jobs, work.skipped, models, sorted(maps_written))
         (work.output_dir / "report.json").write_text(json.dumps(work.report, indent=2))
     return work.report
 
 
-def study_report(jobs: list[SeriesJob], skipped: list[SkippedFile], models: ModelSet | None) -> dict:
-    """A JSON-ready account of what happened to every series and every skipped file."""
+def study_report(jobs: list[SeriesJob], skipped: list[SkippedFile], models: ModelSet | None,
+                 parametric_maps: list[str] | None = None) -> dict:
+    """A JSON-ready account of what happened to every series and every skipped file, and the maps written."""
     series = []
     for job in jobs:
         entry = {
@@ -328,6 +343,8 @@ def study_report(jobs: list[SeriesJob], skipped: list[SkippedFile], models: Mode
         series.append(entry)
     report = {"software": f"msk-node {__version__}", "series": series,
               "skipped": [{"source": s.path, "reason": s.reason} for s in skipped]}
+    if parametric_maps:
+        report["parametric_maps"] = parametric_maps
     if models is not None:
         report["models"] = models.provenance()
     return report
@@ -368,9 +385,12 @@ def plausibility_all(work: StudyWork, label_map: LabelMap) -> None:
 
 
 def measure_all(work: StudyWork, label_map: LabelMap) -> None:
+    """Biomarkers of every segmented series, then the maps of relaxometry acquisitions none of them measured on."""
     with work.times.stage("measure"):
         for job in work.active_jobs():
             measure(job, label_map, work.series)
+        fitted = [m for job in work.jobs if job.measurements is not None for m in job.measurements.maps]
+        work.maps = unmeasured_relaxation_maps(work.series, fitted)
 
 
 def process_study(input_dir: Path, output_dir: Path, models: ModelSet,

@@ -4,7 +4,9 @@ One measurement group per measured structure. Each group references the SEG
 segment it was measured on and the source series, names its finding site, and
 carries a tracking identifier and UID, so Slicer, dcmqi and any TID 1500 reader can
 join the numbers to the outlines. Sub-regions (medial, lateral, trochlear cartilage)
-name their finding site with SNOMED CT laterality and topographical modifiers.
+name their finding site with SNOMED CT laterality and topographical modifiers. A relaxation
+time names its fit as its Measurement Method (a DESS T2 is not a multi-echo T2) and comes with
+the share of the compartment's voxels rejected from its mean, in percent, with the same method.
 
 A value that could not be measured is no number, never zero: it is a qualitative
 evaluation of its concept with the value DCM "Measurement failure", its derivation as
@@ -41,6 +43,18 @@ CONCEPTS: dict[str, tuple[Code, Code | None]] = {
 }
 UNITS: dict[str, Code] = {"mm": msk_codes.MILLIMETER, "cm3": msk_codes.CUBIC_CENTIMETER,
                           "ms": msk_codes.MILLISECOND}
+#: Measurement method (TID 300 concept modifier) of each relaxation map kind (``extra["map_kind"]``). A DESS T2
+#: is a T2 from a steady-state signal model, biased against a multi-echo spin-echo T2: the method tells them apart.
+#: DICOM codes neither relaxometry fit, so these are private concepts.
+RELAXOMETRY_METHODS: dict[str, Code] = {
+    "t1rho": Code("SPIN_LOCK_FIT", msk_codes.MSK_NODE_SCHEME, "Mono-exponential spin-lock fit"),
+    "t2": Code("MESE_FIT", msk_codes.MSK_NODE_SCHEME, "Mono-exponential multi-echo spin-echo fit"),
+    "dess_t2": Code("DESS_T2_MODEL", msk_codes.MSK_NODE_SCHEME, "Two-echo DESS signal model (Sveinsson 2017)"),
+}
+#: Share of a compartment's map voxels left out of its mean (failed fit or outside the accepted range), in percent;
+#: one per relaxation time, with the same method.
+REJECTED_VOXEL_SHARE = Code("REJECTED_SHARE", msk_codes.MSK_NODE_SCHEME, "Rejected voxel share")
+PERCENT: Code = msk_codes.codes.UCUM.Percent
 #: Declaration of the private scheme of :data:`CONCEPTS` (every report carries it).
 PRIVATE_SCHEME = CodingSchemeIdentificationItem(
     designator=msk_codes.MSK_NODE_SCHEME, name=msk_codes.MSK_NODE_SCHEME_NAME,
@@ -111,6 +125,7 @@ def build_measurement_report(
         for m in group.measurements:
             _check(m)
         measured = [_measurement(m, algorithm_id) for m in group.measurements if m.available]
+        measured += [_rejected_share(m, algorithm_id) for m in group.measurements if "rejected_share" in m.extra]
         failed = [MeasurementFailure(m) for m in group.measurements if not m.available]
         content_groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=group.tracking_name),
@@ -162,7 +177,16 @@ def _check(measurement: Measurement) -> None:
 def _measurement(measurement: Measurement, algorithm_id: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
     concept, derivation = CONCEPTS[measurement.name]
     return hd.sr.Measurement(name=concept, value=float(measurement.value), unit=UNITS[measurement.unit],
-                             derivation=derivation, algorithm_id=algorithm_id)
+                             method=_method(measurement), derivation=derivation, algorithm_id=algorithm_id)
+
+
+def _rejected_share(measurement: Measurement, algorithm_id: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=REJECTED_VOXEL_SHARE, value=100.0 * float(measurement.extra["rejected_share"]),
+                             unit=PERCENT, method=_method(measurement), algorithm_id=algorithm_id)
+
+
+def _method(measurement: Measurement) -> Code | None:
+    return RELAXOMETRY_METHODS.get(measurement.extra.get("map_kind", ""))
 
 
 class MeasurementFailure(hd.sr.QualitativeEvaluation):
@@ -171,21 +195,26 @@ class MeasurementFailure(hd.sr.QualitativeEvaluation):
     def __init__(self, measurement: Measurement) -> None:
         concept, derivation = CONCEPTS[measurement.name]
         super().__init__(name=concept, value=msk_codes.MEASUREMENT_FAILURE)
-        details = [] if derivation is None else [hd.sr.CodeContentItem(
-            name=msk_codes.codes.DCM.Derivation, value=derivation,
-            relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD)]
+        modifiers = [(msk_codes.codes.SCT.MeasurementMethod, _method(measurement)),
+                     (msk_codes.codes.DCM.Derivation, derivation)]
+        details = [hd.sr.CodeContentItem(name=name, value=value,
+                                         relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD)
+                   for name, value in modifiers if value is not None]
         details.append(hd.sr.TextContentItem(name=msk_codes.COMMENT, value=measurement.reason[:1024],
                                              relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES))
         self[0].ContentSequence = hd.sr.ContentSequence(details)
 
 
 def read_measurements(sr: Dataset) -> dict[tuple[str, str], float]:
-    """``{(tracking identifier, concept [+ " (derivation)"]): value}`` of a TID 1500 report; NaN where failed."""
+    """``{(tracking identifier, concept [+ " (derivation)"] [+ " [method]"]): value}`` of a TID 1500 report.
+
+    NaN where a measurement failed.
+    """
     return {key: value for key, (value, _) in _read(sr).items()}
 
 
 def read_failure_reasons(sr: Dataset) -> dict[tuple[str, str], str]:
-    """``{(tracking identifier, concept [+ " (derivation)"]): reason}`` of every failed measurement."""
+    """``{(tracking identifier, concept [+ " (derivation)"] [+ " [method]"]): reason}`` of every failed measurement."""
     return {key: reason for key, (_, reason) in _read(sr).items() if reason}
 
 
@@ -197,9 +226,12 @@ def _read(sr: Dataset) -> dict[tuple[str, str], tuple[float, str]]:
         for item in group.ContentSequence:
             children = item.get("ContentSequence", [])
             key = _meaning(item)
-            derivations = [m for m in children if _meaning(m) == "Derivation"]
-            if derivations:
-                key += f" ({derivations[0].ConceptCodeSequence[0].CodeMeaning})"
+            modifiers = {_meaning(m): str(m.ConceptCodeSequence[0].CodeMeaning) for m in children
+                         if m.get("RelationshipType") == "HAS CONCEPT MOD" and "ConceptCodeSequence" in m}
+            if "Derivation" in modifiers:
+                key += f" ({modifiers['Derivation']})"
+            if "Measurement Method" in modifiers:
+                key += f" [{modifiers['Measurement Method']}]"
             if item.ValueType == "NUM":
                 read[(tracking, key)] = (float(item.MeasuredValueSequence[0].NumericValue), "")
             elif item.ValueType == "CODE" and _is_failure(item):

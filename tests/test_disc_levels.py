@@ -21,7 +21,7 @@ from msk_node.phantoms import write_phantom
 from msk_node.seg_writer import AlgorithmInfo, build_segmentation, label_volume_from_seg, segment_number_map
 from msk_node.sr_writer import build_measurement_report
 from msk_node.volume import SeriesVolume, labels_on_volume_grid, series_to_volume
-from tests.dicom_checks import dciodvfy_errors
+from tests.dicom_checks import dciodvfy_errors, sr_validator_errors, tid1500_read
 
 LABEL_MAP = load_label_map(Path(__file__).resolve().parent.parent / "models" / "detector" / "label_map.yaml")
 ALGORITHM = AlgorithmInfo(name="msk-node test", version="0", weights_sha256="0" * 64)
@@ -194,13 +194,17 @@ def test_uncertain_levels_reach_the_sr_without_a_level_code(spine, tmp_path: Pat
 
 
 def _report_groups(seg, measurements, tmp_path: Path) -> dict:
-    """SR measurement groups by tracking identifier, read back from a dciodvfy-clean file."""
+    """SR measurement groups by tracking identifier, read back from a file that dciodvfy, DicomSRValidator and
+    dcmqi's tid1500reader accept (dcmqi finding the same groups)."""
     sr = build_measurement_report(seg, measurement_groups(measurements), LABEL_MAP, ALGORITHM)
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
+    assert sr_validator_errors(path) == []
     document = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path))
-    return {g.tracking_identifier: g for g in document.content.get_volumetric_roi_measurement_groups()}
+    groups = {g.tracking_identifier: g for g in document.content.get_volumetric_roi_measurement_groups()}
+    assert sorted(g["TrackingIdentifier"] for g in tid1500_read(path)["Measurements"]) == sorted(groups)
+    return groups
 
 
 def _segment_number(group) -> int:

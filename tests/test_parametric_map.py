@@ -20,7 +20,7 @@ from msk_node.pipeline import SeriesJob, StudyWork, build_volumes, load_study, m
 from msk_node.service.config import Destination
 from msk_node.service.delivery import read_results, send
 from msk_node.volume import SeriesVolume, labels_on_volume_grid, series_to_volume
-from tests.dicom_checks import dciodvfy_errors, make_mr_series
+from tests.dicom_checks import dciodvfy_errors, make_mr_series, sr_validator_errors, tid1500_read
 from tests.service_helpers import StoreSCP
 
 LABEL_MAP = load_label_map(Path(__file__).resolve().parent.parent / "models" / "detector" / "label_map.yaml")
@@ -140,6 +140,7 @@ def test_series_that_share_a_fitted_map_share_one_file(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == names
     assert [[p.name for p in job.map_outputs] for job in jobs] == [names, names]
     assert [int(pydicom.dcmread(out / name).SeriesNumber) for name in names] == [9200, 9201]
+    assert all(dciodvfy_errors(out / name) == [] for name in names)
 
 
 @dataclass
@@ -175,6 +176,9 @@ def test_pipeline_writes_a_parametric_map_per_fitted_map_and_names_it_in_the_rep
     assert dciodvfy_errors(path) == []
     ds = pydicom.dcmread(path)
     numbers = {int(pydicom.dcmread(work.output_dir / entry[key]).SeriesNumber) for key in ("seg", "sr")}
+    sr_path = work.output_dir / entry["sr"]
+    assert dciodvfy_errors(sr_path) == [] and sr_validator_errors(sr_path) == []
+    assert {g["TrackingIdentifier"] for g in tid1500_read(sr_path)["Measurements"]} >= {"femoral_cartilage"}
     assert int(ds.SeriesNumber) >= 9200 and int(ds.SeriesNumber) not in numbers
 
     # The stored map is the one measured: its cartilage voxels give the designed T1rho.

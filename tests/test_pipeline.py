@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,13 +18,24 @@ import yaml
 from pydicom.uid import JPEG2000Lossless
 
 from evaluation import cli as eval_cli
+from msk_node.biomarkers.relaxometry import split_relaxation_series
+from msk_node.dicom_input import read_study_folder
 from msk_node.metrics import dice_per_label
 from msk_node.phantoms import write_phantom
 from msk_node.pipeline import process_study
 from msk_node.plausibility import label_figures
 from msk_node.precision import resolve_precision
+from msk_node.sr_writer import read_measurements
 from msk_node.volume import labels_on_volume_grid, volume_to_sitk
-from tests.dicom_checks import assert_frames_on_sources, dciodvfy_errors, make_mr_series, seg_label_volume
+from tests.dicom_checks import (
+    assert_frames_on_sources,
+    dciodvfy_errors,
+    make_mr_series,
+    seg_label_volume,
+    sr_validator_errors,
+    tid1500_read,
+    tid1500_values,
+)
 
 from tests.conftest import MODELS, REPO, TEST_SEED
 
@@ -58,9 +70,19 @@ def test_default_pipeline_reaches_the_dice_targets_on_phantoms(phantom_run, mode
     assert {key: report["models"][key] for key in used} == used
     parameters = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
     assert f"precision={used['precision']}" in parameters and f"backend={used['backend']}" in parameters
-    if job.report_output is not None:
-        sr_text = str(pydicom.dcmread(job.report_output))
-        assert f"precision={used['precision']}" in sr_text and f"backend={used['backend']}" in sr_text
+    assert job.report_output is not None
+    sr_text = str(pydicom.dcmread(job.report_output))
+    assert f"precision={used['precision']}" in sr_text and f"backend={used['backend']}" in sr_text
+    _assert_valid_report(job.report_output)
+
+
+def _assert_valid_report(path: Path) -> None:
+    """dciodvfy and DicomSRValidator accept the SR; dcmqi's tid1500reader reads the numbers ours reads (dcmqi
+    reads no measurement-level method, and no number where a value failed)."""
+    assert dciodvfy_errors(path) == [] and sr_validator_errors(path) == []
+    read_back = read_measurements(pydicom.dcmread(path))
+    ours = {(group, name.split(" [")[0]): value for (group, name), value in read_back.items() if not math.isnan(value)}
+    assert tid1500_values(tid1500_read(path)) == pytest.approx(ours, rel=1e-9)
 
 
 def test_bad_input_is_reported_and_the_rest_of_the_study_is_processed(tmp_path, models):
@@ -97,6 +119,7 @@ def test_bad_input_is_reported_and_the_rest_of_the_study_is_processed(tmp_path, 
     assert "modality CT is not MR" in joined
     assert "1 slice(s)" in joined
     assert dciodvfy_errors(work.jobs[0].output) == []
+    _assert_valid_report(work.jobs[0].report_output)  # on JPEG 2000 sources
 
 
 def test_application_entry_point_reads_the_map_paths_from_the_environment(tmp_path):
@@ -111,6 +134,56 @@ def test_application_entry_point_reads_the_map_paths_from_the_environment(tmp_pa
     assert series["outcome"] == "segmented"
     assert set(series["labels"]) == {"vertebral_body", "intervertebral_disc"}
     assert dciodvfy_errors(tmp_path / "out" / series["seg"]) == []
+    _assert_valid_report(tmp_path / "out" / series["sr"])
+
+
+REAL_MESE = Path(os.environ.get("MSK_NODE_REAL_MESE", REPO.parent / "shared" / "data" / "knee-mese-t2-ge-3t"))
+#: Hand-checked gastrocnemius on the MESE echo volumes (all muscle, viewed slice by slice): slices 12-14,
+#: rows 160-219, columns 185-204.
+MESE_MUSCLE_BOX = (slice(12, 15), slice(160, 220), slice(185, 205))
+
+
+@pytest.mark.skipif(not REAL_MESE.is_dir(), reason=f"real MESE data not found at {REAL_MESE}")
+def test_real_mese_study_alone_gets_a_t2_parametric_map_from_its_eight_echoes(tmp_path):
+    """The 8-echo big-endian series as a study of its own, through the application entry point: nothing to
+    segment (a mapping series), yet its T2 map is written as a Parametric Map on its slices, in ms."""
+    env = {**os.environ, "HOLOSCAN_INPUT_PATH": str(REAL_MESE / "dicom"),
+           "HOLOSCAN_OUTPUT_PATH": str(tmp_path / "out"), "HOLOSCAN_MODEL_PATH": str(MODELS)}
+    result = subprocess.run([sys.executable, "-m", "app"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["series"] == [] and "is excluded" in report["skipped"][0]["reason"]
+    (path,) = (tmp_path / "out").glob("*.dcm")
+    assert report["parametric_maps"] == [path.name]
+    assert dciodvfy_errors(path) == []
+
+    (source,) = read_study_folder(REAL_MESE / "dicom").series
+    echoes = split_relaxation_series([source.datasets])
+    ds = pydicom.dcmread(path)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30" and ds.StudyInstanceUID == source.study_instance_uid
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == source.series_instance_uid
+    # One frame per slice position, each on an instance of the second echo (the first is left out of the fit).
+    echo2 = {str(d.SOPInstanceUID) for d in echoes[1].volume.datasets}
+    referenced = {str(i.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+                  for i in ds.PerFrameFunctionalGroupsSequence}
+    assert ds.NumberOfFrames == 24 and referenced == echo2
+    mapping = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == "ms"
+    assert mapping.QuantityDefinitionSequence[0].ConceptCodeSequence[0].CodeValue == "113065"  # DCM T2
+
+    # The map read back where the muscle is in patient space: gastrocnemius T2 at 3 T.
+    stored = hd.pm.ParametricMap.from_dataset(ds).get_volume(apply_real_world_transform=True)
+    grid = echoes[0].volume.volume
+    k, j, i = (axis.ravel() for axis in np.mgrid[MESE_MUSCLE_BOX])
+    patient = grid.affine @ np.stack([k, j, i, np.ones_like(k)])
+    index = np.linalg.inv(stored.affine) @ patient
+    assert np.allclose(index, np.rint(index), atol=1e-3)  # the map lies on the echoes' grid
+    muscle = stored.array[tuple(np.rint(index[:3]).astype(int))]
+    fitted = muscle[muscle > 0]  # 0 is stored where no fit was valid
+    print(f"MESE gastrocnemius T2 {fitted.mean():.1f} ms over {fitted.size} of {muscle.size} voxels")
+    assert fitted.size >= 0.95 * muscle.size
+    assert 25.0 <= float(fitted.mean()) <= 45.0
 
 
 def test_application_refuses_corrupted_models_at_start_up(tmp_path):
@@ -148,6 +221,7 @@ def test_real_knee_dess_without_patient_id_gives_a_valid_aligned_seg(real_knee_w
     assert seg.PatientID == ""
     assert_frames_on_sources(seg, job.volume.datasets)
     assert (seg_label_volume(seg, job.volume.datasets, models.label_map) == job.label_volume).all()
+    _assert_valid_report(job.report_output)
     found = set(work.report["series"][0]["labels"])
     assert {"femur", "tibia"} <= found, found
 

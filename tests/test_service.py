@@ -48,7 +48,8 @@ from msk_node.service.delivery import read_results, send_cstore, stored_path
 from msk_node.service.listener import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
 from msk_node.service.spool import Spool
 from msk_node.service.worker import Worker
-from tests.dicom_checks import dciodvfy_errors
+from msk_node.sr_writer import read_measurements
+from tests.dicom_checks import dciodvfy_errors, sr_validator_errors, tid1500_read
 from tests.service_helpers import (
     GARBAGE,
     NODE_AE,
@@ -1257,6 +1258,8 @@ def test_real_application_end_to_end_to_a_dcmtk_storescp(tmp_path, nodes):
         assert sorted(by_modality) == ["SEG", "SR"] and len(list(received.iterdir())) == 2
         for path in by_modality.values():
             assert dciodvfy_errors(path) == []
+        assert sr_validator_errors(by_modality["SR"]) == []
+        assert tid1500_read(by_modality["SR"])["Measurements"]
     finally:
         pacs.terminate()
         pacs.wait(30)
@@ -1296,13 +1299,49 @@ def test_real_knee_study_sent_by_storescu_becomes_one_job_with_a_valid_seg(tmp_p
     for path in results:
         by_modality.setdefault(pydicom.dcmread(path, stop_before_pixels=True).Modality, []).append(path)
     # Each DESS echo is a sagittal knee series of its own: one SEG and one SR each. The T1rho map and the DESS T2
-    # map, fitted where cartilage was segmented, are one Parametric Map (modality OT) each, shared by both.
-    assert set(by_modality) - {"OT"} == {"SEG", "SR"} and len(by_modality["SEG"]) == len(by_modality["SR"]) == 2
-    maps = [pydicom.dcmread(path, stop_before_pixels=True) for path in by_modality.get("OT", [])]
-    assert len(maps) <= 2 and all(m.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30" for m in maps)
+    # map are one Parametric Map (modality OT) each, shared by both.
+    assert set(by_modality) == {"SEG", "SR", "OT"} and len(by_modality["SEG"]) == len(by_modality["SR"]) == 2
+    maps = [pydicom.dcmread(path, stop_before_pixels=True) for path in by_modality["OT"]]
+    assert all(m.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30" for m in maps)
+    assert sorted(m.ContentLabel for m in maps) == ["DESS_T2", "T1RHO"]
     for path in by_modality["SEG"]:
         seg = pydicom.dcmread(path)
         assert seg.StudyInstanceUID == study_uid and seg.PatientID == ""
         assert int(seg.NumberOfFrames) == 80 * len(seg.SegmentSequence)
     for path in results:
         assert dciodvfy_errors(path) == []
+    reports = {}
+    for path in by_modality["SR"]:
+        assert sr_validator_errors(path) == []
+        report = tid1500_read(path)  # 3D Slicer's reader
+        reports[report["Measurements"][0]["SourceSeriesForImageSegmentation"]] = (pydicom.dcmread(path), report)
+    _assert_femoral_relaxometry(*reports[_first_dess_echo_series(sent_dir)])
+
+
+#: Measurement methods of the two relaxation times in the real knee's SR.
+SPIN_LOCK, DESS = "Mono-exponential spin-lock fit", "Two-echo DESS signal model (Sveinsson 2017)"
+
+
+def _first_dess_echo_series(folder: Path) -> str:
+    return str(pydicom.dcmread(next((folder / "dess-echo1").glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID)
+
+
+def _assert_femoral_relaxometry(sr: pydicom.Dataset, report: dict) -> None:
+    """Femoral cartilage T1rho and DESS T2 of the first DESS echo's SR: healthy 3 T values in ms, each with the
+    share of its voxels rejected, the DESS T2 coded apart from a multi-echo T2 by its method."""
+    values = read_measurements(sr)
+    t1rho = values[("femoral_cartilage", f"T1rho relaxation time (Mean) [{SPIN_LOCK}]")]
+    dess_t2 = values[("femoral_cartilage", f"T2 (Mean) [{DESS}]")]
+    shares = [values[("femoral_cartilage", f"Rejected voxel share [{method}]")] for method in (SPIN_LOCK, DESS)]
+    print(f"real knee femoral cartilage: T1rho {t1rho:.1f} ms, DESS T2 {dess_t2:.1f} ms, rejected {shares} %")
+    assert 35.0 <= t1rho <= 60.0 and 20.0 <= dess_t2 <= 45.0
+    assert all(0.0 <= share < 50.0 for share in shares)
+    (group,) = [g for g in report["Measurements"] if g["TrackingIdentifier"] == "femoral_cartilage"]
+    items = [(item["quantity"]["CodeMeaning"], float(item["value"]), item["units"]["CodeValue"])
+             for item in group["measurementItems"]]
+
+    def unit(quantity: str, value: float) -> str:
+        return next(u for q, v, u in items if q == quantity and v == pytest.approx(value, rel=1e-6))
+
+    assert unit("T1rho relaxation time", t1rho) == unit("T2", dess_t2) == "ms"
+    assert [unit("Rejected voxel share", share) for share in shares] == ["%", "%"]

@@ -23,7 +23,14 @@ from msk_node.measure import measure_series, measurement_groups
 from msk_node.phantoms import write_phantom
 from msk_node.pipeline import measurement_rows
 from msk_node.seg_writer import AlgorithmInfo, build_segmentation, segment_number_map
-from msk_node.sr_writer import build_measurement_report, read_failure_reasons, read_measurements
+from msk_node.biomarkers import Measurement, unavailable
+from msk_node.sr_writer import (
+    RELAXOMETRY_METHODS,
+    MeasurementGroup,
+    build_measurement_report,
+    read_failure_reasons,
+    read_measurements,
+)
 from msk_node.volume import labels_on_volume_grid, series_to_volume
 from tests.dicom_checks import dciodvfy_errors, sr_validator_errors, tid1500_read, tid1500_values
 from training.sources import load_real_data
@@ -83,13 +90,21 @@ def test_report_is_valid_and_reads_back_to_the_csv_numbers(tmp_path, kind):
     sr = pydicom.dcmread(path)
     read_back = read_measurements(sr)
     rows = _rows(measurements, volume)
-    assert len(read_back) == len(rows)
-    values = sorted(v for v in read_back.values() if not math.isnan(v))
+    # Each relaxation time brings its rejected-voxel share (percent, the same method); the rest are the CSV's rows.
+    shares = {key: value for key, value in read_back.items() if key[1].startswith("Rejected voxel share")}
+    assert shares == pytest.approx(
+        {(m.label, f"Rejected voxel share [{RELAXOMETRY_METHODS[m.extra['map_kind']].meaning}]"):
+         100.0 * m.extra["rejected_share"] for m in measurements.rows() if "rejected_share" in m.extra}, abs=1e-6)
+    assert (len(shares) > 0) == (kind == "knee-t1rho")
+    assert len(read_back) - len(shares) == len(rows)
+    values = sorted(v for key, v in read_back.items() if key not in shares and not math.isnan(v))
     expected = sorted(r["value"] for r in rows if r["value"] is not None)
     np.testing.assert_allclose(values, expected, rtol=1e-4)
     # 3D Slicer's reader (dcmqi) reads the same numbers, and no number where a value failed.
+    # dcmqi reads a Measurement Method only at the group level, so its keys have no "[method]".
     assert tid1500_values(tid1500_read(path)) == pytest.approx(
-        {key: value for key, value in read_back.items() if not math.isnan(value)}, rel=1e-9)
+        {(group, name.split(" [")[0]): value for (group, name), value in read_back.items() if not math.isnan(value)},
+        rel=1e-9)
     # Every failed value carries its reason, the same as the CSV's.
     reasons = read_failure_reasons(sr)
     assert set(reasons) == {key for key, value in read_back.items() if math.isnan(value)}
@@ -160,7 +175,8 @@ def test_missing_spin_lock_series_is_reported_not_zero(tmp_path):
     t1rho = [v for (_, name), v in read_back.items() if name.startswith("T1rho")]
     assert t1rho and all(math.isnan(v) for v in t1rho)
     reasons = read_failure_reasons(sr)
-    assert all("at least 3" in reasons[(r["structure"], "T1rho relaxation time (Mean)")] for r in rows)
+    key = "T1rho relaxation time (Mean) [Mono-exponential spin-lock fit]"
+    assert all("at least 3" in reasons[(r["structure"], key)] for r in rows)
     assert not any(name.startswith("T1rho") for _, name in tid1500_values(tid1500_read(path)))
 
 
@@ -168,6 +184,7 @@ def test_bones_cut_by_the_field_of_view_are_not_reported_as_volumes(tmp_path):
     volume, labels, series = _study("knee", tmp_path)
     truth = _truth("knee", tmp_path)
     measurements, _, path = _report(volume, labels, "knee", series, tmp_path)
+    assert dciodvfy_errors(path) == [] and sr_validator_errors(path) == []
     volumes = {m.label: m for m in measurements.rows() if m.name == "volume"}
     # The phantom's femoral shaft and tibia leave the field of view; patella, cartilage and menisci do not.
     for bone in ("femur", "tibia"):
@@ -260,3 +277,41 @@ def test_knee_side_of_the_real_label_maps():
         labels[labels == 3] = 2
         side = knee_side(labels, affine, {"tibial_cartilage": 2, "femur": 5, "tibia": 6, "patella": 7})
         assert side.lateral_sign == lateral_sign, (source.path.name, side.describe())
+
+
+def test_dess_t2_and_multi_echo_t2_are_told_apart_by_their_coded_method(tmp_path):
+    """One cartilage group with a multi-echo T2, a DESS T2 and a failed DESS T2: three distinct, valid items."""
+    volume, labels, _ = _study("knee", tmp_path)
+    seg = build_segmentation(volume.datasets, labels, LABEL_MAP, ALGORITHM)
+    mese = Measurement("t2_mean", "femoral_cartilage", 38.5, "ms", "multi-echo",
+                       extra={"map_kind": "t2", "rejected_share": 0.02})
+    dess = Measurement("t2_mean", "femoral_cartilage", 33.25, "ms", "DESS",
+                       extra={"map_kind": "dess_t2", "rejected_share": 0.125})
+    failed = unavailable("t2_mean", "femoral_cartilage_medial", "ms", "DESS", "no dess_t2 map: no spoiler gradient",
+                         map_kind="dess_t2")
+    groups = [MeasurementGroup("femoral_cartilage", "femoral_cartilage", (mese, dess)),
+              MeasurementGroup("femoral_cartilage", "femoral_cartilage_medial", (failed,))]
+    path = tmp_path / "sr.dcm"
+    build_measurement_report(seg, groups, LABEL_MAP, ALGORITHM).save_as(path, enforce_file_format=True)
+
+    assert dciodvfy_errors(path) == []
+    assert sr_validator_errors(path) == []
+    mese_key, dess_key = "Mono-exponential multi-echo spin-echo fit", "Two-echo DESS signal model (Sveinsson 2017)"
+    expected = {("femoral_cartilage", f"T2 (Mean) [{mese_key}]"): 38.5,
+                ("femoral_cartilage", f"T2 (Mean) [{dess_key}]"): 33.25,
+                ("femoral_cartilage", f"Rejected voxel share [{mese_key}]"): 2.0,
+                ("femoral_cartilage", f"Rejected voxel share [{dess_key}]"): 12.5}
+    sr = pydicom.dcmread(path)
+    read_back = read_measurements(sr)
+    assert math.isnan(read_back.pop(("femoral_cartilage_medial", f"T2 (Mean) [{dess_key}]")))
+    assert read_back == pytest.approx(expected)
+    assert read_failure_reasons(sr) == {("femoral_cartilage_medial", f"T2 (Mean) [{dess_key}]"):
+                                        "no dess_t2 map: no spoiler gradient"}
+    # 3D Slicer's reader (dcmqi) reads the same numbers, the share in UCUM percent; it reads a Measurement Method
+    # only at the group level, so there the two T2 items differ by value alone.
+    items = [item for group in tid1500_read(path)["Measurements"] for item in group["measurementItems"]]
+    read_by_dcmqi = sorted((item["quantity"]["CodeMeaning"], item["units"]["CodeValue"], float(item["value"]))
+                           for item in items)
+    assert read_by_dcmqi == [("Rejected voxel share", "%", 2.0), ("Rejected voxel share", "%", 12.5),
+                             ("T2", "ms", 33.25), ("T2", "ms", 38.5)]
+    _assert_schemes_declared(sr)
