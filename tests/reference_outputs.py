@@ -76,10 +76,10 @@ def output_digest(out_dir: Path) -> dict[str, Any]:
                                                "labels", "plausibility")} for entry in report["series"]]
     skipped = sorted(entry["reason"] for entry in report["skipped"])
     described = {entry["series_instance_uid"]: entry.get("description", "") for entry in report["series"]}
-    measurements = sorted(
-        (described.get(row["series_instance_uid"], "?"), row["segment"], row["structure"], row["measurement"], row["value"],
-         row["unit"], row["method"], row.get("reason") or "")
-        for row in json.loads((out_dir / "measurements.json").read_text()))
+    rows = json.loads((out_dir / "measurements.json").read_text())
+    measurements = sorted(((described.get(row["series_instance_uid"], "?"), row["segment"], row["structure"],
+                            row["measurement"], row["value"], row["unit"], row["method"], row.get("reason") or "")
+                           for row in rows), key=json.dumps)
     objects = []
     for path in sorted(out_dir.glob("*.dcm")):
         ds = pydicom.dcmread(path)
