@@ -22,6 +22,22 @@ TEST_SEED = 424242
 DEFAULT_THREADS = torch.get_num_threads()
 
 
+def real_knee_as_one_study(folder: Path) -> Path:
+    """Copies of the real knee's series under one StudyInstanceUID (the first DESS echo's), as on the scanner:
+    the anonymisation gave each series a study of its own. The user's files are never altered."""
+    import pydicom
+
+    study_uid = str(pydicom.dcmread(next(iter(sorted((REAL_KNEE / "dess-echo1").rglob("*.dcm")))),
+                                    stop_before_pixels=True).StudyInstanceUID)
+    for path in sorted(REAL_KNEE.rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = study_uid
+        target = folder / path.relative_to(REAL_KNEE)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(target)
+    return folder
+
+
 def run_pipeline(input_dir: Path, output_dir: Path, models: ModelSet) -> StudyWork:
     """``process_study`` with PyTorch's default thread count."""
     torch.set_num_threads(DEFAULT_THREADS)
@@ -51,8 +67,10 @@ def phantom_run(tmp_path_factory, models) -> Callable[[str], tuple[Path, Path, S
 
 @pytest.fixture(scope="session")
 def real_knee_run(tmp_path_factory, models) -> tuple[Path, StudyWork]:
-    """The real knee study (DESS echoes and CubeQuant series) through the default pipeline: output folder, work."""
+    """The real knee study (DESS echoes and CubeQuant series, one StudyInstanceUID) through the default pipeline:
+    output folder, work."""
     if not (REAL_KNEE / "dess-echo1").is_dir():
         pytest.skip(f"real knee data not found at {REAL_KNEE}")
-    out = tmp_path_factory.mktemp("real-knee")
-    return out, run_pipeline(REAL_KNEE, out, models)
+    root = tmp_path_factory.mktemp("real-knee")
+    study = real_knee_as_one_study(root / "study")
+    return root / "out", run_pipeline(study, root / "out", models)

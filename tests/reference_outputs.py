@@ -5,9 +5,9 @@ content item of the SR, Parametric Map values, the measurements table and the ou
 in ``report.json``. It leaves out what differs by run: UIDs, dates, output file names.
 
 Exact equality only holds on the machine (CPU, precision, encoder backend, thread count) that made the
-reference; elsewhere the tests compare within tolerances. To record a new reference, on purpose:
+reference; elsewhere the tests compare the decisions only. To record a new reference, on purpose:
 
-    .venv/bin/python -m tests.reference_outputs
+    .venv/bin/python -m tests.reference_outputs [phantom-knee phantom-thigh phantom-spine real-knee]
 """
 from __future__ import annotations
 
@@ -101,26 +101,38 @@ def output_digest(out_dir: Path) -> dict[str, Any]:
             "objects": objects}
 
 
-def main() -> int:
-    """Run the reference studies through the default pipeline and write :data:`REFERENCE`."""
+def main(argv: list[str] | None = None) -> int:
+    """Run the reference studies (all, or those named: phantom-knee, ..., real-knee) through the default pipeline
+    and write :data:`REFERENCE`; studies not named keep their recorded digest."""
     import tempfile
 
     from msk_node.models import load_models
     from msk_node.phantoms import write_phantom
-    from tests.conftest import MODELS, REAL_KNEE, TEST_SEED, run_pipeline
+    from tests.conftest import MODELS, REAL_KNEE, TEST_SEED, real_knee_as_one_study, run_pipeline
 
+    names = [f"phantom-{kind}" for kind in PHANTOM_KINDS] + ["real-knee"]
+    wanted = (argv if argv is not None else sys.argv[1:]) or names
+    unknown = set(wanted) - set(names)
+    if unknown:
+        raise SystemExit(f"unknown reference studies {sorted(unknown)} (known: {', '.join(names)})")
+    recorded = json.loads(REFERENCE.read_text()) if REFERENCE.is_file() else {"studies": {}}
+    if set(wanted) != set(names) and recorded.get("machine") != machine():
+        raise SystemExit("the recorded digest is from another machine: record every study")
     models = load_models(MODELS)
-    studies: dict[str, Any] = {}
+    studies: dict[str, Any] = dict(recorded["studies"])
     with tempfile.TemporaryDirectory() as temp:
-        for kind in PHANTOM_KINDS:
-            case = write_phantom(kind, Path(temp) / kind / "case", seed=TEST_SEED)
-            run_pipeline(case / "dicom", Path(temp) / kind / "out", models)
-            studies[f"phantom-{kind}"] = output_digest(Path(temp) / kind / "out")
-            print(f"phantom {kind}: done", file=sys.stderr)
-        if (REAL_KNEE / "dess-echo1").is_dir():
-            run_pipeline(REAL_KNEE, Path(temp) / "real-knee", models)
-            studies["real-knee"] = output_digest(Path(temp) / "real-knee")
-            print("real knee: done", file=sys.stderr)
+        for name in wanted:
+            if name == "real-knee":
+                if not (REAL_KNEE / "dess-echo1").is_dir():
+                    studies.pop(name, None)
+                    continue
+                study = real_knee_as_one_study(Path(temp) / "real-knee-study")
+            else:
+                kind = name.removeprefix("phantom-")
+                study = write_phantom(kind, Path(temp) / name / "case", seed=TEST_SEED) / "dicom"
+            run_pipeline(study, Path(temp) / name / "out", models)
+            studies[name] = output_digest(Path(temp) / name / "out")
+            print(f"{name}: done", file=sys.stderr)
     REFERENCE.parent.mkdir(exist_ok=True)
     REFERENCE.write_text(json.dumps({"machine": machine(), "studies": studies}, indent=1) + "\n")
     print(f"wrote {REFERENCE}", file=sys.stderr)
