@@ -26,6 +26,7 @@ entry and the key, e.g. ``label_map.yaml: labels[3] (meniscus): unknown key 'col
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterator
@@ -158,6 +159,12 @@ class LabelMap:
             if getattr(spec, attribute) == key:
                 return spec
         raise KeyError(f"no label with {attribute} {key!r}")
+
+
+@functools.cache
+def default_label_map() -> LabelMap:
+    """The label map shipped with the repository, read once: the one source of label values."""
+    return load_label_map(DEFAULT_LABEL_MAP_PATH)
 
 
 def load_label_map(path: str | Path) -> LabelMap:
