@@ -202,10 +202,10 @@ def _parse_model(raw: Any, where: str) -> ModelSpec:
     models_dir = checks.value(raw, "models_dir", where, "string")
     if (family is None) == (models_dir is None):
         raise ValueError(f"{where}: give exactly one of 'family' (zero-shot) and 'models_dir' (a node models folder)")
-    if family is not None and family not in MODEL_FAMILIES:
-        raise ValueError(f"key '{where}.family' must be one of {', '.join(MODEL_FAMILIES)}, got {family!r}")
+    if family not in (None, "truth"):
+        checks.family_named(family, f"{where}.family")
     checkpoint = checks.value(raw, "checkpoint", where, "string")
-    if family in ("sam2", "sam", "medsam") and checkpoint is None:
+    if family not in (None, "truth") and not FAMILIES[family].weights_ship and checkpoint is None:
         raise ValueError(f"missing key '{where}.checkpoint': {family} has no bundled weights")
     if checkpoint is not None and family in (None, "truth"):
         raise ValueError(f"key '{where}.checkpoint' applies to a zero-shot family only")

@@ -1,4 +1,4 @@
-"""Checks shared by the YAML configs of training and evaluation: errors name the file and the key."""
+"""Checks shared by the YAML configs of the node, training and evaluation: errors name the file and the key."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from msk_node.segmenters.registry import SegmenterFamily, segmenter_family
 
 Config = TypeVar("Config")
 
@@ -52,3 +54,17 @@ def typed(item: Any, kind: str, key: str) -> Any:
         article = "an" if kind[0] in "aeiou" else "a"
         raise ValueError(f"key {key!r} must be {article} {kind}, got {type(item).__name__} {item!r}")
     return item
+
+
+def segmenter_family_of(raw: dict[str, Any], where: str, key: str = "family") -> SegmenterFamily:
+    """The registered segmenter family named by ``raw[key]``; an unknown one is an error naming the key."""
+    name = f"{where}.{key}" if where else key
+    return family_named(typed(raw.get(key), "string", name), name)
+
+
+def family_named(family: str, key: str) -> SegmenterFamily:
+    """The registered segmenter family ``family``, read from ``key``; the same error wherever a family is named."""
+    try:
+        return segmenter_family(family)
+    except ValueError as error:
+        raise ValueError(f"key {key!r}: {error}") from None

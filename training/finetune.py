@@ -95,7 +95,7 @@ from training.finetune_data import (
 from training.losses import LOSSES
 from training.preprocess import _identifier
 from training.run_dir import RunDir, check_run_dir_free
-from training.sam_family import FAMILIES, MODES, ModelSpec, PromptedModel, build_base_model
+from training.sam_family import MODES, ModelSpec, PromptedModel, build_base_model
 
 logger = logging.getLogger(__name__)
 
@@ -240,19 +240,10 @@ def parse_finetune_config(raw: Any, default_run_dir: Path = Path("runs/finetune/
 
 def _parse_model(raw: dict[str, Any]) -> ModelSpec:
     checks.check_keys(raw, "model", _MODEL_KEYS, required=("family",))
-    family = _choice(raw, "family", FAMILIES, None, "model")
+    family = checks.segmenter_family_of(raw, "model").name
     model_config = checks.value(raw, "model_config", "model", "string")
-    if family == "sam2" and model_config is None:
-        raise ValueError("missing key 'model.model_config' (a SAM2 config, e.g. configs/sam2.1/sam2.1_hiera_t.yaml)")
-    if family == "litemedsam" and model_config is not None:
-        raise ValueError("key 'model.model_config' does not apply to family litemedsam")
-    if family in ("sam", "medsam"):
-        model_config = model_config or "vit_b"
     checkpoint = checks.value(raw, "checkpoint", "model", "string")
     image_size = checks.value(raw, "image_size", "model", "integer")
-    if image_size is not None and (family != "sam2" or image_size <= 0 or image_size % 32):
-        raise ValueError(f"key 'model.image_size' applies to family sam2 and must be a positive multiple of 32, "
-                         f"got {image_size!r}")
     return ModelSpec(family, model_config, None if checkpoint is None else Path(checkpoint), image_size)
 
 
@@ -408,8 +399,8 @@ def _train(config: FinetuneConfig, run_dir: Path, processes: Processes) -> Finet
     model = build_model(config).to(device)
     selection = _selection(config, config.subjects_per_dataset)
     store = open_store(config, model) if config.embeddings else None
-    train_source = SliceSource(config.data, selection.train, store)
-    val_source = SliceSource(config.data, selection.val, store)
+    train_source = SliceSource(config.data, selection.train, store, model.frame)
+    val_source = SliceSource(config.data, selection.val, store, model.frame)
     mask_size = int(train_source.mask(0).shape[-1])
     counts = dict(zip(selection.summary["dataset"], selection.summary["samples_per_epoch"]))
     train_set = EpochSamples(train_source, counts, config.prompts, model.input_size, config.seed)
