@@ -1,7 +1,10 @@
 """Checks shared by the YAML configs of the node, training and evaluation: errors name the file and the key."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -68,3 +71,45 @@ def family_named(family: str, key: str) -> SegmenterFamily:
         return segmenter_family(family)
     except ValueError as error:
         raise ValueError(f"key {key!r}: {error}") from None
+
+
+def one_of(item: Any, allowed: Iterable[Any], key: str) -> None:
+    """``item`` is one of ``allowed``; else an error naming ``key``."""
+    allowed = tuple(allowed)
+    if item not in allowed:
+        raise ValueError(f"key {key!r} must be one of {', '.join(map(str, allowed))}, got {item!r}")
+
+
+def at_least(item: float | None, low: float, key: str, *, strict: bool = False) -> None:
+    """``item`` (None: unset, accepted) is ``>= low``, or ``> low`` when ``strict``; else an error naming ``key``."""
+    if item is not None and (item <= low if strict else item < low):
+        raise ValueError(f"key {key!r} must be {'>' if strict else '>='} {low}, got {item}")
+
+
+_KIND_OF_TYPE = {bool: "boolean", int: "integer", float: "number", str: "string", dict: "mapping", list: "list"}
+
+
+def check_field_types(config: Any, where: str = "") -> None:
+    """Each field of the dataclass ``config`` holds its annotated type; an error names the key.
+
+    Called from ``__post_init__``, so a config built in code is checked like one read from
+    YAML. Fields of other types (paths, nested configs) are left to their own checks.
+    """
+    hints = typing.get_type_hints(type(config))
+    for entry in dataclasses.fields(config):
+        item = getattr(config, entry.name)
+        hint = hints[entry.name]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            options = [option for option in typing.get_args(hint) if option is not type(None)]
+            if item is None and len(options) < len(typing.get_args(hint)):
+                continue
+            hint = options[0] if len(options) == 1 else None
+        kind = _KIND_OF_TYPE.get(typing.get_origin(hint) or hint)
+        if kind is not None:
+            typed(item, kind, f"{where}.{entry.name}" if where else entry.name)
+
+
+def config_from_mapping(config_type: type[Config], raw: Any, required: tuple[str, ...] = ()) -> Config:
+    """A flat dataclass config from a YAML mapping: keys are its fields; the constructor checks the values."""
+    check_keys(raw or {}, "", tuple(entry.name for entry in dataclasses.fields(config_type)), required)
+    return config_type(**(raw or {}))

@@ -47,7 +47,8 @@ class ModelSpec:
     def __post_init__(self) -> None:
         family = segmenter_family(self.family)
         if family.name == "sam2" and self.model_config is None:
-            raise ValueError("missing key 'model.model_config' (a SAM2 config, e.g. configs/sam2.1/sam2.1_hiera_t.yaml)")
+            raise ValueError("missing key 'model.model_config' "
+                             "(a SAM2 config, e.g. configs/sam2.1/sam2.1_hiera_t.yaml)")
         if family.default_config is None and self.model_config is not None:
             raise ValueError(f"key 'model.model_config' does not apply to family {family.name}")
         if family.default_config is not None and self.model_config is None:
