@@ -59,12 +59,6 @@ def typed(item: Any, kind: str, key: str) -> Any:
     return item
 
 
-def segmenter_family_of(raw: dict[str, Any], where: str, key: str = "family") -> SegmenterFamily:
-    """The registered segmenter family named by ``raw[key]``; an unknown one is an error naming the key."""
-    name = f"{where}.{key}" if where else key
-    return family_named(typed(raw.get(key), "string", name), name)
-
-
 def family_named(family: str, key: str) -> SegmenterFamily:
     """The registered segmenter family ``family``, read from ``key``; the same error wherever a family is named."""
     try:

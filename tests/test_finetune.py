@@ -20,13 +20,14 @@ from msk_node.labels import DEFAULT_LABEL_MAP_PATH
 from msk_node.models import ModelError, load_models
 from msk_node.phantoms import write_phantom
 from training.embed_store import EmbeddingStore
-from training.finetune import build_model, embed, export_run, finetune, load_finetune_config, parse_finetune_config
+from training.finetune import FinetuneConfig, build_model, embed, export_run, finetune, load_finetune_config, parse_finetune_config
 from msk_node.intensity import SquareFrame
 from msk_node.segmenters.frames import model_frame
 from msk_node.segmenters.registry import FAMILIES
 from training.finetune_data import EpochSamples, SliceSource, components, load_stored, select_slices
 from training.losses import dice_bce_loss, focal_dice_loss
 from training.preprocess import parse_preprocess_config, preprocess
+from training.sam_family import ModelSpec
 
 # sam2's input transforms are TorchScript, which torch deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
@@ -261,6 +262,15 @@ def test_a_stored_non_square_slice_reaches_training_in_the_frame_the_node_uses(t
     pixels = load_stored(tmp_path, row, "image", FAMILIES[family].frame)
     assert pixels.shape == (3, size, size)
     assert np.abs(pixels - node.image_to_model(image)[0].numpy()).mean() < 0.01
+
+
+def test_a_finetuning_config_built_in_code_is_checked_like_one_read_from_yaml():
+    with pytest.raises(ValueError, match="'batch_size' must be > 0"):
+        FinetuneConfig(data=Path("data"), model=ModelSpec("litemedsam"), run_dir=Path("run"), batch_size=0)
+    with pytest.raises(ValueError, match="'model.family'"):
+        ModelSpec("unet")
+    with pytest.raises(ValueError, match="'model.image_size'"):
+        ModelSpec("sam2", "hiera_t", image_size=100)
 
 
 def test_losses_prefer_the_right_mask():

@@ -238,7 +238,7 @@ def parse_finetune_config(raw: Any, default_run_dir: Path = Path("runs/finetune/
 
 def _parse_model(raw: dict[str, Any]) -> ModelSpec:
     checks.check_keys(raw, "model", _MODEL_KEYS, required=("family",))
-    family = checks.segmenter_family_of(raw, "model").name
+    family = checks.value(raw, "family", "model", "string")
     model_config = checks.value(raw, "model_config", "model", "string")
     checkpoint = checks.value(raw, "checkpoint", "model", "string")
     image_size = checks.value(raw, "image_size", "model", "integer")

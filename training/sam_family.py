@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msk_node import config_checks as checks
 from msk_node.segmenters.base import box_prompt_logits
 from msk_node.segmenters.registry import build_segmenter, segmenter_family
 
@@ -45,7 +46,7 @@ class ModelSpec:
     image_size: int | None = None
 
     def __post_init__(self) -> None:
-        family = segmenter_family(self.family)
+        family = checks.family_named(self.family, "model.family")
         if family.name == "sam2" and self.model_config is None:
             raise ValueError("missing key 'model.model_config' "
                              "(a SAM2 config, e.g. configs/sam2.1/sam2.1_hiera_t.yaml)")
