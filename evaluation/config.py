@@ -67,7 +67,6 @@ from msk_node.precision import PRECISIONS
 #: The papers' box-shift robustness check moves boxes by up to 20 px of the model's input frame.
 DEFAULT_SHIFT_PX = 20.0
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _LABEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
@@ -85,7 +84,7 @@ class ModelSpec:
     where: InitVar[str] = "model"
 
     def __post_init__(self, where: str) -> None:
-        check_identifier(self.name, f"{where}.name")
+        checks.check_identifier(self.name, f"{where}.name")
         if (self.family is None) == (self.models_dir is None):
             raise ValueError(f"{where}: give exactly one of 'family' (zero-shot) and 'models_dir' "
                              "(a node models folder)")
@@ -128,7 +127,7 @@ class DatasetSpec:
     where: InitVar[str] = "dataset"
 
     def __post_init__(self, where: str) -> None:
-        check_identifier(self.name, f"{where}.name")
+        checks.check_identifier(self.name, f"{where}.name")
         if self.real_data is not None:
             checks.one_of(self.split, ("training", "validation"), f"{where}.split")
             return
@@ -136,7 +135,7 @@ class DatasetSpec:
             raise ValueError(f"{where}: give exactly one of 'phantom' and 'format'")
         if self.phantom is not None:
             checks.one_of(self.phantom, PHANTOM_KINDS, f"{where}.phantom")
-            no_duplicates([str(seed) for seed in self.seeds], where + ".seeds[{}]", "seed")
+            checks.no_duplicates([str(seed) for seed in self.seeds], where + ".seeds[{}]", "seed")
             checks.at_least(self.n_slices, 2, f"{where}.n_slices")
             return
         checks.one_of(self.format, FORMATS, f"{where}.format")
@@ -144,7 +143,7 @@ class DatasetSpec:
             raise ValueError(f"key '{where}.series' applies to format dicom only")
         if not self.subjects:
             raise ValueError(f"key '{where}.subjects' must be a non-empty list")
-        no_duplicates([subject.id for subject in self.subjects], where + ".subjects[{}].id", "subject id")
+        checks.no_duplicates([subject.id for subject in self.subjects], where + ".subjects[{}].id", "subject id")
 
 
 @dataclass(frozen=True)
@@ -167,8 +166,8 @@ class ExperimentConfig:
         for key in ("models", "datasets"):
             if not getattr(self, key):
                 raise ValueError(f"key {key!r} must be a non-empty list")
-        no_duplicates([m.name for m in self.models], "models[{}].name", "model name")
-        no_duplicates([d.name for d in self.datasets], "datasets[{}].name", "dataset name")
+        checks.no_duplicates([m.name for m in self.models], "models[{}].name", "model name")
+        checks.no_duplicates([d.name for d in self.datasets], "datasets[{}].name", "dataset name")
         for index, source in enumerate(self.prompts):
             checks.one_of(source, PROMPT_SOURCES, f"prompts[{index}]")
         if not self.prompts or len(set(self.prompts)) != len(self.prompts):
@@ -316,7 +315,7 @@ def _parse_real_data_dataset(raw: dict[str, Any], where: str, name: str) -> Data
 
 def _parse_subject(raw: Any, where: str) -> SubjectSpec:
     checks.check_keys(raw, where, ("id", "image", "labels"), required=("id", "image", "labels"))
-    return SubjectSpec(check_identifier(checks.value(raw, "id", where, "string"), f"{where}.id"),
+    return SubjectSpec(checks.check_identifier(checks.value(raw, "id", where, "string"), f"{where}.id"),
                        Path(checks.value(raw, "image", where, "string")),
                        Path(checks.value(raw, "labels", where, "string")))
 
@@ -337,19 +336,5 @@ def parse_label_names(raw: Any, key: str = "label_names") -> dict[int, str]:
         if not isinstance(name, str) or not _LABEL_NAME.fullmatch(name):
             raise ValueError(f"key '{key}.{value}' must be a label name (lower-case letters, digits, '_'), "
                              f"got {name!r}")
-    no_duplicates(list(raw.values()), key + ".{}", "label name")
+    checks.no_duplicates(list(raw.values()), key + ".{}", "label name")
     return dict(raw)
-
-
-def check_identifier(item: str, key: str) -> str:
-    """``item``, a name that is safe in file names; else an error naming ``key``."""
-    if not isinstance(item, str) or not _NAME.fullmatch(item):
-        raise ValueError(f"key {key!r} must be letters, digits, '.', '_' or '-' (it names files), got {item!r}")
-    return item
-
-
-def no_duplicates(items: list[str], key: str, what: str) -> None:
-    """No item twice; the error names the key (``key`` formatted with the index) of the second."""
-    for index, item in enumerate(items):
-        if item in items[:index]:
-            raise ValueError(f"key {key.format(index)!r}: duplicate {what} {item!r}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -107,3 +108,20 @@ def config_from_mapping(config_type: type[Config], raw: Any, required: tuple[str
     """A flat dataclass config from a YAML mapping: keys are its fields; the constructor checks the values."""
     check_keys(raw or {}, "", tuple(entry.name for entry in dataclasses.fields(config_type)), required)
     return config_type(**(raw or {}))
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_identifier(item: Any, key: str) -> str:
+    """``item``, a name that is safe in file and folder names; else an error naming ``key``."""
+    if not isinstance(item, str) or not _IDENTIFIER.fullmatch(item):
+        raise ValueError(f"key {key!r} must be letters, digits, '.', '_' or '-' (it names files), got {item!r}")
+    return item
+
+
+def no_duplicates(items: list[Any], key: str, what: str) -> None:
+    """No item twice; the error names the key of the second (``key`` formatted with its index)."""
+    for index, item in enumerate(items):
+        if item in items[:index]:
+            raise ValueError(f"key {key.format(index)!r}: duplicate {what} {item!r}")
