@@ -125,3 +125,10 @@ def no_duplicates(items: list[Any], key: str, what: str) -> None:
     for index, item in enumerate(items):
         if item in items[:index]:
             raise ValueError(f"key {key.format(index)!r}: duplicate {what} {item!r}")
+
+
+def in_range(item: float, low: float, high: float, key: str) -> float:
+    """``item`` if ``low <= item <= high``; else an error naming ``key``."""
+    if not low <= item <= high:
+        raise ValueError(f"key {key!r} must be in {low}..{high}, got {item}")
+    return item
