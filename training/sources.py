@@ -72,6 +72,11 @@ class RealData:
     spine_training: tuple[RealSpineCase, ...]
     spine_validation: tuple[RealSpineCase, ...]
 
+    def __post_init__(self) -> None:
+        overlap = {c.folder for c in self.spine_training} & {c.folder for c in self.spine_validation}
+        if overlap:
+            raise ValueError(f"real_spine: cases in both training and validation: {sorted(map(str, overlap))}")
+
 
 def load_real_data(path: Path) -> RealData:
     """Read ``real_data.yaml``; paths start at ``$MSK_NODE_DATA`` or the file's ``data_root``."""
@@ -111,11 +116,7 @@ def _parse_real_data(raw: object, base: Path) -> RealData:
             found.append(RealSpineCase(folder / case, dataset_names[dataset]))
         return tuple(found)
 
-    training, validation = cases("training"), cases("validation")
-    overlap = {c.folder for c in training} & {c.folder for c in validation}
-    if overlap:
-        raise ValueError(f"real_spine: cases in both training and validation: {sorted(map(str, overlap))}")
-    return RealData(maps, training, validation)
+    return RealData(maps, cases("training"), cases("validation"))
 
 
 def check_cases(cases: dict) -> None:
