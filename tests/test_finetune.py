@@ -16,14 +16,15 @@ import pytest
 import torch
 import yaml
 
+from msk_node.intensity import SquareFrame
 from msk_node.labels import DEFAULT_LABEL_MAP_PATH
 from msk_node.models import ModelError, load_models
 from msk_node.phantoms import write_phantom
-from training.embed_store import EmbeddingStore
-from training.finetune import FinetuneConfig, build_model, embed, export_run, finetune, load_finetune_config, parse_finetune_config
-from msk_node.intensity import SquareFrame
 from msk_node.segmenters.frames import model_frame
 from msk_node.segmenters.registry import FAMILIES
+from training.embed_store import EmbeddingStore
+from training.finetune import (FinetuneConfig, build_model, embed, export_run, finetune, load_finetune_config,
+                               parse_finetune_config)
 from training.finetune_data import EpochSamples, SliceSource, components, load_stored, select_slices
 from training.losses import dice_bce_loss, focal_dice_loss
 from training.preprocess import parse_preprocess_config, preprocess
