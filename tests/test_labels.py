@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from msk_node import codes
-from msk_node.labels import DEFAULT_LABEL_MAP_PATH, LabelMap, load_label_map
+from msk_node.labels import DEFAULT_LABEL_MAP_PATH, LabelMap, LabelSpec, load_label_map
 
 EXPECTED_VALUES = {
     "femur": 1, "tibia": 2, "patella": 3, "femoral_cartilage": 4, "tibial_cartilage": 5,
@@ -175,3 +175,13 @@ def test_invalid_documents_raise_value_error(tmp_path: Path, document: object, f
         load_label_map(_write(tmp_path, document))
     assert fragment in str(caught.value)
     assert str(caught.value).startswith("label_map.yaml: ")
+
+
+def test_a_label_built_in_code_is_checked_like_one_read_from_yaml(default_map: LabelMap) -> None:
+    femur = default_map.by_name("femur")
+    fields = {name: getattr(femur, name) for name in femur.__dataclass_fields__}
+    with pytest.raises(ValueError, match=r"key 'value' must be in 1\.\.255, got 300"):
+        LabelSpec(**{**fields, "value": 300})
+    with pytest.raises(ValueError, match="key 'colour' must be 3 integers"):
+        LabelSpec(**{**fields, "colour": (1, 2)})
+    assert LabelSpec(**{**fields, "smoothing_mm": 3}).smoothing_mm == 3.0

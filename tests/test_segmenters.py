@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from msk_node.intensity import SquareFrame
 from msk_node.precision import native_bf16
-from msk_node.segmenters.registry import build_segmenter
+from msk_node.segmenters.frames import StretchFrame, model_frame, pixel_size
+from msk_node.segmenters.registry import FAMILIES, build_segmenter
 
 
 def _two_objects(rows: int = 300, cols: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -84,3 +87,65 @@ def test_sam_vit_b_with_random_weights_returns_masks_on_the_slice_grid(family):
     probabilities = segmenter.decode(segmenter.encode(image), np.array([[5, 5, 60, 80], [10, 20, 80, 110]]))
     assert probabilities.shape == (2, 120, 90)
     assert 0.0 <= probabilities.min() <= probabilities.max() <= 1.0
+
+
+# --- one frame per family: a non-square slice -------------------------------------------------------
+
+#: A 256 x 192 slice (rows x columns), the shape of many sagittal knee and spine series.
+ROWS, COLS = 256, 192
+
+
+def _ellipse() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Slice, object mask and the object's box (xyxy, pixel edges) of an ellipse off the slice centre."""
+    yy, xx = np.mgrid[:ROWS, :COLS]
+    mask = ((yy - 170) / 45.0) ** 2 + ((xx - 60) / 30.0) ** 2 < 1.0
+    image = np.where(mask, 200.0, 40.0) + np.random.default_rng(1).normal(0, 8, mask.shape)
+    rows, cols = np.nonzero(mask)
+    box = np.array([[cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]], dtype=np.float32)
+    return image.clip(0, 255).astype(np.uint8), mask, box
+
+
+def _edges(mask: np.ndarray) -> np.ndarray:
+    rows, cols = np.nonzero(mask)
+    return np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=np.float32)
+
+
+def test_litemedsam_box_and_mask_line_up_with_the_object_on_a_256_by_192_slice(litemedsam):
+    image, mask, box = _ellipse()
+    probabilities = litemedsam.decode(litemedsam.encode(image), box)
+    assert probabilities.shape == (1, ROWS, COLS)
+    assert _dice(probabilities[0] > 0.5, mask) > 0.95
+    np.testing.assert_allclose(_edges(probabilities[0] > 0.5), box[0], atol=2.0)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_familys_frame_maps_the_box_onto_the_object_and_the_mask_back_onto_it(family):
+    _, mask, box = _ellipse()
+    frame = model_frame(family, ROWS, COLS)
+    assert isinstance(frame, StretchFrame if FAMILIES[family].frame == "stretch" else SquareFrame)
+    on_model = frame.labels_to_model(mask)
+    # The prompt box lands on the object as the model sees it, within one model pixel.
+    np.testing.assert_allclose(frame.boxes_to_model(box)[0], _edges(on_model), atol=1.0)
+    # The model's mask comes back onto the object in slice pixels.
+    back = frame.masks_to_slice(torch.from_numpy(on_model.astype(np.float32))[None, None])[0] > 0.5
+    assert _dice(back, mask) > 0.97
+    x_size, y_size = pixel_size(frame)
+    assert (x_size == y_size) == (FAMILIES[family].frame == "pad")
+
+
+def test_the_stretch_frame_is_sam2s_own_image_box_and_mask_transform():
+    from sam2.utils.transforms import SAM2Transforms
+
+    image, _, box = _ellipse()
+    frame = model_frame("sam2", ROWS, COLS)
+    sam2 = SAM2Transforms(resolution=frame.size, mask_threshold=0.0)
+    np.testing.assert_allclose(frame.boxes_to_model(box).reshape(-1, 2, 2),
+                               sam2.transform_boxes(torch.from_numpy(box), normalize=True, orig_hw=(ROWS, COLS)),
+                               atol=1e-4)
+    # SAM2 resizes then normalises; undo its normalisation to compare the resized pixels.
+    mean, std = torch.tensor(sam2.mean)[:, None, None], torch.tensor(sam2.std)[:, None, None]
+    theirs = sam2(np.repeat(image[:, :, None], 3, axis=2)) * std + mean
+    torch.testing.assert_close(frame.image_to_model(image)[0], theirs, atol=1e-4, rtol=0)
+    logits = torch.randn(2, 1, 256, 256)
+    np.testing.assert_allclose(frame.masks_to_slice(logits), sam2.postprocess_masks(logits, (ROWS, COLS))[:, 0],
+                               atol=1e-5)

@@ -76,12 +76,21 @@ def test_the_exported_decoder_loads_in_the_node_and_gives_the_finetuned_output(f
 
 @pytest.mark.parametrize("text, key", [("cases: {thigh: 1}\nlearning_rat: 0.1\n", "learning_rat"),
                                        ("cases: {thigh: 1}\nsteps: many\n", "steps"),
-                                       ("steps: 3\n", "cases")])
+                                       ("steps: 3\n", "cases"),
+                                       ("cases: {ankle: 1}\n", "cases"),
+                                       ("cases: {thigh: 1}\nprecision: fp16\n", "precision")])
 def test_finetune_config_errors_name_the_key(tmp_path, text, key):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(ValueError, match=key):
         load_segmenter_config(path)
+
+
+def test_a_config_built_in_code_is_checked_like_one_read_from_yaml():
+    with pytest.raises(ValueError, match="'steps' must be an integer"):
+        SegmenterConfig(cases={"thigh": 1}, steps="many")
+    with pytest.raises(ValueError, match="'max_boxes_per_step' must be > 0"):
+        SegmenterConfig(cases={"thigh": 1}, max_boxes_per_step=0)
 
 
 def test_config_defaults_match_the_documented_recipe():

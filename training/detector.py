@@ -18,18 +18,15 @@ import yaml
 from PIL import Image
 from scipy import ndimage
 
+from msk_node import config_checks as checks
 from msk_node.labels import LabelMap, load_label_map
 from msk_node.models import file_sha256
 from msk_node.yolo_env import import_yolo
 from training.boxes import instance_boxes
-from training.sources import (TrainingVolume, data_description, load_real_data, phantom_volumes, real_spine_volumes,
-                              synthetic_volumes)
+from training.sources import (TrainingVolume, check_cases, data_description, load_real_data, phantom_volumes,
+                              real_spine_volumes, synthetic_volumes)
 
 logger = logging.getLogger(__name__)
-
-CONFIG_KEYS = {"cases", "seed", "image_size", "epochs", "batch", "model", "val_fraction", "label_map",
-               "min_box_pixels", "confidence", "augment", "real_data", "synthetic_per_map", "real_slice_stride",
-               "max_disc_gap_mm", "init_weights"}
 
 
 @dataclass(frozen=True)
@@ -54,24 +51,21 @@ class DetectorConfig:
     #: start from these YOLO weights (e.g. the phantom detector) instead of the bare architecture
     init_weights: str | None = None
 
+    def __post_init__(self) -> None:
+        checks.check_field_types(self)
+        check_cases(self.cases)
+        for key in ("image_size", "epochs", "batch", "min_box_pixels", "real_slice_stride"):
+            checks.at_least(getattr(self, key), 0, key, strict=True)
+        for key in ("val_fraction", "confidence", "synthetic_per_map", "max_disc_gap_mm"):
+            checks.at_least(getattr(self, key), 0, key)
+        for key in ("val_fraction", "confidence"):
+            if getattr(self, key) >= 1:
+                raise ValueError(f"key {key!r} must be < 1, got {getattr(self, key)}")
+
 
 def load_detector_config(path: Path) -> DetectorConfig:
-    """Read a detector config; an unknown key or a wrong type names the key."""
-    entries = yaml.safe_load(Path(path).read_text()) or {}
-    unknown = set(entries) - CONFIG_KEYS
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}")
-    if not isinstance(entries.get("cases"), dict) or not entries["cases"]:
-        raise ValueError(f"{path}: 'cases' must map phantom kinds to case counts")
-    defaults = DetectorConfig(cases={})
-    optional = {"augment": dict, "real_data": str, "init_weights": str}
-    for key, value in entries.items():
-        expected = optional.get(key) or type(getattr(defaults, key))
-        if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            continue
-        if not isinstance(value, expected):
-            raise ValueError(f"{path}: '{key}' must be {expected.__name__}, got {type(value).__name__}")
-    return DetectorConfig(**entries)
+    """Read a detector config; an unknown key or a wrong type names the file and the key."""
+    return checks.load_yaml_config(path, lambda raw: checks.config_from_mapping(DetectorConfig, raw, ("cases",)))
 
 
 def write_yolo_dataset(config: DetectorConfig, label_map: LabelMap, out_dir: Path) -> Path:

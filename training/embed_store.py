@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from msk_node.progress import progress
+from training.finetune_data import load_stored
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +51,8 @@ def write_store(model, data_dir: Path, table: pd.DataFrame, out_dir: Path, *, de
     shapes: dict[str, list[int]] = {}
     try:
         for start in progress(range(0, len(table), batch_size), "embedding", "batch"):
-            images = []
-            for image_file in table["image_file"].iloc[start:start + batch_size]:
-                with np.load(Path(data_dir) / image_file) as arrays:
-                    images.append(torch.from_numpy(arrays["image"].astype(np.float32)))
+            images = [torch.from_numpy(load_stored(data_dir, row, "image", model.frame))
+                      for _, row in table.iloc[start:start + batch_size].iterrows()]
             with torch.inference_mode(), autocast or contextlib.nullcontext():
                 features = model.encode(model.prepare(torch.stack(images).to(device)))
             for name, value in features.items():

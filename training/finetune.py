@@ -95,7 +95,7 @@ from training.finetune_data import (
 from training.losses import LOSSES
 from training.preprocess import _identifier
 from training.run_dir import RunDir, check_run_dir_free
-from training.sam_family import FAMILIES, MODES, ModelSpec, PromptedModel, build_base_model
+from training.sam_family import MODES, ModelSpec, PromptedModel, build_base_model
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +147,29 @@ class FinetuneConfig:
     seed: int = 0
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        for key, allowed in (("mode", MODES), ("prompt", PROMPTS), ("loss", LOSSES), ("amp", AMP_MODES),
+                             ("device", DEVICES)):
+            checks.one_of(getattr(self, key), allowed, key)
+        if self.embeddings is not None and self.mode != "decoder":
+            raise ValueError("key 'embeddings' needs mode 'decoder': cached features leave the encoder frozen")
+        names = [entry.name for entry in self.datasets]
+        for index, (name, entry) in enumerate(zip(names, self.datasets)):
+            if name in names[:index]:
+                raise ValueError(f"key 'datasets[{index}].name': duplicate dataset {name!r}")
+            checks.at_least(entry.weight, 0, f"datasets[{index}].weight", strict=True)
+        groups = {group for entry in self.datasets for group in entry.groups}
+        if self.mix != "all" and self.mix not in groups:
+            known = ", ".join(sorted(groups)) or "none"
+            raise ValueError(f"key 'mix': {self.mix!r} is not a group of 'datasets' (groups: {known}; or 'all')")
+        for key in ("subjects_per_dataset", "max_prompts_per_slice", "min_component_pixels", "epochs", "batch_size",
+                    "grad_accumulation", "learning_rate", "restart_epochs", "restart_mult", "early_stopping_patience",
+                    "max_batches_per_epoch"):
+            checks.at_least(getattr(self, key), 0, key, strict=True)
+        for key in ("min_samples_per_dataset", "box_shift_px", "weight_decay", "min_learning_rate", "grad_clip",
+                    "early_stopping_min_delta", "num_workers"):
+            checks.at_least(getattr(self, key), 0, key)
+
     @property
     def prompts(self) -> PromptSettings:
         return PromptSettings(self.prompt, self.box_shift_px, self.max_prompts_per_slice, self.min_component_pixels)
@@ -171,42 +194,28 @@ def load_finetune_config(path: str | Path) -> FinetuneConfig:
 def parse_finetune_config(raw: Any, default_run_dir: Path = Path("runs/finetune/run")) -> FinetuneConfig:
     """Validate a config mapping as read from YAML; see :func:`load_finetune_config`."""
     checks.check_keys(raw, "", _TOP_KEYS, required=("data", "model"))
-    model = _parse_model(checks.value(raw, "model", "", "mapping"))
-    mode = _choice(raw, "mode", MODES, "full")
     embeddings = checks.value(raw, "embeddings", "", "string")
-    if embeddings is not None and mode != "decoder":
-        raise ValueError("key 'embeddings' needs mode 'decoder': cached features leave the encoder frozen")
-    entries = tuple(_parse_dataset(entry, f"datasets[{i}]") for i, entry in enumerate(checks.value(raw, "datasets", "",
-                                                                                              "list", [])))
-    names = [entry.name for entry in entries]
-    for index, name in enumerate(names):
-        if name in names[:index]:
-            raise ValueError(f"key 'datasets[{index}].name': duplicate dataset {name!r}")
-    mix = checks.value(raw, "mix", "", "string", "all")
-    groups = {group for entry in entries for group in entry.groups}
-    if mix != "all" and mix not in groups:
-        known = ", ".join(sorted(groups)) or "none"
-        raise ValueError(f"key 'mix': {mix!r} is not a group of 'datasets' (groups: {known}; or 'all')")
+    datasets = checks.value(raw, "datasets", "", "list", [])
     subjects = raw.get("subjects_per_dataset")
     if subjects == "all":
         subjects = None
     elif subjects is not None:
         checks.typed(subjects, "integer", "subjects_per_dataset")
-    config = FinetuneConfig(
+    return FinetuneConfig(
         data=Path(checks.value(raw, "data", "", "string")),
-        model=model,
+        model=_parse_model(checks.value(raw, "model", "", "mapping")),
         run_dir=Path(checks.value(raw, "run_dir", "", "string", str(default_run_dir))),
-        mode=mode,
+        mode=checks.value(raw, "mode", "", "string", "full"),
         embeddings=None if embeddings is None else Path(embeddings),
-        datasets=entries,
-        mix=mix,
+        datasets=tuple(_parse_dataset(entry, f"datasets[{i}]") for i, entry in enumerate(datasets)),
+        mix=checks.value(raw, "mix", "", "string", "all"),
         subjects_per_dataset=subjects,
         min_samples_per_dataset=checks.value(raw, "min_samples_per_dataset", "", "integer", 0),
-        prompt=_choice(raw, "prompt", PROMPTS, "box"),
+        prompt=checks.value(raw, "prompt", "", "string", "box"),
         box_shift_px=float(checks.value(raw, "box_shift_px", "", "number", 20.0)),
         max_prompts_per_slice=checks.value(raw, "max_prompts_per_slice", "", "integer"),
         min_component_pixels=checks.value(raw, "min_component_pixels", "", "integer", 10),
-        loss=_choice(raw, "loss", tuple(LOSSES), "dice_bce"),
+        loss=checks.value(raw, "loss", "", "string", "dice_bce"),
         epochs=checks.value(raw, "epochs", "", "integer", 100),
         batch_size=checks.value(raw, "batch_size", "", "integer", 2),
         grad_accumulation=checks.value(raw, "grad_accumulation", "", "integer", 4),
@@ -218,61 +227,31 @@ def parse_finetune_config(raw: Any, default_run_dir: Path = Path("runs/finetune/
         grad_clip=float(checks.value(raw, "grad_clip", "", "number", 1.0)),
         early_stopping_patience=checks.value(raw, "early_stopping_patience", "", "integer", 10),
         early_stopping_min_delta=float(checks.value(raw, "early_stopping_min_delta", "", "number", 1e-4)),
-        amp=_choice(raw, "amp", AMP_MODES, "bf16"),
-        device=_choice(raw, "device", DEVICES, "auto"),
+        amp=checks.value(raw, "amp", "", "string", "bf16"),
+        device=checks.value(raw, "device", "", "string", "auto"),
         num_workers=checks.value(raw, "num_workers", "", "integer", 0),
         max_batches_per_epoch=checks.value(raw, "max_batches_per_epoch", "", "integer"),
         seed=checks.value(raw, "seed", "", "integer", 0),
         raw=raw,
     )
-    positive = ("subjects_per_dataset", "max_prompts_per_slice", "min_component_pixels", "epochs", "batch_size",
-                "grad_accumulation", "learning_rate", "restart_epochs", "restart_mult", "early_stopping_patience",
-                "max_batches_per_epoch")
-    for key in positive:
-        if getattr(config, key) is not None and getattr(config, key) <= 0:
-            raise ValueError(f"key {key!r} must be > 0, got {getattr(config, key)}")
-    for key in ("min_samples_per_dataset", "box_shift_px", "weight_decay", "min_learning_rate", "grad_clip",
-                "early_stopping_min_delta", "num_workers"):
-        if getattr(config, key) < 0:
-            raise ValueError(f"key {key!r} must be >= 0, got {getattr(config, key)}")
-    return config
 
 
 def _parse_model(raw: dict[str, Any]) -> ModelSpec:
     checks.check_keys(raw, "model", _MODEL_KEYS, required=("family",))
-    family = _choice(raw, "family", FAMILIES, None, "model")
+    family = checks.value(raw, "family", "model", "string")
     model_config = checks.value(raw, "model_config", "model", "string")
-    if family == "sam2" and model_config is None:
-        raise ValueError("missing key 'model.model_config' (a SAM2 config, e.g. configs/sam2.1/sam2.1_hiera_t.yaml)")
-    if family == "litemedsam" and model_config is not None:
-        raise ValueError("key 'model.model_config' does not apply to family litemedsam")
-    if family in ("sam", "medsam"):
-        model_config = model_config or "vit_b"
     checkpoint = checks.value(raw, "checkpoint", "model", "string")
     image_size = checks.value(raw, "image_size", "model", "integer")
-    if image_size is not None and (family != "sam2" or image_size <= 0 or image_size % 32):
-        raise ValueError(f"key 'model.image_size' applies to family sam2 and must be a positive multiple of 32, "
-                         f"got {image_size!r}")
     return ModelSpec(family, model_config, None if checkpoint is None else Path(checkpoint), image_size)
 
 
 def _parse_dataset(raw: Any, where: str) -> DatasetEntry:
     checks.check_keys(raw, where, _DATASET_KEYS, required=("name",))
     weight = float(checks.value(raw, "weight", where, "number", 1.0))
-    if weight <= 0:
-        raise ValueError(f"key '{where}.weight' must be > 0, got {weight}")
     groups = checks.value(raw, "groups", where, "list", [])
     for index, group in enumerate(groups):
         checks.typed(group, "string", f"{where}.groups[{index}]")
     return DatasetEntry(_identifier(raw, "name", where), weight, tuple(groups))
-
-
-def _choice(raw: dict[str, Any], key: str, allowed: tuple[str, ...], default: str | None, where: str = "") -> str:
-    item = checks.value(raw, key, where, "string", default)
-    if item not in allowed:
-        name = f"{where}.{key}" if where else key
-        raise ValueError(f"key {name!r} must be one of {', '.join(allowed)}, got {item!r}")
-    return item
 
 
 # --- processes, devices, precision -------------------------------------------------------------
@@ -408,8 +387,8 @@ def _train(config: FinetuneConfig, run_dir: Path, processes: Processes) -> Finet
     model = build_model(config).to(device)
     selection = _selection(config, config.subjects_per_dataset)
     store = open_store(config, model) if config.embeddings else None
-    train_source = SliceSource(config.data, selection.train, store)
-    val_source = SliceSource(config.data, selection.val, store)
+    train_source = SliceSource(config.data, selection.train, store, model.frame)
+    val_source = SliceSource(config.data, selection.val, store, model.frame)
     mask_size = int(train_source.mask(0).shape[-1])
     counts = dict(zip(selection.summary["dataset"], selection.summary["samples_per_epoch"]))
     train_set = EpochSamples(train_source, counts, config.prompts, model.input_size, config.seed)

@@ -10,6 +10,7 @@ import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,10 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from training.embed_store import EmbeddingStore
+from msk_node.segmenters.frames import stored_to_stretched
+
+if TYPE_CHECKING:
+    from training.embed_store import EmbeddingStore
 
 PROMPTS = ("box", "box_point")
 #: Box shifts are given in pixels of a 1024 px frame, the papers' image size.
@@ -169,13 +173,29 @@ def _point(component: np.ndarray, rng: np.random.Generator | None) -> tuple[floa
 
 # --- datasets -----------------------------------------------------------------------------------
 
-class SliceSource:
-    """Model inputs and masks of a slice table: the stored image, or its cached features."""
+def load_stored(data_dir: Path, row: pd.Series, member: str, frame: str = "pad") -> np.ndarray:
+    """The ``image`` or ``mask`` of one stored slice (a row of ``slices.parquet``) on a family's ``frame``.
 
-    def __init__(self, data_dir: Path, table: pd.DataFrame, store: EmbeddingStore | None = None) -> None:
+    Slices are stored padded to a square (``pad``); a ``stretch`` family (SAM2) gets the
+    slice part of that square resized to the whole of it, as its own predictor sees a slice.
+    """
+    # An npz member is read on its own: the mask does not decompress the image.
+    with np.load(Path(data_dir) / row["image_file"]) as arrays:
+        stored = arrays[member]
+    if frame == "stretch":
+        stored = stored_to_stretched(stored, int(row["rows"]), int(row["columns"]), nearest=member == "mask")
+    return stored.astype(np.float32) if member == "image" else stored
+
+
+class SliceSource:
+    """Model inputs and masks of a slice table on a family's ``frame``: the stored image, or its cached features."""
+
+    def __init__(self, data_dir: Path, table: pd.DataFrame, store: EmbeddingStore | None = None,
+                 frame: str = "pad") -> None:
         self.data_dir = Path(data_dir)
         self.table = table.reset_index(drop=True)
         self.store = store
+        self.frame = frame
         self.rows = None if store is None else store.rows_of(self.table)
 
     def __len__(self) -> int:
@@ -187,13 +207,10 @@ class SliceSource:
     def inputs(self, index: int) -> dict[str, torch.Tensor]:
         if self.store is not None:
             return self.store.read(int(self.rows[index]))
-        with np.load(self.data_dir / self.table.at[index, "image_file"]) as arrays:
-            return {"image": torch.from_numpy(arrays["image"].astype(np.float32))}
+        return {"image": torch.from_numpy(load_stored(self.data_dir, self.table.loc[index], "image", self.frame))}
 
     def mask(self, index: int) -> np.ndarray:
-        # An npz member is read on its own: the mask does not decompress the image.
-        with np.load(self.data_dir / self.table.at[index, "image_file"]) as arrays:
-            return arrays["mask"]
+        return load_stored(self.data_dir, self.table.loc[index], "mask", self.frame)
 
     def item(self, index: int, settings: PromptSettings, input_size: int,
              rng: np.random.Generator | None) -> dict:

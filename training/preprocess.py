@@ -71,7 +71,7 @@ import logging
 import math
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +122,6 @@ SUBJECT_COLUMNS = (
     "pixel_spacing_row", "pixel_spacing_column", "slice_thickness", *_DICOM_TEXT, *_DICOM_NUMBER, "age",
 )
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _AGE = re.compile(r"(\d{3})([DWMY])")
 _DAYS_PER_AGE_UNIT = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
 
@@ -153,6 +152,20 @@ class DatasetConfig:
     label_names: dict[int, str] | None = None
     series: str | None = None
     plane: str | None = None
+    #: Where the dataset sits in its config (``datasets[0]``), for error messages.
+    where: InitVar[str] = "dataset"
+
+    def __post_init__(self, where: str) -> None:
+        checks.check_identifier(self.name, f"{where}.name")
+        checks.one_of(self.format, FORMATS, f"{where}.format")
+        if (self.root is None) == (self.subjects is None):
+            raise ValueError(f"{where}: give exactly one of 'root' and 'subjects'")
+        if self.series is not None and self.format != "dicom":
+            raise ValueError(f"key '{where}.series' applies to format dicom only")
+        if self.plane is not None and (self.format != "nifti" or self.plane not in PLANE_ORIENTATIONS):
+            raise ValueError(f"key '{where}.plane' must be one of {', '.join(PLANE_ORIENTATIONS)} "
+                             f"and applies to format nifti only, got {self.plane!r}")
+        checks.no_duplicates([s.id for s in self.subjects or ()], where + ".subjects[{}].id", "subject id")
 
 
 @dataclass(frozen=True)
@@ -171,6 +184,20 @@ class PreprocessConfig:
     stratify: str | None = None
     seed: int = 0
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise ValueError("key 'datasets' must be a non-empty list")
+        checks.no_duplicates([d.name for d in self.datasets], "datasets[{}].name", "dataset name")
+        for key in ("image_size", "mask_size"):
+            checks.at_least(getattr(self, key), 1, key)
+        for key in ("min_object_pixels", "min_object_voxels"):
+            checks.at_least(getattr(self, key), 0, key)
+        for name, ratio in self.splits.items():
+            checks.one_of(name, SPLIT_NAMES, f"splits.{name}")
+            checks.at_least(ratio, 0, f"splits.{name}", strict=True)
+        if not self.splits or not math.isclose(sum(self.splits.values()), 1.0, abs_tol=1e-6):
+            raise ValueError(f"key 'splits' must give ratios that sum to 1, got {self.splits!r}")
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -196,12 +223,9 @@ def parse_preprocess_config(raw: Any) -> PreprocessConfig:
     label_map_path = Path(checks.value(raw, "label_map", "", "string", str(DEFAULT_LABEL_MAP_PATH)))
     label_map = load_label_map(label_map_path)
     entries = checks.value(raw, "datasets", "", "list")
-    if not entries:
-        raise ValueError("key 'datasets' must be a non-empty list")
     datasets = tuple(_parse_dataset(entry, f"datasets[{index}]", label_map) for index, entry in enumerate(entries))
-    _no_duplicates([d.name for d in datasets], "datasets[{}].name", "dataset name")
     image_size = checks.value(raw, "image_size", "", "integer", 1024)
-    config = PreprocessConfig(
+    return PreprocessConfig(
         datasets=datasets,
         label_map=label_map,
         label_map_path=label_map_path,
@@ -215,52 +239,33 @@ def parse_preprocess_config(raw: Any) -> PreprocessConfig:
         seed=checks.value(raw, "seed", "", "integer", 0),
         raw=raw,
     )
-    for key in ("image_size", "mask_size"):
-        if getattr(config, key) < 1:
-            raise ValueError(f"key {key!r} must be positive, got {getattr(config, key)}")
-    for key in ("min_object_pixels", "min_object_voxels"):
-        if getattr(config, key) < 0:
-            raise ValueError(f"key {key!r} must be >= 0, got {getattr(config, key)}")
-    return config
 
 
 def _parse_dataset(raw: Any, where: str, label_map: LabelMap) -> DatasetConfig:
     keys = ("name", "format", "root", "subjects", "image", "labels", "label_names", "series", "plane")
     checks.check_keys(raw, where, keys, required=("name", "format"))
-    name = _identifier(raw, "name", where)
     data_format = checks.value(raw, "format", where, "string")
-    if data_format not in FORMATS:
-        raise ValueError(f"key '{where}.format' must be one of {', '.join(FORMATS)}, got {data_format!r}")
     root = checks.value(raw, "root", where, "string")
     subjects = checks.value(raw, "subjects", where, "list")
-    if (root is None) == (subjects is None):
-        raise ValueError(f"{where}: give exactly one of 'root' and 'subjects'")
     if subjects is not None:
         for key in ("image", "labels"):
             if key in raw:
                 raise ValueError(f"key '{where}.{key}' applies to 'root' only; give each subject its own")
-    series = checks.value(raw, "series", where, "string")
-    if series is not None and data_format != "dicom":
-        raise ValueError(f"key '{where}.series' applies to format dicom only")
-    plane = checks.value(raw, "plane", where, "string")
-    if plane is not None and (data_format != "nifti" or plane not in PLANE_ORIENTATIONS):
-        raise ValueError(f"key '{where}.plane' must be one of {', '.join(PLANE_ORIENTATIONS)} "
-                         f"and applies to format nifti only, got {plane!r}")
     parsed = None
     if subjects is not None:
         parsed = tuple(_parse_subject(entry, f"{where}.subjects[{index}]", label_map)
                        for index, entry in enumerate(subjects))
-        _no_duplicates([s.id for s in parsed], where + ".subjects[{}].id", "subject id")
     return DatasetConfig(
-        name=name,
+        name=checks.value(raw, "name", where, "string"),
         format=data_format,
         root=None if root is None else Path(root),
         subjects=parsed,
         image=checks.value(raw, "image", where, "string", "." if data_format == "dicom" else "image.nii.gz"),
         labels=_labels(raw.get("labels"), f"{where}.labels", label_map),
         label_names=_label_names(raw.get("label_names"), f"{where}.label_names", label_map),
-        series=series,
-        plane=plane,
+        series=checks.value(raw, "series", where, "string"),
+        plane=checks.value(raw, "plane", where, "string"),
+        where=where,
     )
 
 
@@ -312,29 +317,14 @@ def _known_label(name: Any, key: str, label_map: LabelMap) -> None:
 
 
 def _parse_splits(raw: dict[Any, Any]) -> dict[str, float]:
+    checks.check_keys(raw, "splits", SPLIT_NAMES)
     for name, ratio in raw.items():
-        if name not in SPLIT_NAMES:
-            raise ValueError(f"unknown key 'splits.{name}' (known: {', '.join(SPLIT_NAMES)})")
         checks.typed(ratio, "number", f"splits.{name}")
-        if ratio <= 0:
-            raise ValueError(f"key 'splits.{name}' must be > 0, got {ratio}")
-    if not raw or not math.isclose(sum(raw.values()), 1.0, abs_tol=1e-6):
-        raise ValueError(f"key 'splits' must give ratios that sum to 1, got {raw!r}")
     return {name: float(ratio) for name, ratio in raw.items()}
 
 
 def _identifier(raw: dict[str, Any], key: str, where: str) -> str:
-    item = checks.value(raw, key, where, "string")
-    if not _NAME.fullmatch(item):
-        raise ValueError(f"key '{where}.{key}' must be letters, digits, '.', '_' or '-' (it names folders), "
-                         f"got {item!r}")
-    return item
-
-
-def _no_duplicates(items: list[str], key: str, what: str) -> None:
-    for index, item in enumerate(items):
-        if item in items[:index]:
-            raise ValueError(f"key {key.format(index)!r}: duplicate {what} {item!r}")
+    return checks.check_identifier(checks.value(raw, key, where, "string"), f"{where}.{key}")
 
 
 def _paths(spec: str | dict[str, str]) -> Path | dict[str, Path]:

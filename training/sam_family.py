@@ -22,19 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msk_node import config_checks as checks
 from msk_node.segmenters.base import box_prompt_logits
-from msk_node.segmenters.registry import build_segmenter
+from msk_node.segmenters.registry import build_segmenter, segmenter_family
 
-FAMILIES = ("litemedsam", "sam", "medsam", "sam2")
 MODES = ("full", "decoder")
-
-#: Attribute names of each family's parts.
-_PARTS = {
-    "sam2": ("image_encoder", "sam_prompt_encoder", "sam_mask_decoder"),
-    "litemedsam": ("image_encoder", "prompt_encoder", "mask_decoder"),
-    "sam": ("image_encoder", "prompt_encoder", "mask_decoder"),
-    "medsam": ("image_encoder", "prompt_encoder", "mask_decoder"),
-}
 _SAM2_FEATURE_PROJECTIONS = ("conv_s0", "conv_s1")
 
 
@@ -52,6 +44,19 @@ class ModelSpec:
     model_config: str | None = None
     checkpoint: Path | None = None
     image_size: int | None = None
+
+    def __post_init__(self) -> None:
+        family = checks.family_named(self.family, "model.family")
+        if family.name == "sam2" and self.model_config is None:
+            raise ValueError("missing key 'model.model_config' "
+                             "(a SAM2 config, e.g. configs/sam2.1/sam2.1_hiera_t.yaml)")
+        if family.default_config is None and self.model_config is not None:
+            raise ValueError(f"key 'model.model_config' does not apply to family {family.name}")
+        if family.default_config is not None and self.model_config is None:
+            object.__setattr__(self, "model_config", family.default_config)
+        if self.image_size is not None and (family.name != "sam2" or self.image_size <= 0 or self.image_size % 32):
+            raise ValueError(f"key 'model.image_size' applies to family sam2 and must be a positive multiple of 32, "
+                             f"got {self.image_size!r}")
 
 
 def build_base_model(spec: ModelSpec) -> nn.Module:
@@ -81,8 +86,9 @@ class PromptedModel(nn.Module):
 
     def __init__(self, base: nn.Module, family: str, mode: str) -> None:
         super().__init__()
-        if family not in FAMILIES:
-            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        self.parts = segmenter_family(family).parts
+        #: How slices map onto the square input (registry): the node's and evaluation's convention too.
+        self.frame = segmenter_family(family).frame
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.base = base
@@ -106,15 +112,15 @@ class PromptedModel(nn.Module):
 
     @property
     def image_encoder(self) -> nn.Module:
-        return getattr(self.base, _PARTS[self.family][0])
+        return getattr(self.base, self.parts[0])
 
     @property
     def prompt_encoder(self) -> nn.Module:
-        return getattr(self.base, _PARTS[self.family][1])
+        return getattr(self.base, self.parts[1])
 
     @property
     def mask_decoder(self) -> nn.Module:
-        return getattr(self.base, _PARTS[self.family][2])
+        return getattr(self.base, self.parts[2])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.base.parameters() if p.requires_grad]
@@ -191,7 +197,7 @@ class PromptedModel(nn.Module):
         modules = {"image_encoder": self.image_encoder}
         if self.family == "sam2":
             modules.update({name: getattr(self.mask_decoder, name) for name in _SAM2_FEATURE_PROJECTIONS})
-        digest = hashlib.sha256(f"{self.family}:{self.input_size}".encode())
+        digest = hashlib.sha256(f"{self.family}:{self.input_size}:{self.frame}".encode())
         for prefix, module in modules.items():
             for name, tensor in sorted(module.state_dict().items()):
                 digest.update(f"{prefix}.{name}".encode())

@@ -15,23 +15,25 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
+from msk_node import config_checks as checks
 from msk_node.intensity import SquareFrame
 from msk_node.labels import LabelMap, load_label_map
 from msk_node.models import file_sha256
+from msk_node.precision import PRECISIONS
 from msk_node.progress import progress
 from msk_node.segmenters.base import box_prompt_logits
 from msk_node.segmenters.litemedsam import LiteMedSAMSegmenter
 from training.boxes import instance_boxes
 from training.losses import dice_bce_loss
-from training.sources import (TrainingVolume, data_description, load_real_data, phantom_volumes, real_spine_volumes,
-                              synthetic_volumes)
+from training.sources import (TrainingVolume, check_cases, data_description, load_real_data, phantom_volumes,
+                              real_spine_volumes, synthetic_volumes)
 
 logger = logging.getLogger(__name__)
 
@@ -56,23 +58,20 @@ class SegmenterConfig:
     synthetic_per_map: int = 0
     real_slice_stride: int = 3
 
+    def __post_init__(self) -> None:
+        checks.check_field_types(self)
+        check_cases(self.cases)
+        checks.one_of(self.precision, PRECISIONS, "precision")
+        for key in ("steps", "max_boxes_per_step", "slice_stride", "min_box_pixels", "real_slice_stride"):
+            checks.at_least(getattr(self, key), 0, key, strict=True)
+        for key in ("learning_rate", "weight_decay", "box_shift_px", "synthetic_per_map"):
+            checks.at_least(getattr(self, key), 0, key)
+
+
 
 def load_segmenter_config(path: Path) -> SegmenterConfig:
-    """Read a finetuning config; an unknown key or a wrong type names the key."""
-    entries = yaml.safe_load(Path(path).read_text()) or {}
-    known = {f.name: f for f in fields(SegmenterConfig)}
-    unknown = set(entries) - set(known)
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}")
-    if not isinstance(entries.get("cases"), dict) or not entries["cases"]:
-        raise ValueError(f"{path}: 'cases' must map phantom kinds to case counts")
-    defaults = SegmenterConfig(cases={})
-    for key, value in entries.items():
-        expected = type(getattr(defaults, key))
-        accepted = (int, float) if expected is float else expected
-        if not isinstance(value, accepted) or isinstance(value, bool):
-            raise ValueError(f"{path}: '{key}' must be {expected.__name__}, got {type(value).__name__}")
-    return SegmenterConfig(**entries)
+    """Read a finetuning config; an unknown key or a wrong type names the file and the key."""
+    return checks.load_yaml_config(path, lambda raw: checks.config_from_mapping(SegmenterConfig, raw, ("cases",)))
 
 
 @dataclass

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from msk_node.config_checks import check_keys, load_yaml_config, value
+from msk_node.config_checks import at_least, check_keys, load_yaml_config, one_of, typed, value
 from msk_node.dicom_input import read_study_folder
 from msk_node.intensity import normalise_volume
 from msk_node.labels import LabelMap
-from msk_node.phantoms import write_phantom
+from msk_node.phantoms import PHANTOM_KINDS, write_phantom
 from msk_node.progress import progress
 from msk_node.volume import labels_on_volume_grid, series_to_volume
 from training.synthetic import LabelMapSource, write_synthetic
@@ -72,6 +72,11 @@ class RealData:
     spine_training: tuple[RealSpineCase, ...]
     spine_validation: tuple[RealSpineCase, ...]
 
+    def __post_init__(self) -> None:
+        overlap = {c.folder for c in self.spine_training} & {c.folder for c in self.spine_validation}
+        if overlap:
+            raise ValueError(f"real_spine: cases in both training and validation: {sorted(map(str, overlap))}")
+
 
 def load_real_data(path: Path) -> RealData:
     """Read ``real_data.yaml``; paths start at ``$MSK_NODE_DATA`` or the file's ``data_root``."""
@@ -111,11 +116,17 @@ def _parse_real_data(raw: object, base: Path) -> RealData:
             found.append(RealSpineCase(folder / case, dataset_names[dataset]))
         return tuple(found)
 
-    training, validation = cases("training"), cases("validation")
-    overlap = {c.folder for c in training} & {c.folder for c in validation}
-    if overlap:
-        raise ValueError(f"real_spine: cases in both training and validation: {sorted(map(str, overlap))}")
-    return RealData(maps, training, validation)
+    return RealData(maps, cases("training"), cases("validation"))
+
+
+def check_cases(cases: dict) -> None:
+    """``cases`` maps phantom kinds to positive case counts."""
+    if not cases:
+        raise ValueError("key 'cases' must map phantom kinds to case counts")
+    for kind, count in cases.items():
+        one_of(kind, PHANTOM_KINDS, "cases")
+        typed(count, "integer", f"cases.{kind}")
+        at_least(count, 0, f"cases.{kind}")
 
 
 def phantom_volumes(cases: dict[str, int], seed: int, val_every: int | None) -> Iterator[TrainingVolume]:

@@ -8,28 +8,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from msk_node.labels import default_label_map
 from msk_node.phantoms.shapes import Array, Pose
 
-#: Voxel values of the ground-truth labels, shared by all phantom kinds (0 = background).
-LABEL_VALUES: dict[str, int] = {
-    "femur": 1,
-    "tibia": 2,
-    "patella": 3,
-    "femoral_cartilage": 4,
-    "tibial_cartilage": 5,
-    "patellar_cartilage": 6,
-    "meniscus": 7,
-    "subcutaneous_fat": 8,
-    "quadriceps": 9,
-    "hamstrings": 10,
-    "adductors": 11,
-    "sartorius": 12,
-    "gracilis": 13,
-    "femoral_cortex": 14,
-    "femoral_marrow": 15,
-    "vertebral_body": 16,
-    "intervertebral_disc": 17,
-}
+#: Voxel values of the ground-truth labels (0 = background), a view of the node's default label map.
+LABEL_VALUES: dict[str, int] = {spec.name: spec.value for spec in default_label_map()}
 
 
 @dataclass(frozen=True)
