@@ -209,7 +209,7 @@ def leave_one_label_map_out(config: SegmenterConfig, per_map: int, steps: int) -
     decoder on the synthetic knees of the other maps only; the shapes of the held-out knee are never seen."""
     label_map = load_label_map(config.label_map)
     segmenter = LiteMedSAMSegmenter(precision=config.precision)
-    shipped = {k: v.clone() for k, v in segmenter.model.mask_decoder.state_dict().items()}
+    bundled = {k: v.clone() for k, v in segmenter.model.mask_decoder.state_dict().items()}
     maps = load_real_data(Path(config.real_data)).knee_label_maps
     cached = {}
     for index, source in enumerate(maps):
@@ -217,10 +217,10 @@ def leave_one_label_map_out(config: SegmenterConfig, per_map: int, steps: int) -
         cached[source.path.name] = cache_volumes(volumes, config, label_map, segmenter)
     results = {}
     for held_out in cached:
-        segmenter.model.mask_decoder.load_state_dict(shipped)
+        segmenter.model.mask_decoder.load_state_dict(bundled)
         before = dice_by_label(segmenter, cached[held_out], label_map)
         training = [item for name, items in cached.items() if name != held_out for item in items]
         finetune_decoder(segmenter, training, replace(config, steps=steps))
-        results[held_out] = {"shipped_decoder": before, "finetuned_on_the_other_maps":
+        results[held_out] = {"bundled_litemedsam_decoder": before, "finetuned_on_the_other_maps":
                              dice_by_label(segmenter, cached[held_out], label_map)}
     return results
