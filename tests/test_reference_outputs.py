@@ -6,6 +6,7 @@ floating-point paths differ, so the check there is of the decisions: which serie
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 
@@ -24,6 +25,7 @@ def _assert_matches(digest: dict, expected: dict, exact: bool) -> None:
             assert digest[part] == expected[part], part
         return
     # Another CPU or precision moves a few boundary voxels: the decisions must still be the same.
+    warnings.warn("the reference digest was recorded on another machine: decisions compared, not values")
     decisions = ("description", "anatomy", "rule", "instances", "outcome")
     assert [{key: s[key] for key in decisions} for s in digest["series"]] == \
         [{key: s[key] for key in decisions} for s in expected["series"]]
