@@ -1,10 +1,12 @@
-"""Choose the series of a study to segment, by rules kept in a YAML file.
+"""Choose the series of a study to segment, and find its relaxometry acquisitions, by rules kept in a YAML file.
 
 The rules play the role of MONAI Deploy's series-selector rules, but speak the
 language of MSK protocols: plane from the geometry, body part, sequence names.
+The same file, rendered as JSON by ``msk-node rules --json``, drives the Orthanc plugin.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -19,6 +21,8 @@ PLANES = ("sagittal", "coronal", "axial")
 _RULE_KEYS = {
     "name", "anatomy", "modality", "plane", "min_slices", "exclude_description", "body_part", "description",
 }
+_RELAXOMETRY_KEYS = {"kind", "description", "min_echo_times"}
+RELAXOMETRY_KINDS = ("t1rho", "t2", "dess_t2")
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,16 @@ class SeriesRule:
     exclude_description: tuple[str, ...] = ()
     body_part: tuple[str, ...] = ()
     description: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RelaxometryRule:
+    """Which series of a study make one relaxometry acquisition."""
+
+    kind: str
+    description: tuple[str, ...]
+    #: Distinct echo times, over images that are not scanner-derived, the acquisition needs (0: not checked).
+    min_echo_times: int = 0
 
 
 @dataclass(frozen=True)
@@ -48,14 +62,62 @@ def default_rules_path() -> Path:
 
 
 def load_rules(path: str | Path | None = None) -> list[SeriesRule]:
-    """Load and validate series rules; errors name the rule and the key."""
+    """Load and validate the segmentation rules; errors name the rule and the key."""
     path = Path(path) if path is not None else default_rules_path()
+    return _segmentation_rules(_read_rules_document(path), path.name)
+
+
+def load_relaxometry_rules(path: str | Path | None = None) -> list[RelaxometryRule]:
+    """Load and validate the relaxometry groups; errors name the group and the key."""
+    path = Path(path) if path is not None else default_rules_path()
+    return _relaxometry_rules(_read_rules_document(path), path.name)
+
+
+def rules_json(path: str | Path | None = None) -> str:
+    """The validated rules file as JSON, for readers with the standard library only (the Orthanc plugin)."""
+    path = Path(path) if path is not None else default_rules_path()
+    document = _read_rules_document(path)
+    _segmentation_rules(document, path.name)
+    _relaxometry_rules(document, path.name)
+    return json.dumps(document, indent=2) + "\n"
+
+
+def _read_rules_document(path: Path) -> dict:
     document = yaml.safe_load(path.read_text())
     if not isinstance(document, dict) or not isinstance(document.get("rules"), list):
         raise ValueError(f"{path.name}: expected a mapping with a 'rules' list")
+    unknown = set(document) - {"rules", "relaxometry"}
+    if unknown:
+        raise ValueError(f"{path.name}: unknown key(s) {sorted(unknown)}")
+    if not isinstance(document.get("relaxometry", []), list):
+        raise ValueError(f"{path.name}: 'relaxometry' must be a list")
+    return document
+
+
+def _strings(entry: dict, key: str, where: str) -> tuple[str, ...]:
+    """The list of strings under ``key``; those of a ``*description`` key must be regular expressions."""
+    value = entry.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{where}: '{key}' must be a list of strings")
+    for pattern in value if key.endswith("description") else ():
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"{where}: '{key}' has a bad pattern {pattern!r}: {error}") from error
+    return tuple(value)
+
+
+def _count(entry: dict, key: str, where: str, least: int, default: int) -> int:
+    value = entry.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ValueError(f"{where}: '{key}' must be an integer >= {least}")
+    return value
+
+
+def _segmentation_rules(document: dict, file_name: str) -> list[SeriesRule]:
     rules = []
     for index, entry in enumerate(document["rules"]):
-        where = f"{path.name}: rules[{index}]"
+        where = f"{file_name}: rules[{index}]"
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: expected a mapping")
         unknown = set(entry) - _RULE_KEYS
@@ -67,24 +129,32 @@ def load_rules(path: str | Path | None = None) -> list[SeriesRule]:
         plane = entry.get("plane")
         if plane is not None and plane not in PLANES:
             raise ValueError(f"{where}: 'plane' must be one of {PLANES}, got {plane!r}")
-        min_slices = entry.get("min_slices", 1)
-        if not isinstance(min_slices, int) or min_slices < 1:
-            raise ValueError(f"{where}: 'min_slices' must be a positive integer")
-        lists = {}
-        for key in ("modality", "exclude_description", "body_part", "description"):
-            value = entry.get(key, [])
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"{where}: '{key}' must be a list of strings")
-            if key.endswith("description"):
-                for pattern in value:
-                    try:
-                        re.compile(pattern)
-                    except re.error as error:
-                        raise ValueError(f"{where}: '{key}' has a bad pattern {pattern!r}: {error}") from error
-            lists[key] = tuple(value)
+        lists = {key: _strings(entry, key, where)
+                 for key in ("modality", "exclude_description", "body_part", "description")}
         rules.append(SeriesRule(name=entry["name"], anatomy=entry["anatomy"], plane=plane,
-                                min_slices=min_slices, **lists))
+                                min_slices=_count(entry, "min_slices", where, 1, 1), **lists))
     return rules
+
+
+def _relaxometry_rules(document: dict, file_name: str) -> list[RelaxometryRule]:
+    groups = []
+    for index, entry in enumerate(document.get("relaxometry", [])):
+        where = f"{file_name}: relaxometry[{index}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected a mapping")
+        unknown = set(entry) - _RELAXOMETRY_KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}")
+        if entry.get("kind") not in RELAXOMETRY_KINDS:
+            raise ValueError(f"{where}: 'kind' must be one of {RELAXOMETRY_KINDS}, got {entry.get('kind')!r}")
+        if entry["kind"] in {group.kind for group in groups}:
+            raise ValueError(f"{where}: 'kind' {entry['kind']!r} is given twice")
+        description = _strings(entry, "description", where)
+        if not description:
+            raise ValueError(f"{where}: 'description' needs at least one pattern")
+        groups.append(RelaxometryRule(kind=entry["kind"], description=description,
+                                      min_echo_times=_count(entry, "min_echo_times", where, 0, 0)))
+    return groups
 
 
 def imaging_plane(series: Series) -> str | None:
