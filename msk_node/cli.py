@@ -193,6 +193,19 @@ def _release(args: argparse.Namespace) -> None:
     print(f"job {args.job}: stable (runs without {missing} refused instance(s))")
 
 
+def _rules(args: argparse.Namespace) -> None:
+    from msk_node.selection import rules_json
+
+    try:
+        text = rules_json(args.rules)
+    except ValueError as error:
+        raise SystemExit(f"msk-node rules: {error}") from None
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="msk-node", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -253,6 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     release.add_argument("job", type=int, help="job id (from msk-node status)")
     release.add_argument("--config", type=Path, required=True)
     release.set_defaults(handler=_release)
+
+    rules = commands.add_parser("rules", help="validate the series rules and write them as JSON (the Orthanc "
+                                              "plugin reads that rendering)")
+    rules.add_argument("--json", action="store_true", required=True, help="write the rules as JSON")
+    rules.add_argument("--rules", help="rules file (default: the packaged msk_node/config/series_rules.yaml)")
+    rules.add_argument("--output", "-o", help="file to write (default: standard output)")
+    rules.set_defaults(handler=_rules)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

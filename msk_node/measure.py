@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field, replace
+from functools import cache
 
 import numpy as np
 from highdicom import Volume
@@ -31,16 +32,13 @@ from msk_node.codes import DISC_LEVELS, LATERALITY, LEFT, RIGHT, SUB_REGION_MODI
 from msk_node.labels import LabelMap
 from msk_node.parallel import thread_map
 from msk_node.seg_writer import SegmentInstance, segment_layout
+from msk_node.selection import RelaxometryRule, load_relaxometry_rules
 from msk_node.sr_writer import MeasurementGroup
 from msk_node.volume import SeriesVolume, series_to_volume
 
 logger = logging.getLogger(__name__)
 
 CARTILAGE_PLATES = ("femoral_cartilage", "tibial_cartilage", "patellar_cartilage")
-#: Series descriptions of spin-lock (T1rho), multi-echo (T2) and double-echo steady-state acquisitions.
-#: A (q)DESS series is morphology too: it gives a DESS T2 map only when the study holds both of its echoes.
-RELAXOMETRY_PATTERNS = {"t1rho": r"t1 ?rho|cubequant|spin.?lock|mapss", "t2": r"t2 ?map|mese|multi.?echo",
-                        "dess_t2": r"dess"}
 
 
 @dataclass(frozen=True)
@@ -160,18 +158,24 @@ def _knee(volume: SeriesVolume, label_volume: np.ndarray, label_map: LabelMap, s
     return maps
 
 
-def relaxometry_groups(study_series: list[Series], study_instance_uid: str) -> dict[str, list[Series]]:
-    """The series of each relaxometry acquisition (``t1rho``, ``t2``, ``dess_t2``) in one study, by description.
+def relaxometry_groups(study_series: list[Series], study_instance_uid: str,
+                       rules: list[RelaxometryRule] | None = None) -> dict[str, list[Series]]:
+    """The series of each relaxometry acquisition (``t1rho``, ``t2``, ``dess_t2``) in one study.
 
-    A DESS acquisition counts only with both of its echoes.
+    ``rules`` are the ``relaxometry`` groups of the series rules file (the packaged one by default).
     """
     groups = {}
-    for kind, pattern in RELAXOMETRY_PATTERNS.items():
-        group = [s for s in study_series if re.search(pattern, s.description, re.IGNORECASE)
-                 and s.study_instance_uid == study_instance_uid]
-        if group and (kind != "dess_t2" or len(_echo_times(group)) >= 2):
-            groups[kind] = group
+    for rule in rules if rules is not None else _default_relaxometry_rules():
+        group = [s for s in study_series if s.study_instance_uid == study_instance_uid
+                 and any(re.search(p, s.description, re.IGNORECASE) for p in rule.description)]
+        if group and (not rule.min_echo_times or len(_echo_times(group)) >= rule.min_echo_times):
+            groups[rule.kind] = group
     return groups
+
+
+@cache
+def _default_relaxometry_rules() -> list[RelaxometryRule]:
+    return load_relaxometry_rules()
 
 
 def fit_relaxation_map(kind: str, group: list[Series]) -> RelaxationMap:

@@ -1,10 +1,12 @@
-"""Choose the series of a study to segment, by rules kept in a YAML file.
+"""Choose the series of a study to segment, and find its relaxometry acquisitions, by rules kept in a YAML file.
 
 The rules play the role of MONAI Deploy's series-selector rules, but speak the
 language of MSK protocols: plane from the geometry, body part, sequence names.
+The same file, rendered as JSON by ``msk-node rules --json``, drives the Orthanc plugin.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import InitVar, dataclass
 from importlib import resources
@@ -19,6 +21,8 @@ from msk_node.dicom_input import Series, SkippedFile
 PLANES = ("sagittal", "coronal", "axial")
 _LIST_KEYS = ("modality", "exclude_description", "body_part", "description")
 _RULE_KEYS = ("name", "anatomy", "plane", "min_slices", *_LIST_KEYS)
+_RELAXOMETRY_KEYS = ("kind", "description", "min_echo_times")
+RELAXOMETRY_KINDS = ("t1rho", "t2", "dess_t2")
 
 
 @dataclass(frozen=True)
@@ -40,13 +44,31 @@ class SeriesRule:
             checks.one_of(self.plane, PLANES, f"{where}.plane")
         checks.at_least(self.min_slices, 1, f"{where}.min_slices")
         for key in _LIST_KEYS:
-            for index, item in enumerate(getattr(self, key)):
-                checks.typed(item, "string", f"{where}.{key}[{index}]")
-                if key.endswith("description"):
-                    try:
-                        re.compile(item)
-                    except re.error as error:
-                        raise ValueError(f"key '{where}.{key}[{index}]': bad pattern {item!r}: {error}") from None
+            if key.endswith("description"):
+                _patterns(getattr(self, key), f"{where}.{key}")
+            else:
+                for index, item in enumerate(getattr(self, key)):
+                    checks.typed(item, "string", f"{where}.{key}[{index}]")
+
+
+@dataclass(frozen=True)
+class RelaxometryRule:
+    """Which series of a study make one relaxometry acquisition."""
+
+    kind: str
+    description: tuple[str, ...]
+    #: Distinct echo times, over images that are not scanner-derived, the acquisition needs (0: not checked).
+    min_echo_times: int = 0
+    #: Where the group sits in its file (``relaxometry[0]``), for error messages.
+    where: InitVar[str] = "relaxometry group"
+
+    def __post_init__(self, where: str) -> None:
+        checks.check_field_types(self, where)
+        checks.one_of(self.kind, RELAXOMETRY_KINDS, f"{where}.kind")
+        checks.at_least(self.min_echo_times, 0, f"{where}.min_echo_times")
+        if not self.description:
+            raise ValueError(f"key '{where}.description' needs at least one pattern")
+        _patterns(self.description, f"{where}.description")
 
 
 @dataclass(frozen=True)
@@ -64,12 +86,33 @@ def default_rules_path() -> Path:
 
 
 def load_rules(path: str | Path | None = None) -> list[SeriesRule]:
-    """Load and validate series rules; errors name the file, the rule and the key."""
-    return checks.load_yaml_config(path if path is not None else default_rules_path(), _parse_rules)
+    """Load and validate the segmentation rules; errors name the file, the rule and the key."""
+    return checks.load_yaml_config(path if path is not None else default_rules_path(), _parse_document)[0]
 
 
-def _parse_rules(raw: Any) -> list[SeriesRule]:
-    checks.check_keys(raw, "", ("rules",), required=("rules",))
+def load_relaxometry_rules(path: str | Path | None = None) -> list[RelaxometryRule]:
+    """Load and validate the relaxometry groups; errors name the file, the group and the key."""
+    return checks.load_yaml_config(path if path is not None else default_rules_path(), _parse_document)[1]
+
+
+def rules_json(path: str | Path | None = None) -> str:
+    """The validated rules file as JSON, for readers with the standard library only (the Orthanc plugin)."""
+    return checks.load_yaml_config(path if path is not None else default_rules_path(),
+                                   lambda raw: (_parse_document(raw), json.dumps(raw, indent=2) + "\n"))[1]
+
+
+def _patterns(items: tuple[str, ...], key: str) -> None:
+    """Every item is a string and a regular expression."""
+    for index, item in enumerate(items):
+        checks.typed(item, "string", f"{key}[{index}]")
+        try:
+            re.compile(item)
+        except re.error as error:
+            raise ValueError(f"key '{key}[{index}]': bad pattern {item!r}: {error}") from None
+
+
+def _parse_document(raw: Any) -> tuple[list[SeriesRule], list[RelaxometryRule]]:
+    checks.check_keys(raw, "", ("rules", "relaxometry"), required=("rules",))
     rules = []
     for index, entry in enumerate(checks.value(raw, "rules", "", "list")):
         where = f"rules[{index}]"
@@ -82,7 +125,18 @@ def _parse_rules(raw: Any) -> list[SeriesRule]:
             **{key: tuple(checks.value(entry, key, where, "list", [])) for key in _LIST_KEYS},
             where=where,
         ))
-    return rules
+    groups: list[RelaxometryRule] = []
+    for index, entry in enumerate(checks.value(raw, "relaxometry", "", "list", [])):
+        where = f"relaxometry[{index}]"
+        checks.check_keys(entry, where, _RELAXOMETRY_KEYS, required=("kind",))
+        group = RelaxometryRule(kind=checks.value(entry, "kind", where, "string"),
+                                description=tuple(checks.value(entry, "description", where, "list", [])),
+                                min_echo_times=checks.value(entry, "min_echo_times", where, "integer", 0),
+                                where=where)
+        if group.kind in {other.kind for other in groups}:
+            raise ValueError(f"key '{where}.kind': {group.kind!r} is given twice")
+        groups.append(group)
+    return rules, groups
 
 
 def imaging_plane(series: Series) -> str | None:

@@ -7,10 +7,8 @@ library and the ``orthanc`` module. Configure it in the Orthanc configuration:
     "UserMetadata": {"MskNodeForwarded": 4242},
     "MskNode": {
         "Modality": "msk-node",                    // DicomModalities entry of the node
-        "Modalities": ["MR"],                      // series modalities that can trigger
-        "BodyParts": ["KNEE", "THIGH", "LSPINE"],  // BodyPartExamined values (case-insensitive)
-        "DescriptionPatterns": ["knee", "\\bDESS\\b"],  // regexes (case-insensitive) searched in
-                                                   //   SeriesDescription and ProtocolName
+        "RulesFile": "",                           // series rules as JSON; "" is the checkout's
+                                                   //   msk_node/config/series_rules.json
         "OwnManufacturer": "msk-node",             // Manufacturer of the node's results
         "OwnModalities": ["SEG", "SR", "OT"],      // Modality of the node's results (OT: Parametric Maps)
         "StoreRetries": 3,                         // resubmissions of a failed store job
@@ -21,8 +19,10 @@ On every ``STABLE_STUDY`` change the plugin lists the study's series and
 
 * sets aside the node's own results (Modality SEG/SR/OT *and* Manufacturer "msk-node"):
   they are never sent to the node, and a study that holds nothing else is skipped;
-* looks for a *trigger*: a series of modality MR whose BodyPartExamined is in
-  ``BodyParts`` or whose SeriesDescription/ProtocolName matches a pattern, and that has
+* looks for a *trigger*: a series that one of the application's series-selection rules
+  takes (``msk_node/config/series_rules.yaml``, read in its JSON rendering written by
+  ``msk-node rules --json``; the same checks as ``msk_node.selection``: modality, plane
+  from ImageOrientationPatient, instance count, SeriesDescription, BodyPartExamined), and that has
   instances the node has not been sent yet (the count sent is kept per series in the
   ``MskNodeForwarded`` metadata, or in memory when that metadata is not declared);
 * with a trigger, sends every other series of the study to the node in one
@@ -44,6 +44,7 @@ recent decisions as JSON (same content as the log) for monitoring and tests.
 """
 import collections
 import json
+import os
 import re
 import threading
 import time
@@ -53,15 +54,17 @@ import orthanc
 METADATA = "MskNodeForwarded"
 DEFAULTS = {
     "Modality": "msk-node",
-    "Modalities": ["MR"],
-    "BodyParts": ["KNEE", "THIGH", "LSPINE", "SPINE", "LUMBAR"],
-    "DescriptionPatterns": ["knee", "thigh", "spine", "lumbar", "\\bDESS\\b", "\\bCUBE\\b"],
+    "RulesFile": "",
     "OwnManufacturer": "msk-node",
     "OwnModalities": ["SEG", "SR", "OT"],
     "StoreRetries": 3,
     "StoreRetryDelay": 30,
 }
 MAX_DECISIONS = 500
+# The checkout's rules, beside this file's orthanc/ folder; Orthanc imports the script as a module.
+DEFAULT_RULES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
+                                  "msk_node", "config", "series_rules.json")
+PLANES = ("sagittal", "coronal", "axial")
 
 _lock = threading.Lock()
 _decisions = collections.deque(maxlen=MAX_DECISIONS)
@@ -98,18 +101,24 @@ def _load_settings():
             _log("error", "MskNode.%s must be a %s; using the default" % (key, kind))
             continue
         settings[key] = value
-    patterns = []
-    for pattern in settings["DescriptionPatterns"]:
-        try:
-            patterns.append(re.compile(pattern, re.IGNORECASE))
-        except re.error as error:
-            _log("error", "MskNode.DescriptionPatterns: %r is not a regular expression (%s); matched literally" % (pattern, error))
-            patterns.append(re.compile(re.escape(pattern), re.IGNORECASE))
-    settings["_patterns"] = patterns
-    settings["_modalities"] = {m.upper() for m in settings["Modalities"]}
-    settings["_body_parts"] = {b.upper().strip() for b in settings["BodyParts"]}
+    settings["_rules"] = _load_rules(settings["RulesFile"] or DEFAULT_RULES_FILE)
     settings["_own_modalities"] = {m.upper() for m in settings["OwnModalities"]}
     return settings
+
+
+def _load_rules(path):
+    """The segmentation rules of the JSON rendering of the series rules file; none (nothing triggers) if unreadable."""
+    try:
+        with open(path) as stream:
+            rules = json.load(stream)["rules"]
+        for rule in rules:
+            for key in ("exclude_description", "description"):
+                rule[key] = [re.compile(p, re.IGNORECASE) for p in rule.get(key, [])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, re.error) as error:
+        _log("error", "cannot read the series rules %s (%s): no study is forwarded; write them with "
+                      "'msk-node rules --json -o %s'" % (path, error, path))
+        return []
+    return rules
 
 
 SETTINGS = _load_settings()
@@ -136,18 +145,44 @@ def is_own_result(tags, settings=None):
             and tags.get("Manufacturer", "").strip() == settings["OwnManufacturer"])
 
 
-def msk_rule(tags, settings=None):
-    """The rule a series matches (a short text without the description), or None."""
-    settings = settings or SETTINGS
-    if tags.get("Modality", "").upper() not in settings["_modalities"]:
+def imaging_plane(orientation):
+    """Plane named by the dominant axis of the slice normal (as msk_node.selection), or None."""
+    try:
+        values = [float(v) for v in (orientation.split("\\") if isinstance(orientation, str) else orientation)]
+    except (TypeError, ValueError):
         return None
-    body_part = tags.get("BodyPartExamined", "").upper().strip()
-    if body_part and body_part in settings["_body_parts"]:
-        return "BodyPartExamined %s" % body_part
-    for pattern in settings["_patterns"]:
-        for key in ("SeriesDescription", "ProtocolName"):
-            if pattern.search(tags.get(key, "")):
-                return "%s matches %r" % (key, pattern.pattern)
+    if len(values) != 6:
+        return None
+    (a, b, c), (d, e, f) = values[:3], values[3:]
+    normal = [abs(b * f - c * e), abs(c * d - a * f), abs(a * e - b * d)]
+    return PLANES[normal.index(max(normal))]
+
+
+def rule_takes(rule, tags, instances):
+    """True when ``rule`` takes a series: msk_node.selection.rejection_reason, on Orthanc's series tags."""
+    modalities = {m.upper() for m in rule.get("modality", [])}
+    if modalities and tags.get("Modality", "").upper() not in modalities:
+        return False
+    plane = imaging_plane(tags.get("ImageOrientationPatient", ""))
+    if plane is None or (rule.get("plane") and plane != rule["plane"]):
+        return False
+    if instances < rule.get("min_slices", 1):
+        return False
+    description = tags.get("SeriesDescription", "")
+    if any(p.search(description) for p in rule["exclude_description"]):
+        return False
+    body_part = tags.get("BodyPartExamined", "").strip().upper()
+    if body_part and rule.get("body_part"):
+        return body_part in {b.upper() for b in rule["body_part"]}
+    return not rule["description"] or any(p.search(description) for p in rule["description"])
+
+
+def msk_rule(tags, instances, settings=None):
+    """The name of the first series rule that takes a series of ``instances`` images (as "rule <name>"), or None."""
+    settings = settings or SETTINGS
+    for rule in settings["_rules"]:
+        if rule_takes(rule, tags, instances):
+            return "rule %s" % rule["name"]
     return None
 
 
@@ -174,14 +209,16 @@ def _mark_sent(series_id, count):
 
 def _series_tags(series):
     tags = dict(series.get("MainDicomTags", {}))
-    if "Manufacturer" not in tags and series.get("Instances"):
-        # Manufacturer is not a main DICOM tag of the series in every Orthanc version.
+    missing = [key for key in ("Manufacturer", "ImageOrientationPatient") if key not in tags]
+    if missing and series.get("Instances"):
+        # Neither is a main DICOM tag of the series in every Orthanc version: read the first instance.
         try:
             instance = _get("/instances/%s/simplified-tags" % series["Instances"][0])
-            tags["Manufacturer"] = str(instance.get("Manufacturer", ""))
         except Exception as error:  # noqa: BLE001 - treated as not ours, so it is forwarded
-            _log("warning", "cannot read the Manufacturer of series %s: %s" % (series["ID"], error))
-            tags["Manufacturer"] = ""
+            _log("warning", "cannot read the tags of series %s: %s" % (series["ID"], error))
+            instance = {}
+        for key in missing:
+            tags[key] = str(instance.get(key, ""))
     return tags
 
 
@@ -197,7 +234,7 @@ def on_stable_study(study_id):
             own.append(series["ID"])
             continue
         others.append(series)
-        rule = msk_rule(tags)
+        rule = msk_rule(tags, len(series.get("Instances", [])))
         if rule:
             matched.append(rule)
             if len(series.get("Instances", [])) > _sent_count(series["ID"]):
@@ -274,9 +311,8 @@ def on_change(change_type, level, resource_id):
         elif change_type == orthanc.ChangeType.JOB_FAILURE:
             on_job_end(resource_id, False)
         elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
-            _log("info", "forwarding MSK studies to modality %r (modalities %s, body parts %s, %d description pattern(s))"
-                 % (SETTINGS["Modality"], sorted(SETTINGS["_modalities"]), sorted(SETTINGS["_body_parts"]),
-                    len(SETTINGS["_patterns"])))
+            _log("info", "forwarding MSK studies to modality %r (series rules %s)"
+                 % (SETTINGS["Modality"], ", ".join(rule["name"] for rule in SETTINGS["_rules"]) or "none"))
     except Exception as error:  # noqa: BLE001 - a failure must not stop the change thread
         _decide({"action": "error", "study": resource_id, "reason": "%s: %s" % (type(error).__name__, error)})
 

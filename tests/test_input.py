@@ -1,13 +1,15 @@
 """Reading studies: bad files, non-MR and single-slice series, compressed syntaxes, geometry."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from msk_node.dicom_input import read_study_folder
-from msk_node.selection import load_rules, select_series
+from msk_node.selection import load_relaxometry_rules, load_rules, rules_json, select_series
 from msk_node.volume import series_to_volume
 from tests.dicom_checks import make_mr_series
 
@@ -98,3 +100,29 @@ def test_a_missing_slice_leaves_a_blank_gap_at_its_place(tmp_path):
     for k, ds in enumerate(volume.slices):
         if ds is not None:
             np.testing.assert_array_equal(volume.array[k], ds.pixel_array)
+
+
+@pytest.mark.parametrize(("relaxometry", "message"), [
+    ("  - kind: t3\n    description: [x]\n", r"key 'relaxometry\[0\]\.kind' must be one of"),
+    ("  - kind: t2\n    description: ['(unclosed']\n", r"key 'relaxometry\[0\]\.description\[0\]': bad pattern"),
+    ("  - kind: t2\n    description: []\n", r"key 'relaxometry\[0\]\.description' needs at least one pattern"),
+    ("  - kind: t2\n    description: [x]\n    min_echo_times: -1\n", r"key 'relaxometry\[0\]\.min_echo_times'"),
+    ("  - kind: t2\n    description: [x]\n    image_type: [DERIVED]\n",
+     r"unknown key 'relaxometry\[0\]\.image_type'"),
+    ("  - kind: t2\n    description: [x]\n  - kind: t2\n    description: [y]\n",
+     r"key 'relaxometry\[1\]\.kind': 't2' is given twice"),
+])
+def test_relaxometry_group_errors_name_the_group_and_key(tmp_path, relaxometry, message):
+    bad = tmp_path / "rules.yaml"
+    bad.write_text("rules: []\nrelaxometry:\n" + relaxometry)
+    with pytest.raises(ValueError, match=message):
+        load_relaxometry_rules(bad)
+    with pytest.raises(ValueError, match=message):
+        rules_json(bad)
+
+
+def test_packaged_rules_hold_the_three_relaxometry_groups():
+    groups = {rule.kind: rule for rule in load_relaxometry_rules()}
+    assert list(groups) == ["t1rho", "t2", "dess_t2"]
+    assert groups["dess_t2"].min_echo_times == 2 and groups["t2"].min_echo_times == 0
+    assert json.loads(rules_json())["relaxometry"][0]["description"] == list(groups["t1rho"].description)

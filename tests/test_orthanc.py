@@ -19,13 +19,17 @@ import sys
 import types
 from pathlib import Path
 
+import pydicom
 import pytest
 
+from msk_node.dicom_input import Series
+from msk_node.selection import load_rules, rules_json, select_series
 from msk_node.service import NodeConfig
 from tests.orthanc_helpers import ORTHANC_DIR, REPO, run_scenario, skip_reason
 
 MODELS = Path(os.environ.get("MSK_NODE_MODELS", REPO / "models"))
 PLUGIN = ORTHANC_DIR / "msk_forward.py"
+PLUGIN_RULES = REPO / "msk_node" / "config" / "series_rules.json"
 
 needs_orthanc = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
 
@@ -96,6 +100,8 @@ class FakeOrthanc:
             if match[1] not in self.metadata:
                 raise RuntimeError("Unknown resource")
             return self.metadata[match[1]].encode()
+        if match := re.fullmatch(r"/instances/(.+)-\d+/simplified-tags", uri):
+            return json.dumps(self.series[match[1]]["MainDicomTags"]).encode()
         if match := re.fullmatch(r"/jobs/([^/]+)", uri):
             return json.dumps({"ErrorDescription": "Error in the network protocol", "ErrorDetails": ""}).encode()
         raise RuntimeError(f"unexpected GET {uri}")
@@ -124,25 +130,70 @@ def load_plugin(fake: FakeOrthanc, monkeypatch) -> types.ModuleType:
     return plugin
 
 
-KNEE = {"Modality": "MR", "BodyPartExamined": "KNEE", "SeriesDescription": "Sag PD", "Manufacturer": "ACME"}
+SAGITTAL, AXIAL = (0, 1, 0, 0, 0, -1), (1, 0, 0, 0, 1, 0)
+KNEE = {"Modality": "MR", "BodyPartExamined": "KNEE", "SeriesDescription": "Sag PD", "Manufacturer": "ACME",
+        "ImageOrientationPatient": "0\\1\\0\\0\\0\\-1"}
 OWN_SEG = {"Modality": "SEG", "SeriesDescription": "msk-node segmentation", "Manufacturer": "msk-node"}
 
+#: Series as a site sends them: (description, tags, orientation, images); each is judged by the plugin and by
+#: msk_node.selection on the same headers.
+SITE_SERIES = [
+    ("knee DESS", {"BodyPartExamined": "KNEE", "SeriesDescription": "Sag 3D DESS WE"}, SAGITTAL, 40),
+    ("knee DESS without body part", {"SeriesDescription": "Sag DESS knee"}, SAGITTAL, 40),
+    ("knee localizer", {"BodyPartExamined": "KNEE", "SeriesDescription": "3-plane localizer"}, SAGITTAL, 9),
+    ("thigh axial", {"BodyPartExamined": "THIGH", "SeriesDescription": "Ax T1 thighs"}, AXIAL, 30),
+    ("thigh sagittal", {"BodyPartExamined": "THIGH", "SeriesDescription": "Sag T1 thigh"}, SAGITTAL, 30),
+    ("spine sagittal", {"BodyPartExamined": "LSPINE", "SeriesDescription": "Sag T2 FSE"}, SAGITTAL, 15),
+    ("spine sagittal, description only", {"SeriesDescription": "Sag T1 lumbar spine"}, SAGITTAL, 15),
+    ("spine STIR", {"BodyPartExamined": "LSPINE", "SeriesDescription": "Sag STIR"}, SAGITTAL, 15),
+    ("CT knee", {"Modality": "CT", "BodyPartExamined": "KNEE", "SeriesDescription": "CT knee"}, AXIAL, 120),
+    ("brain MR", {"BodyPartExamined": "HEAD", "SeriesDescription": "Ax T2 FLAIR"}, AXIAL, 24),
+    ("scanner T2 map", {"BodyPartExamined": "KNEE", "SeriesDescription": "T2 Map", "ImageType": "DERIVED"},
+     SAGITTAL, 20),
+    ("knee with too few slices", {"BodyPartExamined": "KNEE", "SeriesDescription": "Sag PD"}, SAGITTAL, 5),
+]
 
-@pytest.mark.parametrize(("tags", "expected"), [
-    (KNEE, "BodyPartExamined KNEE"),
-    ({"Modality": "MR", "BodyPartExamined": "lspine"}, "BodyPartExamined LSPINE"),
-    ({"Modality": "MR", "SeriesDescription": "Sag 3D DESS"}, "SeriesDescription matches '\\\\bDESS\\\\b'"),
-    ({"Modality": "MR", "SeriesDescription": "Cor PD FS Knee"}, "SeriesDescription matches 'knee'"),
-    ({"Modality": "MR", "ProtocolName": "CUBE T2 sag"}, "ProtocolName matches '\\\\bCUBE\\\\b'"),
-    ({"Modality": "MR", "SeriesDescription": "Ax T1 lumbar"}, "SeriesDescription matches 'lumbar'"),
-    ({"Modality": "MR", "SeriesDescription": "Ax T2 FLAIR", "BodyPartExamined": "HEAD"}, None),
-    ({"Modality": "MR", "SeriesDescription": "ADDRESSED"}, None),
-    ({"Modality": "CT", "BodyPartExamined": "KNEE", "SeriesDescription": "CT knee"}, None),
-    (OWN_SEG, None),
-])
-def test_msk_filter(monkeypatch, tags, expected):
+
+def site_series_headers(tags: dict, orientation: tuple, images: int) -> tuple[dict, Series]:
+    """Orthanc's view (series main tags) and the application's view (datasets) of one series."""
+    tags = {"Modality": "MR", **tags}
+    orthanc_tags = {**tags, "ImageOrientationPatient": "\\".join(str(v) for v in orientation)}
+    series = Series(series_instance_uid="1.2.3")
+    for number in range(images):
+        ds = pydicom.Dataset()
+        for key, value in tags.items():
+            setattr(ds, key, value)
+        ds.ImageOrientationPatient = list(orientation)
+        ds.InstanceNumber = number + 1
+        series.datasets.append(ds)
+    return orthanc_tags, series
+
+
+@pytest.mark.parametrize(("name", "tags", "orientation", "images"), SITE_SERIES, ids=[s[0] for s in SITE_SERIES])
+def test_plugin_trigger_agrees_with_the_application_series_selection(monkeypatch, name, tags, orientation, images):
     plugin = load_plugin(FakeOrthanc(), monkeypatch)
-    assert plugin.msk_rule(tags) == expected
+    orthanc_tags, series = site_series_headers(tags, orientation, images)
+    selected, _ = select_series([series], load_rules())
+    expected = f"rule {selected[0].rule.name}" if selected else None
+    assert plugin.msk_rule(orthanc_tags, images) == expected
+
+
+def test_site_series_cover_every_rule_and_rejections():
+    chosen = [select_series([site_series_headers(*case[1:])[1]], load_rules())[0] for case in SITE_SERIES]
+    assert {s[0].rule.name for s in chosen if s} == {rule.name for rule in load_rules()}
+    assert sum(not s for s in chosen) == 7
+
+
+def test_plugin_reads_the_json_rendering_of_the_rules_file_which_matches_the_yaml():
+    assert PLUGIN_RULES.read_text() == rules_json(), "run: msk-node rules --json -o msk_node/config/series_rules.json"
+
+
+def test_unreadable_rules_file_is_logged_and_nothing_triggers(monkeypatch, tmp_path):
+    (tmp_path / "rules.json").write_text('{"rules": [{"name": "x", "description": ["(unclosed"]}]}')
+    fake = FakeOrthanc({"MskNode": {"RulesFile": str(tmp_path / "rules.json")}})
+    plugin = load_plugin(fake, monkeypatch)
+    assert plugin.msk_rule(KNEE, 20) is None
+    assert any("cannot read the series rules" in line for line in fake.logs)
 
 
 def test_own_results_are_seg_sr_or_parametric_maps_of_manufacturer_msk_node(monkeypatch):
@@ -176,8 +227,8 @@ def test_study_is_forwarded_once_then_again_only_for_new_instances(monkeypatch, 
     fake.stable("st1")
     assert fake.store_posts()[1] == {"Resources": ["knee", "scout"], "Synchronous": False}
     actions = [(row["action"], row.get("reason")) for row in plugin._decisions]
-    assert actions == [("forwarded", "BodyPartExamined KNEE"), ("skipped", "already sent to the node"),
-                       ("forwarded", "BodyPartExamined KNEE")]
+    assert actions == [("forwarded", "rule knee-sagittal"), ("skipped", "already sent to the node"),
+                       ("forwarded", "rule knee-sagittal")]
     assert any("declare it in UserMetadata" in line for line in fake.logs) == (not metadata_declared)
 
 
@@ -193,19 +244,22 @@ def test_non_msk_and_result_only_studies_are_skipped(monkeypatch):
     assert [row["reason"] for row in plugin._decisions] == ["no MSK series", "no MSK series", "only msk-node results"]
 
 
-def test_configuration_section_is_read_and_bad_values_fall_back(monkeypatch):
-    config = {"MskNode": {"Modality": "node2", "BodyParts": ["HIP"], "DescriptionPatterns": ["(unclosed", "hip"],
-                          "OwnManufacturer": 5, "Colour": "blue"}}
+def test_configuration_section_is_read_and_bad_values_fall_back(monkeypatch, tmp_path):
+    hip_rules = tmp_path / "rules.json"
+    hip_rules.write_text(json.dumps({"rules": [{"name": "hip-coronal", "anatomy": "hip", "modality": ["MR"],
+                                                "plane": "coronal", "body_part": ["HIP"]}]}))
+    config = {"MskNode": {"Modality": "node2", "RulesFile": str(hip_rules), "OwnManufacturer": 5,
+                          "BodyParts": ["HIP"]}}
     fake = FakeOrthanc(config)
     plugin = load_plugin(fake, monkeypatch)
     assert plugin.SETTINGS["Modality"] == "node2" and plugin.SETTINGS["OwnManufacturer"] == "msk-node"
-    assert plugin.msk_rule({"Modality": "MR", "BodyPartExamined": "HIP"}) == "BodyPartExamined HIP"
-    assert plugin.msk_rule({"Modality": "MR", "BodyPartExamined": "KNEE"}) is None
-    assert plugin.msk_rule({"Modality": "MR", "SeriesDescription": "x (unclosed y"}) is not None
+    coronal = "1\\0\\0\\0\\0\\-1"
+    assert plugin.msk_rule({"Modality": "MR", "BodyPartExamined": "HIP", "ImageOrientationPatient": coronal},
+                           1) == "rule hip-coronal"
+    assert plugin.msk_rule(KNEE, 20) is None
     text = "\n".join(fake.logs)
-    assert "MskNode.Colour ignored" in text and "MskNode.OwnManufacturer must be" in text
-    assert "not a regular expression" in text
-    fake.add_series("st", "hip", 10, Modality="MR", BodyPartExamined="HIP")
+    assert "MskNode.BodyParts ignored" in text and "MskNode.OwnManufacturer must be" in text
+    fake.add_series("st", "hip", 10, Modality="MR", BodyPartExamined="HIP", ImageOrientationPatient=coronal)
     fake.stable("st")
     assert fake.posts[0][0] == "/modalities/node2/store"
 
@@ -217,7 +271,7 @@ def test_failed_store_job_is_retried_then_reported(monkeypatch):
     timers = []
     monkeypatch.setattr(plugin.threading, "Timer", lambda delay, fn, args: types.SimpleNamespace(
         start=lambda: timers.append((delay, fn, args)), daemon=True))
-    fake.add_series("st", "knee", 4, **KNEE)
+    fake.add_series("st", "knee", 8, **KNEE)
     fake.stable("st")
     fake.change_callback(3, 0, "job-1")                     # JOB_FAILURE
     ((delay, resubmit, args),) = timers
@@ -258,7 +312,7 @@ def assert_forwarded_once_and_seg_back(result: dict) -> None:
 def test_knee_study_goes_through_orthanc_to_the_node_and_its_seg_comes_back_once(tmp_path):
     result = run_scenario(tmp_path, {"scenario": "forward", "app": "stub", "destination": "cstore"}, timeout=120)
     assert_forwarded_once_and_seg_back(result)
-    assert result["decisions"][0]["reason"] == "BodyPartExamined KNEE"
+    assert result["decisions"][0]["reason"] == "rule knee-sagittal"
     assert result["times"]["total"] < 60, result["times"]
 
 

@@ -23,8 +23,9 @@ from msk_node.biomarkers.relaxometry import (
 )
 from msk_node.dicom_input import Series, read_study_folder
 from msk_node.labels import load_label_map
-from msk_node.measure import measure_series
+from msk_node.measure import measure_series, relaxometry_groups
 from msk_node.phantoms import write_phantom
+from msk_node.selection import load_relaxometry_rules
 from msk_node.volume import labels_on_volume_grid, series_to_volume
 
 REPO = Path(__file__).resolve().parent.parent
@@ -256,3 +257,35 @@ def test_dess_echoes_in_one_series_split_and_missing_tags_give_a_reason() -> Non
     del no_flip.FlipAngle
     with pytest.raises(ValueError, match="FlipAngle"):
         dess_parameters(no_flip)
+
+
+def _header_series(description: str, echo_times: list[float], study: str = "1.2.9", derived: bool = False) -> Series:
+    series = Series(series_instance_uid=f"{study}.{description}")
+    for echo_time in echo_times:
+        ds = pydicom.Dataset()
+        ds.StudyInstanceUID, ds.SeriesDescription, ds.EchoTime = study, description, echo_time
+        ds.ImageType = ["DERIVED" if derived else "ORIGINAL", "PRIMARY"]
+        series.datasets.append(ds)
+    return series
+
+
+def test_relaxometry_groups_come_from_the_series_rules_file(tmp_path: Path) -> None:
+    """Default rules: spin-lock, MESE and two-echo DESS groups; a one-echo DESS and other studies' series are not."""
+    spin_lock = [_header_series(f"Sag CubeQuant TSL{t}", [10.0]) for t in (1, 10, 30, 60)]
+    mese = _header_series("Sag T2 MESE", [8.0, 16.0, 24.0])
+    scanner_map = _header_series("T2 Map", [0.0], derived=True)
+    dess = [_header_series("Sag qDESS echo 1", [7.48]), _header_series("Sag qDESS echo 2", [42.52])]
+    other_study = _header_series("T1rho other study", [10.0], study="1.2.10")
+    study = [*spin_lock, mese, scanner_map, *dess, other_study]
+    groups = relaxometry_groups(study, "1.2.9")
+    assert groups == {"t1rho": spin_lock, "t2": [mese, scanner_map], "dess_t2": dess}
+    assert "dess_t2" not in relaxometry_groups([dess[0], mese], "1.2.9")  # one echo: morphology only
+    # Two DESS series whose only second echo time is a scanner-made image: one echo time counts.
+    assert "dess_t2" not in relaxometry_groups([dess[0], _header_series("DESS T2", [42.52], derived=True)], "1.2.9")
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text("rules: []\nrelaxometry:\n  - kind: t2\n    description: ['^my t2 mapping$']\n"
+                          "    min_echo_times: 3\n")
+    custom = load_relaxometry_rules(rules_file)
+    mine = _header_series("My T2 mapping", [10.0, 20.0, 30.0])
+    assert relaxometry_groups([mine, mese, *spin_lock], "1.2.9", custom) == {"t2": [mine]}
+    assert relaxometry_groups([_header_series("my t2 mapping", [10.0, 20.0])], "1.2.9", custom) == {}
