@@ -34,8 +34,11 @@ def machine() -> dict[str, Any]:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    from tests.conftest import DEFAULT_THREADS
+
+    # the thread count the shared runs use (run_pipeline sets it), not the one the last step left behind
     return {"cpu": cpu, "precision": resolve_precision("auto"), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version()}
+            "threads": DEFAULT_THREADS, "python": platform.python_version()}
 
 
 def _sha(data: bytes) -> str:
