@@ -232,8 +232,9 @@ def write_sr(job: SeriesJob, seg: Dataset, models: ModelSet, output_dir: Path, s
     sr = build_measurement_report(seg, groups, models.label_map, algorithm_info(models),
                                   series_number=series_number,
                                   series_description=f"msk-node {job.selected.anatomy} measurements")
-    job.report_output = output_dir / f"sr-{job.series_instance_uid}.dcm"
-    sr.save_as(job.report_output, enforce_file_format=True)
+    path = output_dir / f"sr-{job.series_instance_uid}.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    job.report_output = path  # only once written: report.json and status.json list what is there
 
 
 def write_maps(job: SeriesJob, output_dir: Path, written: dict[str, Path], first_series_number: int) -> None:
