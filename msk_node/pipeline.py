@@ -15,11 +15,13 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
 
 from msk_node import __version__
@@ -36,6 +38,7 @@ from msk_node.postprocess import merge_labels, postprocess_masks
 from msk_node.progress import progress
 from msk_node.seg_writer import AlgorithmInfo, build_segmentation, write_segmentation
 from msk_node.selection import SelectedSeries, SeriesRule, load_rules, select_series
+from msk_node.status import EXIT_RAN, STATUS_FILE, Outcome, describe_error
 from msk_node.sr_writer import build_measurement_report
 from msk_node.volume import SeriesVolume, series_to_volume
 
@@ -77,8 +80,10 @@ class SeriesJob:
     output: Path | None = None
     report_output: Path | None = None
     map_outputs: list[Path] = field(default_factory=list)
-    outcome: str = "pending"
+    outcome: Outcome = Outcome.PENDING
     reason: str = ""
+    #: Steps that raised, ``{"step": ..., "error": ...}``, in the order they failed.
+    failures: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def series_instance_uid(self) -> str:
@@ -86,11 +91,31 @@ class SeriesJob:
 
     @property
     def failed(self) -> bool:
-        return self.outcome in ("failed", "nothing found")
+        return self.outcome in (Outcome.FAILED, Outcome.NOTHING_FOUND)
 
-    def fail(self, outcome: str, reason: str) -> None:
+    def fail(self, outcome: Outcome, reason: str) -> None:
         self.outcome, self.reason = outcome, reason
         logger.warning("series %s: %s: %s", self.series_instance_uid, outcome, reason)
+
+    @contextmanager
+    def guard(self, step: str, reason: str | None = None) -> Iterator[None]:
+        """Any exception of ``step`` ends here, recorded as a failure of this series alone.
+
+        With ``reason`` (e.g. ``"no volume"``) the series fails with it; without, the series
+        keeps what it has (a failed measurement or SR keeps the SEG) and lists the failure.
+        A ValueError is the code's own account of unusable input, so its message stands alone
+        in the reason; any other exception is named by its type.
+        """
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - one series' failure must not stop the study
+            logger.debug("series %s: %s failed", self.series_instance_uid, step, exc_info=True)
+            self.failures.append({"step": step, "error": describe_error(error)})
+            message = str(error) if isinstance(error, ValueError) else describe_error(error)
+            if reason is None:
+                logger.warning("series %s: %s failed: %s", self.series_instance_uid, step, message)
+            else:
+                self.fail(Outcome.FAILED, f"{reason}: {message}")
 
 
 def load_and_select(
@@ -110,11 +135,7 @@ def load_and_select(
 
 def build_volume(job: SeriesJob) -> None:
     """Stack the series in patient space and normalise it for the models."""
-    try:
-        job.volume = series_to_volume(job.selected.series.datasets)
-    except ValueError as error:
-        job.fail("failed", f"no volume: {error}")
-        return
+    job.volume = series_to_volume(job.selected.series.datasets)
     job.normalised = normalise_volume(job.volume.array)
     if job.volume.missing:
         logger.warning("series %s: %d slice(s) missing from the series (volume slices %s); they stay blank",
@@ -125,7 +146,7 @@ def detect_anatomy(job: SeriesJob, models: ModelSet) -> None:
     labels = models.label_map.for_anatomy(job.selected.anatomy)
     job.detections = models.detector_for(job.selected.anatomy).detect(job.normalised, labels)
     if not job.detections:
-        job.fail("nothing found", f"the detector found no {job.selected.anatomy} anatomy")
+        job.fail(Outcome.NOTHING_FOUND, f"the detector found no {job.selected.anatomy} anatomy")
 
 
 def segment_boxes(job: SeriesJob, models: ModelSet, times: StageTimes) -> None:
@@ -153,7 +174,7 @@ def segment_boxes(job: SeriesJob, models: ModelSet, times: StageTimes) -> None:
 def postprocess(job: SeriesJob, label_map: LabelMap) -> None:
     cleaned = postprocess_masks(job.masks, label_map, job.volume.pixel_spacing)
     if not cleaned:
-        job.fail("nothing found", "every segment was empty after post-processing")
+        job.fail(Outcome.NOTHING_FOUND, "every segment was empty after post-processing")
         return
     job.label_volume = merge_labels(cleaned, label_map)
     job.masks, job.normalised = {}, None
@@ -169,16 +190,13 @@ def check_plausibility(job: SeriesJob, label_map: LabelMap) -> None:
     job.label_volume = result.label_volume
     if not result.label_volume.any():
         reasons = sorted({f"{f.label}: {f.reason}" for f in result.dropped})
-        job.fail("nothing found", f"every segment failed the plausibility checks ({'; '.join(reasons)})")
+        job.fail(Outcome.NOTHING_FOUND, f"every segment failed the plausibility checks ({'; '.join(reasons)})")
 
 
 def measure(job: SeriesJob, label_map: LabelMap, study_series: list[Series]) -> None:
-    """Biomarkers of the series; a failure here costs the measurements, not the SEG."""
-    try:
-        job.measurements = measure_series(job.volume, job.label_volume, job.selected.anatomy, label_map,
-                                          study_series)
-    except ValueError as error:
-        logger.warning("series %s: measurements failed: %s", job.series_instance_uid, error)
+    """Biomarkers of the series (run under a guard that keeps the SEG when they fail)."""
+    job.measurements = measure_series(job.volume, job.label_volume, job.selected.anatomy, label_map,
+                                      study_series)
 
 
 def algorithm_info(models: ModelSet) -> AlgorithmInfo:
@@ -202,7 +220,7 @@ def write_seg(job: SeriesJob, models: ModelSet, output_dir: Path, series_number:
                              instances=instances)
     output_dir.mkdir(parents=True, exist_ok=True)
     job.output = write_segmentation(seg, output_dir / f"seg-{job.series_instance_uid}.dcm")
-    job.outcome = "segmented"
+    job.outcome = Outcome.SEGMENTED
     return seg
 
 
@@ -214,8 +232,9 @@ def write_sr(job: SeriesJob, seg: Dataset, models: ModelSet, output_dir: Path, s
     sr = build_measurement_report(seg, groups, models.label_map, algorithm_info(models),
                                   series_number=series_number,
                                   series_description=f"msk-node {job.selected.anatomy} measurements")
-    job.report_output = output_dir / f"sr-{job.series_instance_uid}.dcm"
-    sr.save_as(job.report_output, enforce_file_format=True)
+    path = output_dir / f"sr-{job.series_instance_uid}.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    job.report_output = path  # only once written: report.json and status.json list what is there
 
 
 def write_maps(job: SeriesJob, output_dir: Path, written: dict[str, Path], first_series_number: int) -> None:
@@ -225,11 +244,8 @@ def write_maps(job: SeriesJob, output_dir: Path, written: dict[str, Path], first
     by the study) makes each map one file, listed for every series that used it.
     """
     for relaxation in job.measurements.maps:
-        try:
+        with job.guard(f"{relaxation.kind} parametric map"):
             job.map_outputs.append(write_map(relaxation, output_dir, written, first_series_number))
-        except ValueError as error:
-            logger.warning("series %s: %s Parametric Map not written: %s", job.series_instance_uid,
-                           relaxation.kind, error)
 
 
 def write_map(relaxation: RelaxationMap, output_dir: Path, written: dict[str, Path], first_series_number: int) -> Path:
@@ -274,6 +290,8 @@ class StudyWork:
     report: dict | None = None
     #: Relaxation maps of acquisitions no segmented series measured on (written as Parametric Maps all the same).
     maps: list[RelaxationMap] = field(default_factory=list)
+    #: Every DICOM file written (SEGs, SRs, Parametric Maps): what status.json lists for delivery.
+    results: list[Path] = field(default_factory=list)
 
     def active_jobs(self) -> list[SeriesJob]:
         return [job for job in self.jobs if not job.failed]
@@ -287,17 +305,14 @@ def write_outputs(work: StudyWork, models: ModelSet) -> dict:
         for number, job in enumerate(work.jobs, start=1):
             if job.failed:
                 continue
-            try:
+            seg = None
+            with job.guard("seg", "SEG not written"):
                 seg = write_seg(job, models, work.output_dir, series_number=9000 + number)
-            except ValueError as error:
-                job.fail("failed", f"SEG not written: {error}")
+            if seg is None or job.measurements is None:
                 continue
-            if job.measurements is not None:
-                try:
-                    write_sr(job, seg, models, work.output_dir, series_number=9100 + number)
-                except ValueError as error:
-                    logger.warning("series %s: SR not written: %s", job.series_instance_uid, error)
-                write_maps(job, work.output_dir, maps_written, first_series_number=9200)
+            with job.guard("sr"):
+                write_sr(job, seg, models, work.output_dir, series_number=9100 + number)
+            write_maps(job, work.output_dir, maps_written, first_series_number=9200)
         for relaxation in work.maps:
             try:
                 write_map(relaxation, work.output_dir, maps_written, first_series_number=9200)
@@ -309,7 +324,35 @@ def write_outputs(work: StudyWork, models: ModelSet) -> dict:
         write_measurement_tables(rows, work.output_dir)
         work.report = study_report(work.jobs, work.skipped, models, sorted(maps_written))
         (work.output_dir / "report.json").write_text(json.dumps(work.report, indent=2))
+        work.results = sorted({path for job in work.jobs for path in (job.output, job.report_output) if path}
+                              | set(maps_written.values()))
+        write_status(work.output_dir, Outcome.RAN, work=work)
     return work.report
+
+
+def write_status(output_dir: Path, outcome: Outcome, reason: str = "", work: StudyWork | None = None,
+                 exit_code: int = EXIT_RAN) -> dict:
+    """The application's status.json: its outcome, each series' outcome and the result files to deliver."""
+    status: dict = {"outcome": outcome, "exit_code": exit_code}
+    if reason:
+        status["reason"] = reason
+    jobs = work.jobs if work is not None else []
+    status["series"] = [{"series_instance_uid": job.series_instance_uid, "outcome": job.outcome,
+                         **({"reason": job.reason} if job.reason else {}),
+                         **({"failures": job.failures} if job.failures else {})} for job in jobs]
+    if work is not None:
+        status["skipped"] = len(work.skipped)
+    status["results"] = [result_entry(path) for path in (work.results if work is not None else [])]
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / STATUS_FILE).write_text(json.dumps(status, indent=2))
+    return status
+
+
+def result_entry(path: Path) -> dict[str, str]:
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+    return {"file": path.name, "sop_class_uid": str(ds.SOPClassUID), "sop_instance_uid": str(ds.SOPInstanceUID)}
+
 
 
 def study_report(jobs: list[SeriesJob], skipped: list[SkippedFile], models: ModelSet | None,
@@ -340,6 +383,8 @@ def study_report(jobs: list[SeriesJob], skipped: list[SkippedFile], models: Mode
             entry["labels"] = [models.label_map.by_value(int(v)).name for v in present if v]
         if job.plausibility is not None:
             entry["plausibility"] = [finding.as_dict() for finding in job.plausibility]
+        if job.failures:
+            entry["failures"] = job.failures
         series.append(entry)
     report = {"software": f"msk-node {__version__}", "series": series,
               "skipped": [{"source": s.path, "reason": s.reason} for s in skipped]}
@@ -358,37 +403,43 @@ def load_study(work: StudyWork, input_dir: Path, rules: list[SeriesRule] | None 
 def build_volumes(work: StudyWork) -> None:
     with work.times.stage("load"):
         for job in work.active_jobs():
-            build_volume(job)
+            with job.guard("volume", "no volume"):
+                build_volume(job)
 
 
 def detect_all(work: StudyWork, models: ModelSet) -> None:
     with work.times.stage("detect"):
         for job in work.active_jobs():
-            detect_anatomy(job, models)
+            with job.guard("detect", "detection failed"):
+                detect_anatomy(job, models)
 
 
 def segment_all(work: StudyWork, models: ModelSet) -> None:
     for job in work.active_jobs():
-        segment_boxes(job, models, work.times)
+        with job.guard("segment", "segmentation failed"):
+            segment_boxes(job, models, work.times)
 
 
 def postprocess_all(work: StudyWork, label_map: LabelMap) -> None:
     with work.times.stage("postprocess"):
         for job in work.active_jobs():
-            postprocess(job, label_map)
+            with job.guard("postprocess", "post-processing failed"):
+                postprocess(job, label_map)
 
 
 def plausibility_all(work: StudyWork, label_map: LabelMap) -> None:
     with work.times.stage("plausibility"):
         for job in work.active_jobs():
-            check_plausibility(job, label_map)
+            with job.guard("plausibility", "plausibility checks failed"):
+                check_plausibility(job, label_map)
 
 
 def measure_all(work: StudyWork, label_map: LabelMap) -> None:
     """Biomarkers of every segmented series, then the maps of relaxometry acquisitions none of them measured on."""
     with work.times.stage("measure"):
         for job in work.active_jobs():
-            measure(job, label_map, work.series)
+            with job.guard("measure"):
+                measure(job, label_map, work.series)
         fitted = [m for job in work.jobs if job.measurements is not None for m in job.measurements.maps]
         work.maps = unmeasured_relaxation_maps(work.series, fitted)
 

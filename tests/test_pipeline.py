@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from msk_node.pipeline import process_study
 from msk_node.plausibility import label_figures
 from msk_node.precision import resolve_precision
 from msk_node.sr_writer import read_measurements
+from msk_node.status import EXIT_BAD_INPUT, EXIT_BAD_MODELS
 from msk_node.volume import labels_on_volume_grid, volume_to_sitk
 from tests.dicom_checks import (
     assert_frames_on_sources,
@@ -196,8 +198,24 @@ def test_application_refuses_corrupted_models_at_start_up(tmp_path):
     case = make_mr_series(tmp_path / "in", n=10)
     result = subprocess.run([sys.executable, "-m", "app", "-i", str(case[0].parent), "-o", str(tmp_path / "out"),
                              "-m", str(models)], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode != 0
+    assert result.returncode == EXIT_BAD_MODELS
     assert "detector.pt are corrupted or replaced" in result.stderr
+    status = json.loads((tmp_path / "out" / "status.json").read_text())
+    assert status["outcome"] == "could not run" and status["exit_code"] == EXIT_BAD_MODELS
+    assert status["reason"].startswith("models not loaded: ModelError: ")
+    assert "detector.pt are corrupted or replaced" in status["reason"]
+    assert status["series"] == [] and status["results"] == []
+
+
+def test_application_without_a_readable_input_folder_says_so_in_status_json(tmp_path):
+    not_a_folder = tmp_path / "study.dcm"
+    not_a_folder.write_bytes(b"not a folder")
+    result = subprocess.run([sys.executable, "-m", "app", "-i", str(not_a_folder), "-o", str(tmp_path / "out"),
+                             "-m", str(MODELS)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == EXIT_BAD_INPUT, result.stderr[-3000:]
+    status = json.loads((tmp_path / "out" / "status.json").read_text())
+    assert status == {"outcome": "could not run", "exit_code": EXIT_BAD_INPUT,
+                      "reason": f"input folder {not_a_folder} is not a folder", "series": [], "results": []}
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +283,56 @@ def test_real_knee_as_nifti_with_named_labels_evaluates_with_truth_boxes(real_kn
     assert set(table.index) == set(names.values())
     assert (table["dice"] > 0.7).all(), table["dice"]
     assert (table["hd95_mm"] > 0).all() and (table["hd95_mm"] < 20).all(), table["hd95_mm"]
+
+
+def test_a_failing_step_costs_its_series_alone_and_status_json_lists_every_outcome(tmp_path, models, monkeypatch):
+    """KeyError in the spine's detection and in the knee's measurement; the thigh is untouched."""
+    from msk_node import pipeline
+
+    study = tmp_path / "study"
+    uids = {}
+    for kind, seed in (("knee", TEST_SEED + 5), ("spine", TEST_SEED + 6), ("thigh", TEST_SEED + 7)):
+        case = write_phantom(kind, tmp_path / kind, seed=seed, n_slices=16)
+        shutil.copytree(case / "dicom", study / kind)
+    for job in pipeline.load_and_select(study)[0]:
+        uids[job.selected.anatomy] = job.series_instance_uid
+    assert sorted(uids) == ["knee", "spine", "thigh"]
+
+    def failing(step, anatomy):
+        def run(job, *args):
+            if job.series_instance_uid == uids[anatomy]:
+                raise KeyError("injected")
+            return step(job, *args)
+        return run
+
+    monkeypatch.setattr(pipeline, "detect_anatomy", failing(pipeline.detect_anatomy, "spine"))
+    monkeypatch.setattr(pipeline, "measure", failing(pipeline.measure, "knee"))
+    out = tmp_path / "out"
+    process_study(study, out, models)
+
+    report = {s["anatomy"]: s for s in json.loads((out / "report.json").read_text())["series"]}
+    assert report["spine"]["outcome"] == "failed"
+    assert report["spine"]["reason"] == "detection failed: KeyError: 'injected'"
+    assert report["spine"]["failures"] == [{"step": "detect", "error": "KeyError: 'injected'"}]
+    assert "seg" not in report["spine"]
+    # A failed measurement keeps the SEG and says so; no SR without measurements.
+    assert report["knee"]["outcome"] == "segmented" and "reason" not in report["knee"]
+    assert report["knee"]["failures"] == [{"step": "measure", "error": "KeyError: 'injected'"}]
+    assert {"femur", "tibia"} <= set(report["knee"]["labels"]) and "sr" not in report["knee"]
+    assert report["thigh"]["outcome"] == "segmented" and "failures" not in report["thigh"]
+    assert "sr" in report["thigh"]
+
+    status = json.loads((out / "status.json").read_text())
+    assert status["outcome"] == "ran" and status["exit_code"] == 0
+    by_uid = {s["series_instance_uid"]: s for s in status["series"]}
+    assert {anatomy: by_uid[uid]["outcome"] for anatomy, uid in uids.items()} == {
+        "knee": "segmented", "spine": "failed", "thigh": "segmented"}
+    assert by_uid[uids["knee"]]["failures"] == report["knee"]["failures"]
+    listed = {entry["file"]: entry for entry in status["results"]}
+    assert set(listed) == {p.name for p in out.glob("*.dcm")}
+    assert {report["knee"]["seg"], report["thigh"]["seg"], report["thigh"]["sr"]} <= set(listed)
+    for name, entry in listed.items():
+        ds = pydicom.dcmread(out / name, stop_before_pixels=True)
+        assert (entry["sop_class_uid"], entry["sop_instance_uid"]) == (ds.SOPClassUID, ds.SOPInstanceUID)
+    seg = pydicom.dcmread(out / report["knee"]["seg"])
+    assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uids["knee"]

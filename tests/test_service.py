@@ -49,6 +49,7 @@ from msk_node.service.listener import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
 from msk_node.service.spool import Spool
 from msk_node.service.worker import Worker
 from msk_node.sr_writer import read_measurements
+from msk_node.status import EXIT_BAD_MODELS
 from tests.dicom_checks import dciodvfy_errors, sr_validator_errors, tid1500_read
 from tests.service_helpers import (
     GARBAGE,
@@ -1345,3 +1346,25 @@ def _assert_femoral_relaxometry(sr: pydicom.Dataset, report: dict) -> None:
 
     assert unit("T1rho relaxation time", t1rho) == unit("T2", dess_t2) == "ms"
     assert [unit("Rejected voxel share", share) for share in shares] == ["%", "%"]
+
+
+@needs_models
+def test_job_reason_comes_from_the_applications_status_json(tmp_path, nodes, dest, monkeypatch):
+    """The one-shot application with corrupted weights: its status.json, not its log, names the reason."""
+    models = tmp_path / "models"
+    shutil.copytree(MODELS, models)
+    weights = models / "detector" / "detector.pt"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    config = node_config(tmp_path, [sys.executable, "-m", "app"], [dest.destination()], models_dir=str(models),
+                         max_attempts=1, job_timeout_s=300)
+    node = nodes(config)
+    study = make_study(tmp_path / "study", n=3)
+    assert storescu(node.port, [study[0].parent]).returncode == 0
+    wait_for(lambda: states(config) == ["dead"], 300, interval=0.5, what="dead job")
+    (job,) = jobs_of(config)
+    app_status = json.loads((Path(job["output_dir"]) / "status.json").read_text())
+    assert app_status["exit_code"] == EXIT_BAD_MODELS
+    assert job["reason"] == f"exit code {EXIT_BAD_MODELS}: {app_status['reason']}"
+    assert "detector.pt are corrupted or replaced" in job["reason"]
+    assert dest.received == []

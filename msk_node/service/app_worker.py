@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import psutil
 
 from msk_node.service.spool import APP_UMASK, FILE_MODE
+from msk_node.status import EXIT_INTERNAL_ERROR, Outcome
 
 if TYPE_CHECKING:
     from msk_node.models import ModelSet
@@ -197,6 +198,9 @@ def _run_study(process_study: Callable[[Path, Path, ModelSet], object], models: 
         return AppResult(True, elapsed_s=time.monotonic() - begin)
     except Exception as error:  # noqa: BLE001 - one bad study fails its attempt; the worker serves the next
         logger.exception("study failed")
+        from msk_node.pipeline import write_status  # loaded with the models already
+        write_status(output_dir, Outcome.NOT_RUN, f"internal error: {_describe(error)}",
+                     exit_code=EXIT_INTERNAL_ERROR)
         return AppResult(False, _describe(error), time.monotonic() - begin)
     finally:
         root.removeHandler(handler)

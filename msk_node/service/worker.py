@@ -46,6 +46,7 @@ from msk_node.service.delivery import (
 from msk_node.service.jobs import Job, JobStore
 from msk_node.service.spool import APP_UMASK, DIR_MODE, Spool, open_private
 from msk_node.service.triage import judge_study
+from msk_node.status import STATUS_FILE, Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -82,21 +83,45 @@ def failure_reason(log_path: Path, returncode: int | None) -> str:
     return f"{head}: {detail[:300]}" if detail else head
 
 
-def success_summary(output_dir: Path, n_results: int) -> str:
-    """``"2 result(s); series: segmented 2; 1 file(s) skipped"`` from ``report.json`` if present."""
-    text = f"{n_results} result(s)"
+def read_status(output_dir: Path) -> dict | None:
+    """The application's status.json (README, "Status contract"); None where it wrote none (killed, crashed)."""
     try:
-        report = json.loads((output_dir / "report.json").read_text())
+        status = json.loads((output_dir / STATUS_FILE).read_text())
     except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) and "outcome" in status else None
+
+
+def status_verdict(status: dict) -> tuple[bool, str]:
+    """Whether the study ran, and the reason the job records when it could not."""
+    if status["outcome"] == Outcome.RAN:
+        return True, ""
+    return False, f"exit code {status.get('exit_code', '?')}: {status.get('reason') or 'no reason given'}"[:400]
+
+
+def listed_results(output_dir: Path, status: dict | None) -> tuple[list[ResultFile], list[str]]:
+    """The results to deliver: those status.json lists, else (no status) every readable ``*.dcm``."""
+    results, problems = read_results(output_dir)
+    if status is None or not isinstance(status.get("results"), list):
+        return results, problems
+    listed = {str(entry.get("file")) for entry in status["results"] if isinstance(entry, dict)}
+    return [r for r in results if r.path.name in listed], problems
+
+
+def success_summary(status: dict | None, n_results: int) -> str:
+    """``"2 result(s); series: segmented 2; 1 step(s) failed; 1 input(s) skipped"`` from status.json."""
+    text = f"{n_results} result(s)"
+    if status is None:
         return text
-    if not isinstance(report, dict):
-        return text
-    outcomes = Counter(str(s.get("outcome", "?")) for s in report.get("series", []) if isinstance(s, dict))
+    series = [s for s in status.get("series", []) if isinstance(s, dict)]
+    outcomes = Counter(str(s.get("outcome", "?")) for s in series)
     if outcomes:
         text += "; series: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
-    skipped = report.get("skipped", [])
-    if isinstance(skipped, list) and skipped:
-        text += f"; {len(skipped)} input(s) skipped"
+    failures = sum(len(s.get("failures", [])) for s in series)
+    if failures:
+        text += f"; {failures} step(s) failed"
+    if status.get("skipped"):
+        text += f"; {status['skipped']} input(s) skipped"
     return text
 
 
@@ -309,10 +334,12 @@ class Worker:
             self.store.interrupt_attempt(job.id)
             logger.info("job %d: interrupted by stop; back to stable", job.id)
             return "stable"
-        ok, reason = result.ok, result.reason
+        status = read_status(output_dir)
+        # status.json decides; only an application that wrote none (killed) is judged by its exit and its log.
+        ok, reason = status_verdict(status) if status is not None else (result.ok, result.reason)
         if ok:
-            results, problems = read_results(output_dir)
-            reason = success_summary(output_dir, len(results))
+            results, problems = listed_results(output_dir, status)
+            reason = success_summary(status, len(results))
             if problems:
                 reason += "; " + "; ".join(problems[:3])
         state = self.store.finish_attempt(job.id, ok, reason, self.config.max_attempts,
@@ -351,7 +378,8 @@ class Worker:
             ``delivering`` (tried again after a backoff).
         """
         output_dir = Path(job.output_dir or "")
-        results, problems = read_results(output_dir)
+        status = read_status(output_dir)
+        results, problems = listed_results(output_dir, status)
         errors = []
         sent = 0
         for destination in self.config.destinations:
@@ -378,7 +406,7 @@ class Worker:
                 errors.append(f"{destination.key}: {error}")
             if destination.storage_commitment and confirmed_now:
                 self._request_commitment(job.id, destination, [r for r in pending if r.sop_uid in confirmed_now])
-        summary = success_summary(output_dir, len(results))
+        summary = success_summary(status, len(results))
         if problems:
             summary += "; " + "; ".join(problems[:3])
         if not self.config.destinations:
