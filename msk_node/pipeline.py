@@ -354,7 +354,6 @@ def result_entry(path: Path) -> dict[str, str]:
     return {"file": path.name, "sop_class_uid": str(ds.SOPClassUID), "sop_instance_uid": str(ds.SOPInstanceUID)}
 
 
-
 def study_report(jobs: list[SeriesJob], skipped: list[SkippedFile], models: ModelSet | None,
                  parametric_maps: list[str] | None = None) -> dict:
     """A JSON-ready account of what happened to every series and every skipped file, and the maps written."""
