@@ -27,6 +27,7 @@ import yaml
 from msk_node import __version__
 from msk_node.models import verify_models
 from msk_node.phantoms import write_phantom
+from msk_node.status import EXIT_BAD_MODELS, STATUS_FILE
 from tests.dicom_checks import dciodvfy_errors, make_mr_series
 
 REPO = Path(__file__).resolve().parent.parent
@@ -270,6 +271,11 @@ def test_packaged_application_refuses_a_corrupted_model_at_start_up(package, ima
 
     result = package.run_entry_point(root, image_python)
 
-    assert result.returncode != 0
+    assert result.returncode == EXIT_BAD_MODELS
     assert "detector.pt are corrupted or replaced" in result.stderr
-    assert list((root / package.env["HOLOSCAN_OUTPUT_PATH"].lstrip("/")).iterdir()) == []
+    # Nothing but the status contract's account of why: no result to deliver.
+    output = root / package.env["HOLOSCAN_OUTPUT_PATH"].lstrip("/")
+    assert [path.name for path in output.iterdir()] == [STATUS_FILE]
+    status = json.loads((output / STATUS_FILE).read_text())
+    assert status["outcome"] == "could not run" and status["exit_code"] == EXIT_BAD_MODELS
+    assert "detector.pt are corrupted or replaced" in status["reason"] and status["results"] == []
