@@ -30,7 +30,8 @@ NODE_AE = "MSKNODE"
 
 #: The stub application. argv: MODE_FILE -i IN -o OUT -m MODELS. The mode file holds
 #: "copy" (write one result: the first readable input with new UIDs and the input count
-#: in ImageComments), "crash" (raise), or "sleep:SECONDS" (then copy).
+#: in ImageComments, with report.json and status.json as the application writes them), "crash" (raise), or
+#: "sleep:SECONDS" (then copy).
 STUB_APP = r'''
 import json, sys, time
 from pathlib import Path
@@ -64,6 +65,11 @@ target.mkdir(parents=True, exist_ok=True)
 result.save_as(target / f"seg-{result.SOPInstanceUID}.dcm", enforce_file_format=True)
 report = {"series": [{"outcome": "segmented"}], "skipped": skipped}
 (target / "report.json").write_text(json.dumps(report))
+status = {"outcome": "ran", "exit_code": 0, "series": [{"series_instance_uid": "stub", "outcome": "segmented"}],
+          "skipped": len(skipped), "results": [{"file": f"seg-{result.SOPInstanceUID}.dcm",
+                                                 "sop_class_uid": str(result.SOPClassUID),
+                                                 "sop_instance_uid": str(result.SOPInstanceUID)}]}
+(target / "status.json").write_text(json.dumps(status))
 '''
 
 
