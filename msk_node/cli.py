@@ -5,7 +5,14 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from msk_node.service import NodeConfig
+
+T = TypeVar("T")
 
 DEFAULT_MODELS = Path(__file__).resolve().parent.parent / "models"
 
@@ -171,25 +178,24 @@ def association_summary(health: dict | None) -> str:
     return f"associations since {when} ({health['ae_title']}, {state}): " + "; ".join(parts)
 
 
+def _job_command(args: argparse.Namespace, name: str, action: Callable[[NodeConfig, int], T]) -> T:
+    """``action(config, job)`` for ``msk-node <name> JOB``; an unknown job or a wrong state exits with its reason."""
+    try:
+        return action(_node_config(args.config), args.job)
+    except (KeyError, ValueError) as error:
+        raise SystemExit(f"msk-node {name}: {error.args[0] if error.args else error}") from None
+
+
 def _retry(args: argparse.Namespace) -> None:
     from msk_node.service import retry
 
-    config = _node_config(args.config)
-    try:
-        state = retry(config, args.job)
-    except (KeyError, ValueError) as error:
-        raise SystemExit(f"msk-node retry: {error.args[0] if error.args else error}") from None
-    print(f"job {args.job}: {state}")
+    print(f"job {args.job}: {_job_command(args, 'retry', retry)}")
 
 
 def _release(args: argparse.Namespace) -> None:
     from msk_node.service import release
 
-    config = _node_config(args.config)
-    try:
-        missing = release(config, args.job)
-    except (KeyError, ValueError) as error:
-        raise SystemExit(f"msk-node release: {error.args[0] if error.args else error}") from None
+    missing = _job_command(args, "release", release)
     print(f"job {args.job}: stable (runs without {missing} refused instance(s))")
 
 
