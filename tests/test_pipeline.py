@@ -124,13 +124,18 @@ def test_bad_input_is_reported_and_the_rest_of_the_study_is_processed(tmp_path, 
     _assert_valid_report(work.jobs[0].report_output)  # on JPEG 2000 sources
 
 
-def test_application_entry_point_reads_the_map_paths_from_the_environment(tmp_path):
-    case = write_phantom("spine", tmp_path / "case", seed=TEST_SEED + 2)
-    env = {**os.environ, "HOLOSCAN_INPUT_PATH": str(case / "dicom"),
-           "HOLOSCAN_OUTPUT_PATH": str(tmp_path / "out"), "HOLOSCAN_MODEL_PATH": str(MODELS)}
-    result = subprocess.run([sys.executable, "-m", "app"], cwd=tmp_path, env=env, capture_output=True,
+def _run_entry_point_from_environment(input_dir: Path, work_dir: Path) -> None:
+    """``python -m app`` as the MAP image runs it: paths from HOLOSCAN_*, results in ``work_dir/out``."""
+    env = {**os.environ, "HOLOSCAN_INPUT_PATH": str(input_dir),
+           "HOLOSCAN_OUTPUT_PATH": str(work_dir / "out"), "HOLOSCAN_MODEL_PATH": str(MODELS)}
+    result = subprocess.run([sys.executable, "-m", "app"], cwd=work_dir, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_application_entry_point_reads_the_map_paths_from_the_environment(tmp_path):
+    case = write_phantom("spine", tmp_path / "case", seed=TEST_SEED + 2)
+    _run_entry_point_from_environment(case / "dicom", tmp_path)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     (series,) = report["series"]
     assert series["outcome"] == "segmented"
@@ -149,11 +154,7 @@ MESE_MUSCLE_BOX = (slice(12, 15), slice(160, 220), slice(185, 205))
 def test_real_mese_study_alone_gets_a_t2_parametric_map_from_its_eight_echoes(tmp_path):
     """The 8-echo big-endian series as a study of its own, through the application entry point: nothing to
     segment (a mapping series), yet its T2 map is written as a Parametric Map on its slices, in ms."""
-    env = {**os.environ, "HOLOSCAN_INPUT_PATH": str(REAL_MESE / "dicom"),
-           "HOLOSCAN_OUTPUT_PATH": str(tmp_path / "out"), "HOLOSCAN_MODEL_PATH": str(MODELS)}
-    result = subprocess.run([sys.executable, "-m", "app"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _run_entry_point_from_environment(REAL_MESE / "dicom", tmp_path)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["series"] == [] and "is excluded" in report["skipped"][0]["reason"]
     (path,) = (tmp_path / "out").glob("*.dcm")
