@@ -87,27 +87,13 @@ def follow_jobs(config, timeout_s: float) -> None:
 
 
 def _overlay(args: argparse.Namespace) -> None:
-    import highdicom as hd
-    import numpy as np
+    from msk_node.overlay import render_seg_overlays
 
-    from msk_node.dicom_input import read_study_folder
-    from msk_node.intensity import normalise_volume
-    from msk_node.labels import load_label_map
-    from msk_node.overlay import render_overlays
-    from msk_node.seg_writer import label_volume_from_seg
-    from msk_node.volume import series_to_volume
-
-    seg = hd.seg.segread(args.seg)
-    referenced = str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
-    study = read_study_folder(args.series)
-    matches = [s for s in study.series if s.series_instance_uid == referenced]
-    if not matches:
-        raise SystemExit(f"no series {referenced} (the SEG's source) under {args.series}")
-    volume = series_to_volume(matches[0].datasets)
-    label_map = load_label_map(args.models / "detector" / "label_map.yaml")
-    labels = np.zeros(volume.array.shape, dtype=np.uint8)
-    labels[volume.present] = label_volume_from_seg(seg, [ds.SOPInstanceUID for ds in volume.datasets], label_map)
-    paths = render_overlays(normalise_volume(volume.array), labels, label_map, args.out, every=args.every)
+    try:
+        paths = render_seg_overlays(args.seg, args.series, args.models / "detector" / "label_map.yaml", args.out,
+                                    every=args.every)
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
     print(f"wrote {len(paths)} overlays to {args.out}")
 
 
@@ -128,9 +114,20 @@ def _node_config(path: Path):
 
 
 def _serve(args: argparse.Namespace) -> None:
+    import dataclasses
+    import os
+
     from msk_node.service import Node
 
-    Node(_node_config(args.config)).run_forever()
+    config = _node_config(args.config)
+    overrides = {"enabled": args.dashboard, "host": args.dashboard_host, "port": args.dashboard_port,
+                 "token": os.environ.get("MSK_NODE_DASHBOARD_TOKEN")}
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    config = dataclasses.replace(config, dashboard=dataclasses.replace(config.dashboard, **overrides))
+    try:
+        Node(config).run_forever()
+    except ValueError as error:  # a dashboard on a non-loopback address without a token
+        raise SystemExit(f"msk-node serve: {error}") from None
 
 
 #: History lines ``msk-node status`` prints under each job (the most recent).
@@ -190,6 +187,12 @@ def _retry(args: argparse.Namespace) -> None:
     from msk_node.service import retry
 
     print(f"job {args.job}: {_job_command(args, 'retry', retry)}")
+
+
+def _cancel(args: argparse.Namespace) -> None:
+    from msk_node.service import cancel
+
+    print(f"job {args.job}: {_job_command(args, 'cancel', cancel)}")
 
 
 def _release(args: argparse.Namespace) -> None:
@@ -254,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = commands.add_parser("serve", help="run the PACS node: DICOM listener, job queue, result delivery")
     serve.add_argument("--config", type=Path, required=True, help="node YAML (see node.example.yaml)")
+    serve.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=None,
+                       help="serve the web dashboard (default: the config's dashboard.enabled); its token, when "
+                            "not in the config, comes from $MSK_NODE_DASHBOARD_TOKEN")
+    serve.add_argument("--dashboard-host", help="address the dashboard binds (default: dashboard.host, 127.0.0.1)")
+    serve.add_argument("--dashboard-port", type=int, help="dashboard port (default: dashboard.port, 8080)")
     serve.set_defaults(handler=_serve)
 
     status = commands.add_parser("status", help="list the node's jobs (id, study, state, attempts, reason, "
@@ -262,10 +270,16 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--json", action="store_true", help="print every field as JSON")
     status.set_defaults(handler=_status)
 
-    retry = commands.add_parser("retry", help="requeue a dead, failed or skipped job, or deliver a pending one now")
+    retry = commands.add_parser("retry", help="requeue a dead, failed, skipped, cancelled or delivered job, or "
+                                "deliver a pending one now")
     retry.add_argument("job", type=int, help="job id (from msk-node status)")
     retry.add_argument("--config", type=Path, required=True)
     retry.set_defaults(handler=_retry)
+
+    cancel = commands.add_parser("cancel", help="cancel a received, stable, held or failed job (it never runs)")
+    cancel.add_argument("job", type=int, help="job id (from msk-node status)")
+    cancel.add_argument("--config", type=Path, required=True)
+    cancel.set_defaults(handler=_cancel)
 
     release = commands.add_parser("release", help="run a held job without the instances refused for lack of "
                                   "resources")

@@ -38,3 +38,32 @@ def render_overlays(normalised: np.ndarray, label_volume: np.ndarray, label_map:
         Image.fromarray(rgb).save(path)
         written.append(path)
     return written
+
+
+def render_seg_overlays(seg_path: Path, series_dir: Path, label_map_path: Path, out_dir: Path,
+                        every: int | None = None, count: int = 6) -> list[Path]:
+    """Draw a SEG's outlines on its source slices, read from ``series_dir`` (any folder holding the source series).
+
+    ``every``: draw every Nth labelled slice; None spreads ``count`` slices over the labelled ones.
+    """
+    import highdicom as hd
+
+    from msk_node.dicom_input import read_study_folder
+    from msk_node.intensity import normalise_volume
+    from msk_node.labels import load_label_map
+    from msk_node.seg_writer import label_volume_from_seg
+    from msk_node.volume import series_to_volume
+
+    seg = hd.seg.segread(seg_path)
+    referenced = str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+    matches = [s for s in read_study_folder(series_dir).series if s.series_instance_uid == referenced]
+    if not matches:
+        raise FileNotFoundError(f"no series {referenced} (the SEG's source) under {series_dir}")
+    volume = series_to_volume(matches[0].datasets)
+    label_map = load_label_map(label_map_path)
+    labels = np.zeros(volume.array.shape, dtype=np.uint8)
+    labels[volume.present] = label_volume_from_seg(seg, [ds.SOPInstanceUID for ds in volume.datasets], label_map)
+    if every is None:
+        labelled = int(np.count_nonzero(labels.reshape(len(labels), -1).any(axis=1)))
+        every = max(1, -(-labelled // count))
+    return render_overlays(normalise_volume(volume.array), labels, label_map, out_dir, every=every)

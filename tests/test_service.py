@@ -494,8 +494,8 @@ def test_crashing_app_is_retried_then_dead_and_the_operator_can_retry_it(tmp_pat
     assert "stable" in capsys.readouterr().out
     wait_for(lambda: states(config) == ["delivered", "delivered"], 30, what="retried job delivered")
     assert sorted(dest.study_uids) == sorted([study_uid_of(crashing), study_uid_of(healthy)])
-    with pytest.raises(SystemExit, match="delivered"):
-        cli.main(["retry", str(job["id"]), "--config", str(config_path)])
+    with pytest.raises(SystemExit, match="delivered; only received, stable, held, failed jobs can be cancelled"):
+        cli.main(["cancel", str(job["id"]), "--config", str(config_path)])
 
 
 def test_app_that_hangs_is_killed_at_the_job_timeout(tmp_path, nodes, dest):

@@ -5,6 +5,7 @@ breaks, so a bad configuration stops the node at start-up instead of at the firs
 """
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Mapping
@@ -44,6 +45,42 @@ class TlsConfig:
     cert: Path
     key: Path
     ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class DashboardConfig:
+    """The web dashboard ``msk-node serve`` runs next to the node (jobs, studies, health, metrics).
+
+    Parameters
+    ----------
+    enabled : bool
+        Serve it (default False).
+    host : str
+        Address to bind; the default, ``127.0.0.1``, keeps it on this machine.
+    port : int
+        TCP port; 0 picks a free one (tests).
+    token : str, optional
+        Required on every page and action when given (``Authorization: Bearer <token>`` or the
+        login form's cookie); a dashboard bound to a non-loopback address must have one.
+    refresh_s : float
+        How often the job list reloads itself in the browser.
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str | None = None
+    refresh_s: float = 5.0
+
+    @property
+    def loopback(self) -> bool:
+        """The bind address is reachable from this machine only."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
 
 @dataclass(frozen=True)
@@ -161,6 +198,8 @@ class NodeConfig:
         socket read and write.
     db_path : pathlib.Path
         SQLite job store; default ``<spool_dir>/node.sqlite``.
+    dashboard : DashboardConfig
+        The web dashboard (off by default).
     """
 
     ae_title: str
@@ -189,6 +228,7 @@ class NodeConfig:
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
     db_path: Path | None = None
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
 
     @property
     def database(self) -> Path:
@@ -268,6 +308,7 @@ _TOP_KEYS = {
     "max_retry_backoff_s", "models_dir", "app_command", "worker_memory_limit_mb", "destinations", "tls",
     "poll_interval_s", "max_associations", "max_associations_per_address", "artim_timeout_s", "acse_timeout_s",
     "dimse_timeout_s", "network_timeout_s", "db_path",
+    "dashboard",
 }
 _DESTINATION_KEYS = {"cstore": {"type", "ae_title", "host", "port"}, "stow": {"type", "url"},
                      "folder": {"type", "path"}}
@@ -344,6 +385,8 @@ def _parse(document: Any, base: Path) -> NodeConfig:
         kwargs["destinations"] = (Destination(type="folder", path=kwargs["spool_dir"] / "results"),)
     if get("tls") is not None:
         kwargs["tls"] = _tls(get("tls"), base)
+    if get("dashboard") is not None:
+        kwargs["dashboard"] = _dashboard(get("dashboard"))
     if kwargs.get("max_retry_backoff_s", 600.0) < kwargs.get("retry_backoff_s", 10.0):
         raise ConfigError("'max_retry_backoff_s' must not be smaller than 'retry_backoff_s'")
     return NodeConfig(**kwargs)
@@ -438,3 +481,25 @@ def _tls(value: Any, base: Path) -> TlsConfig:
             raise ConfigError(f"'tls.{name}' must name an existing file, got {str(path)!r}")
         paths[name] = path
     return TlsConfig(cert=paths["cert"], key=paths["key"], ca=paths["ca"])
+
+
+def _dashboard(value: Any) -> DashboardConfig:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"'dashboard' must be a mapping (enabled, host, port, token, refresh_s), got {value!r}")
+    unknown = sorted(set(map(str, value)) - {"enabled", "host", "port", "token", "refresh_s"})
+    if unknown:
+        raise ConfigError(f"'dashboard' has unknown key(s) {', '.join(repr(k) for k in unknown)}")
+    kwargs: dict[str, Any] = {"enabled": _flag(value, "enabled", False, "dashboard")}
+    if value.get("host") is not None:
+        kwargs["host"] = _string(value["host"], "dashboard.host")
+    if value.get("port") is not None:
+        kwargs["port"] = _port(value["port"], "dashboard.port", allow_zero=True)
+    if value.get("token") is not None:
+        kwargs["token"] = _string(value["token"], "dashboard.token")
+    if value.get("refresh_s") is not None:
+        kwargs["refresh_s"] = _seconds(value["refresh_s"], "dashboard.refresh_s")
+    dashboard = DashboardConfig(**kwargs)
+    if dashboard.enabled and not dashboard.loopback and dashboard.token is None:
+        raise ConfigError(f"'dashboard.token' is required when the dashboard binds {dashboard.host!r} "
+                          f"(not a loopback address)")
+    return dashboard

@@ -10,12 +10,17 @@ States of a job::
       |  +-> skipped
       +----- held, skipped (a new instance re-opens them)
 
+    received, stable, held, failed -> cancelled (operator; never run, never re-opened)
+
 * ``received``: instances are arriving; the study becomes ``stable`` after its
   inactivity timeout.
 * ``held``: instances of the study were refused for lack of resources (0xA7xx) and
   have not been re-sent; it waits for them, or for an operator's release.
 * ``skipped``: no series of the study matches the series-selection rules; closed
   without running the application.
+* ``cancelled``: an operator cancelled it before it ran (or between failed attempts); the
+  scheduler never picks it up and new instances of the study open a new job (late-instance
+  policy permitting). An operator retry queues it again.
 * ``running``: the application runs; a job found ``running`` at start-up (the node was
   killed) goes back to ``stable`` (or ``dead`` when it has used all its attempts).
 * ``delivering``: results exist; every (destination, SOP Instance UID) pair is recorded
@@ -42,7 +47,10 @@ from msk_node.service.spool import DIR_MODE, FILE_MODE
 
 logger = logging.getLogger(__name__)
 
-STATES = ("received", "stable", "held", "skipped", "running", "delivering", "delivered", "failed", "dead")
+STATES = ("received", "stable", "held", "skipped", "running", "delivering", "delivered", "failed", "dead",
+          "cancelled")
+#: Job states an operator may cancel.
+CANCELLABLE_STATES = ("received", "stable", "held", "failed")
 #: Job states in which a new instance is part of the pending run.
 OPEN_STATES = ("received", "stable", "failed")
 
@@ -624,9 +632,10 @@ class JobStore:
         return dict(row) if row is not None else None
 
     def requeue(self, job_id: int, now: float | None = None) -> str:
-        """Operator retry: a ``dead``, ``failed`` or ``skipped`` job runs again with a fresh attempt
-        count (a skipped one without looking at its series again); a ``delivering`` job tries its
-        destinations now.
+        """Operator retry: a ``dead``, ``failed``, ``skipped`` or ``cancelled`` job runs again with a
+        fresh attempt count (a skipped one without looking at its series again); a ``delivered`` job
+        runs again with its attempt count going on (new results, delivered again); a ``delivering``
+        job tries its destinations now.
 
         Returns
         -------
@@ -638,7 +647,7 @@ class JobStore:
         KeyError
             If there is no job ``job_id``.
         ValueError
-            If the job is in a state that cannot be retried (received, stable, held, running, delivered).
+            If the job is in a state that cannot be retried (received, stable, held, running).
         """
         now = time.time() if now is None else now
         with self._transaction() as db:
@@ -646,14 +655,40 @@ class JobStore:
             if row is None:
                 raise KeyError(f"no job {job_id}")
             state = row["state"]
-            if state in ("dead", "failed", "skipped"):
-                self._set(db, job_id, now, state="stable", attempts=0, next_attempt=None, finished=None,
-                          reason=f"requeued by the operator (was {state})")
+            if state in ("dead", "failed", "skipped", "cancelled", "delivered"):
+                fresh = {} if state == "delivered" else {"attempts": 0}
+                reason = f"requeued by the operator (was {state})"
+                self._set(db, job_id, now, state="stable", next_attempt=None, finished=None, reason=reason, **fresh)
+                self._note(db, job_id, now, reason)
                 return "stable"
             if state == "delivering":
                 self._set(db, job_id, now, next_attempt=None)
                 return "delivering"
-            raise ValueError(f"job {job_id} is {state}; only dead, failed, skipped or delivering jobs can be retried")
+            raise ValueError(f"job {job_id} is {state}; only dead, failed, skipped, cancelled, delivered or "
+                             f"delivering jobs can be retried")
+
+    def cancel(self, job_id: int, now: float | None = None) -> None:
+        """Operator cancel: a job that is not running or delivering (see :data:`CANCELLABLE_STATES`)
+        becomes ``cancelled`` and is never run.
+
+        Raises
+        ------
+        KeyError
+            If there is no job ``job_id``.
+        ValueError
+            If the job is in another state.
+        """
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"no job {job_id}")
+            if row["state"] not in CANCELLABLE_STATES:
+                raise ValueError(f"job {job_id} is {row['state']}; only {', '.join(CANCELLABLE_STATES)} jobs "
+                                 f"can be cancelled")
+            reason = f"cancelled by the operator (was {row['state']})"
+            self._set(db, job_id, now, state="cancelled", next_attempt=None, finished=now, reason=reason)
+            self._note(db, job_id, now, reason)
 
     def release(self, job_id: int, now: float | None = None) -> int:
         """Operator release: a ``held`` job runs without the instances that were refused.

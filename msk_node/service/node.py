@@ -1,9 +1,10 @@
-"""The node: listener + scheduler over one spool and one job store; status, retry and release."""
+"""The node: listener + scheduler (+ dashboard) over one spool and one job store; status, retry, release, cancel."""
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+from typing import TYPE_CHECKING
 
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -13,6 +14,9 @@ from msk_node.service.jobs import JobStore
 from msk_node.service.listener import start_listener, stop_listener
 from msk_node.service.spool import Spool
 from msk_node.service.worker import APP_PID_FILE, Worker
+
+if TYPE_CHECKING:
+    from msk_node.service.dashboard import DashboardServer
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,7 @@ class Node:
         self.store: JobStore | None = None
         self.worker: Worker | None = None
         self.server: ThreadedAssociationServer | None = None
+        self.dashboard: DashboardServer | None = None
         self._stopped = threading.Event()
 
     @property
@@ -52,10 +57,15 @@ class Node:
         return int(self.server.server_address[1])
 
     def start(self) -> Node:
-        """Recover, then start the listener and the scheduler; returns ``self``."""
+        """Recover, then start the listener, the scheduler and (when enabled) the dashboard; returns ``self``."""
         if self.server is not None:
             raise RuntimeError("the node is already started")
         self._stopped.clear()
+        dashboard = None
+        if self.config.dashboard.enabled:  # built first: a dashboard it refuses to serve stops the start
+            from msk_node.service.dashboard import DashboardServer
+
+            dashboard = DashboardServer(self)
         self.spool = Spool(self.config.spool_dir)
         removed = self.spool.clean_tmp()
         self.store = JobStore(self.config.database)
@@ -71,7 +81,15 @@ class Node:
             self.store.close()
             raise
         self.worker.start()
+        if dashboard is not None:
+            self.dashboard = dashboard
+            dashboard.start()
         return self
+
+    def ready(self) -> dict[str, bool]:
+        """What ``/readyz`` checks: the listener is bound, the job store open, the scheduler alive."""
+        return {"listener": self.server is not None, "job_store": self.store is not None,
+                "worker": self.worker is not None and self.worker.alive}
 
     def _end_leftover_app(self) -> None:
         """End the application a crashed node left running, before its study runs again."""
@@ -87,7 +105,10 @@ class Node:
 
     def stop(self) -> None:
         """Stop accepting associations, stop the scheduler (a running job goes back to
-        ``stable``) and close the store. Safe to call twice."""
+        ``stable``), the dashboard, and close the store. Safe to call twice."""
+        if self.dashboard is not None:
+            self.dashboard.stop()
+            self.dashboard = None
         if self.server is not None:
             stop_listener(self.server)
             self.server = None
@@ -194,7 +215,8 @@ def release(config: NodeConfig, job_id: int) -> int:
 
 
 def retry(config: NodeConfig, job_id: int) -> str:
-    """Requeue a dead, failed or skipped job (fresh attempts), or deliver a ``delivering`` job now.
+    """Requeue a dead, failed, skipped or cancelled job (fresh attempts) or a delivered one (it runs again),
+    or deliver a ``delivering`` job now.
 
     Returns
     -------
@@ -213,5 +235,30 @@ def retry(config: NodeConfig, job_id: int) -> str:
     store = JobStore(config.database)
     try:
         return store.requeue(int(job_id))
+    finally:
+        store.close()
+
+
+def cancel(config: NodeConfig, job_id: int) -> str:
+    """Cancel a received, stable, held or failed job: it goes to ``cancelled`` and never runs.
+
+    Returns
+    -------
+    str
+        ``"cancelled"``.
+
+    Raises
+    ------
+    KeyError
+        If there is no such job.
+    ValueError
+        If the job cannot be cancelled in its state.
+    """
+    if not config.database.exists():
+        raise KeyError(f"no job {job_id} (no job store at {config.database})")
+    store = JobStore(config.database)
+    try:
+        store.cancel(int(job_id))
+        return "cancelled"
     finally:
         store.close()

@@ -212,6 +212,11 @@ class Worker:
                 logger.warning("worker did not stop within %.0f s", timeout)
             self._thread = None
 
+    @property
+    def alive(self) -> bool:
+        """The scheduler thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     def wake(self) -> None:
         """Look for work now instead of at the next poll."""
         self._wake.set()
