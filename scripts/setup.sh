@@ -2,7 +2,8 @@
 # Create .venv with the pinned msk-node stack; with --test also install the
 # tools the test suite checks our output with (Debian dcmtk, dicom3tools and
 # pixelmed-apps for DicomSRValidator; dcmqi from PyPI for tid1500reader) and the
-# Orthanc PACS with its DICOMweb and Python plugins (tests/test_orthanc.py).
+# Orthanc PACS with its DICOMweb and Python plugins (tests/test_orthanc.py), and Debian's
+# Chromium that tests/test_dashboard.py drives through Playwright (its own browser download is not used).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,12 +11,12 @@ with_test_tools=0
 [[ "${1:-}" == "--test" ]] && with_test_tools=1
 
 missing_tools=0
-for tool in dciodvfy storescu DicomSRValidator Orthanc; do command -v "$tool" >/dev/null || missing_tools=1; done
+for tool in dciodvfy storescu DicomSRValidator Orthanc chromium; do command -v "$tool" >/dev/null || missing_tools=1; done
 [[ -f /usr/share/orthanc/plugins/libOrthancPython.so ]] || missing_tools=1
 if [[ $with_test_tools == 1 ]] && [[ $missing_tools == 1 ]]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        dicom3tools dcmtk pixelmed-apps orthanc orthanc-dicomweb orthanc-python >/dev/null
+        dicom3tools dcmtk pixelmed-apps orthanc orthanc-dicomweb orthanc-python chromium >/dev/null
 fi
 
 if [[ ! -f .venv/.msk-node-installed ]] || [[ packaging/requirements.txt -nt .venv/.msk-node-installed ]] || [[ pyproject.toml -nt .venv/.msk-node-installed ]]; then

@@ -153,8 +153,10 @@ def create_app(node: Node, config: DashboardConfig) -> Starlette:
 
     def job_row(row: dict) -> dict:
         finished = row["finished"] if row["state"] in ("delivered", "dead", "skipped", "cancelled") else None
-        return {**row, **label(row["study_uid"]), "received": _when(row["created"]), "started_at": _when(row["started"]),
-                "finished_at": _when(finished), "turnaround": _duration(finished - row["created"] if finished else None),
+        turnaround = finished - row["created"] if finished else None
+        return {**row, **label(row["study_uid"]), "received": _when(row["created"]),
+                "started_at": _when(row["started"]), "finished_at": _when(finished),
+                "turnaround": _duration(turnaround),
                 "can_requeue": row["state"] in REQUEUE_STATES, "can_cancel": row["state"] in CANCELLABLE_STATES}
 
     async def jobs_page(request: Request) -> Response:
@@ -246,7 +248,8 @@ def create_app(node: Node, config: DashboardConfig) -> Starlette:
 
     async def login(request: Request) -> Response:
         if request.method == "GET":
-            return templates.TemplateResponse(request, "login.html", {"failed": False, "ae_title": node.config.ae_title})
+            return templates.TemplateResponse(request, "login.html",
+                                              {"failed": False, "ae_title": node.config.ae_title})
         given = str((await request.form()).get("token", ""))
         if config.token is not None and hmac.compare_digest(given.encode(), config.token.encode()):
             response = RedirectResponse("/", status_code=303)
