@@ -207,6 +207,7 @@ def test_browser_follows_a_knee_study_to_delivered_sees_its_overlays_and_requeue
         assert page.locator(".message").inner_text() == "job 1: stable"
         page.goto(base + "/")
         row.and_(page.locator('[data-state="delivered"][data-attempts="2"]')).wait_for(timeout=600_000)
+        _save_shot(page, tmp_path / "dashboard-jobs-requeued.png")
         context.close()
     assert len(dest.sop_uids) == 2 * first_results  # delivered again: new results, new instances
     (job,) = job_rows(config)

@@ -58,7 +58,9 @@ def study_label(spool_study_dir: Path) -> dict[str, str]:
                                  specific_tags=["AccessionNumber", "StudyDate", "StudyDescription"])
         except (OSError, pydicom.errors.InvalidDicomError):
             continue
-        return {"accession": str(ds.get("AccessionNumber", "") or ""), "date": str(ds.get("StudyDate", "") or ""),
+        date = str(ds.get("StudyDate", "") or "")
+        return {"accession": str(ds.get("AccessionNumber", "") or ""),
+                "date": f"{date[:4]}-{date[4:6]}-{date[6:8]}" if len(date) == 8 else date,
                 "description": str(ds.get("StudyDescription", "") or "")}
     return {"accession": "", "date": "", "description": ""}
 
