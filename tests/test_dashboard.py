@@ -57,11 +57,16 @@ def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
-def test_a_dashboard_bound_beyond_loopback_needs_a_token_for_every_page_and_action(tmp_path, nodes, dest):
+def test_a_dashboard_bound_beyond_loopback_needs_a_token_for_every_page_and_action(tmp_path, nodes, dest,
+                                                                                   monkeypatch):
     document = {"enabled": True, "host": "0.0.0.0", "port": 0}
     with pytest.raises(ConfigError, match="'dashboard.token' is required when the dashboard binds '0.0.0.0'"):
         node_config(tmp_path, None, [dest.destination()], dashboard=document)
     assert NodeConfig.from_mapping({"ae_title": "N", "port": 0, "spool_dir": str(tmp_path)}).dashboard.enabled is False
+    config_path = node_config_file(tmp_path, None, [dest.destination()])
+    monkeypatch.delenv("MSK_NODE_DASHBOARD_TOKEN", raising=False)
+    with pytest.raises(SystemExit, match="the dashboard binds '0.0.0.0' \\(not loopback\\) and has no token"):
+        cli.main(["serve", "--config", str(config_path), "--dashboard", "--dashboard-host", "0.0.0.0"])
 
     command, _ = stub_app(tmp_path / "stub")
     config = node_config(tmp_path, command, [dest.destination()])
