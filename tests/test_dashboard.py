@@ -9,6 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
 from starlette.testclient import TestClient
 
 from msk_node import cli
@@ -24,6 +26,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 SHOTS_DIR = os.environ.get("MSK_NODE_SCREENSHOTS")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
 LOOPBACK_DASHBOARD = {"enabled": True, "host": "127.0.0.1", "port": 0, "refresh_s": 1}
 
 
@@ -49,6 +52,19 @@ def nodes():
 
 def job_rows(config: NodeConfig) -> list[dict]:
     return status(config)
+
+
+def add_pdf_reports(output_dir: Path) -> None:
+    """A ``report-*.pdf`` and an Encapsulated PDF instance among a job's results."""
+    (output_dir / "report-knee.pdf").write_bytes(PDF)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = EncapsulatedPDFStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Modality, ds.MIMETypeOfEncapsulatedDocument = "DOC", "application/pdf"
+    ds.EncapsulatedDocument = PDF + b"\0"  # even length, padded as the standard says
+    ds.save_as(output_dir / "encapsulated-report.dcm", enforce_file_format=True)
 
 
 def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -93,11 +109,18 @@ def test_a_dashboard_bound_beyond_loopback_needs_a_token_for_every_page_and_acti
         for headers in ({"origin": "http://evil.example"}, {}):
             assert bearer.post("/jobs/1/requeue", headers=headers).status_code == 403
         assert job_rows(config)[0]["attempts"] == 1
+    add_pdf_reports(Path(job_rows(config)[0]["output_dir"]))
     with TestClient(app) as browser:
         signed_in = browser.post("/login", data={"token": "s3cret-token"}, headers=origin, follow_redirects=False)
         assert signed_in.status_code == 303 and "httponly" in signed_in.headers["set-cookie"].lower()
         assert browser.get("/jobs/1").status_code == 200
         assert browser.get("/jobs/1/files/report.json").json()["series"] == [{"outcome": "segmented"}]
+        study_page = browser.get("/jobs/1").text
+        for name in ("report-knee.pdf", "encapsulated-report.pdf"):
+            assert f'href="/jobs/1/files/{name}"' in study_page
+            download = browser.get(f"/jobs/1/files/{name}")
+            assert download.headers["content-type"] == "application/pdf" and download.content == PDF
+        assert browser.get("/jobs/1/files/..%2Fapp.log").status_code == 404
         requeued = browser.post("/jobs/1/requeue", data={"back": "list"}, headers=origin, follow_redirects=False)
         assert requeued.status_code == 303 and requeued.headers["location"] == "/?message=job%201%3A%20stable"
     wait_for(lambda: [(r["state"], r["attempts"]) for r in job_rows(config)] == [("delivered", 2)], 30,
