@@ -124,10 +124,9 @@ def _serve(args: argparse.Namespace) -> None:
                  "token": os.environ.get("MSK_NODE_DASHBOARD_TOKEN")}
     overrides = {key: value for key, value in overrides.items() if value is not None}
     config = dataclasses.replace(config, dashboard=dataclasses.replace(config.dashboard, **overrides))
-    try:
-        Node(config).run_forever()
-    except ValueError as error:  # a dashboard on a non-loopback address without a token
-        raise SystemExit(f"msk-node serve: {error}") from None
+    if config.dashboard.refusal() is not None:
+        raise SystemExit(f"msk-node serve: {config.dashboard.refusal()}")
+    Node(config).run_forever()
 
 
 #: History lines ``msk-node status`` prints under each job (the most recent).

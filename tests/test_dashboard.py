@@ -2,8 +2,10 @@
 the token rule, job cancel, readiness and Prometheus metrics."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import httpx
@@ -76,7 +78,8 @@ def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
 def test_a_dashboard_bound_beyond_loopback_needs_a_token_for_every_page_and_action(tmp_path, nodes, dest,
                                                                                    monkeypatch):
     document = {"enabled": True, "host": "0.0.0.0", "port": 0}
-    with pytest.raises(ConfigError, match="'dashboard.token' is required when the dashboard binds '0.0.0.0'"):
+    refused = "'dashboard.token' is required: the dashboard binds '0.0.0.0' \\(not loopback\\)"
+    with pytest.raises(ConfigError, match=refused):
         node_config(tmp_path, None, [dest.destination()], dashboard=document)
     assert NodeConfig.from_mapping({"ae_title": "N", "port": 0, "spool_dir": str(tmp_path)}).dashboard.enabled is False
     config_path = node_config_file(tmp_path, None, [dest.destination()])
@@ -175,6 +178,19 @@ def test_readiness_and_metrics_count_the_delivered_job_and_the_dashboard_stops_w
     node.stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{base}/healthz")
+
+
+def test_a_node_whose_dashboard_cannot_bind_does_not_start(tmp_path, dest):
+    command, _ = stub_app(tmp_path / "stub")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        dashboard = {**LOOPBACK_DASHBOARD, "port": taken.getsockname()[1]}
+        node = Node(node_config(tmp_path, command, [dest.destination()], dashboard=dashboard))
+        with pytest.raises(OSError) as error:
+            node.start()
+    assert error.value.errno == errno.EADDRINUSE
+    assert (node.server, node.worker, node.store, node.dashboard) == (None, None, None, None)
 
 
 def _save_shot(page, path: Path) -> None:

@@ -72,6 +72,12 @@ class DashboardConfig:
     token: str | None = None
     refresh_s: float = 5.0
 
+    def refusal(self) -> str | None:
+        """Why this dashboard must not be served (bound beyond loopback without a token); None when it may."""
+        if self.enabled and not self.loopback and self.token is None:
+            return f"the dashboard binds {self.host!r} (not loopback) and has no token"
+        return None
+
     @property
     def loopback(self) -> bool:
         """The bind address is reachable from this machine only."""
@@ -499,7 +505,6 @@ def _dashboard(value: Any) -> DashboardConfig:
     if value.get("refresh_s") is not None:
         kwargs["refresh_s"] = _seconds(value["refresh_s"], "dashboard.refresh_s")
     dashboard = DashboardConfig(**kwargs)
-    if dashboard.enabled and not dashboard.loopback and dashboard.token is None:
-        raise ConfigError(f"'dashboard.token' is required when the dashboard binds {dashboard.host!r} "
-                          f"(not a loopback address)")
+    if dashboard.refusal() is not None:
+        raise ConfigError(f"'dashboard.token' is required: {dashboard.refusal()}")
     return dashboard

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import socket
 import threading
 import time
 from pathlib import Path
@@ -123,8 +124,8 @@ class NodeCollector:
 
 def create_app(node: Node, config: DashboardConfig) -> Starlette:
     """The dashboard of a started ``node``; refuses a non-loopback bind address without a token."""
-    if not config.loopback and config.token is None:
-        raise ValueError(f"the dashboard binds {config.host!r} (not loopback) and has no token")
+    if config.refusal() is not None:
+        raise ValueError(config.refusal())
     templates = Jinja2Templates(directory=str(TEMPLATES))
     registry = CollectorRegistry(auto_describe=True)
     registry.register(NodeCollector(node))
@@ -295,23 +296,30 @@ class DashboardServer:
 
     def __init__(self, node: Node) -> None:
         self.config = node.config.dashboard
-        server_config = uvicorn.Config(create_app(node, self.config), host=self.config.host, port=self.config.port,
-                                       log_level="warning", access_log=False, lifespan="off")
+        server_config = uvicorn.Config(create_app(node, self.config), log_level="warning", access_log=False,
+                                       lifespan="off")
         self.server = uvicorn.Server(server_config)
+        self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
         """The bound port (the real one when the config says 0)."""
-        return int(self.server.servers[0].sockets[0].getsockname()[1])
+        if self._socket is None:
+            raise RuntimeError("the dashboard is not started")
+        return int(self._socket.getsockname()[1])
 
     def start(self, timeout: float = 10.0) -> None:
-        """Serve on a daemon thread; returns once the socket is bound."""
-        self._thread = threading.Thread(target=self.server.run, name="msk-node-dashboard", daemon=True)
+        """Bind (here, so a taken port raises OSError to the caller), then serve on a daemon thread."""
+        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        self._socket = socket.create_server((self.config.host, self.config.port), family=family)
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]},
+                                        name="msk-node-dashboard", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
                 raise RuntimeError(f"the dashboard did not start on {self.config.host}:{self.config.port}")
             time.sleep(0.05)
         logger.info("dashboard on http://%s:%d/", self.config.host, self.port)
@@ -322,3 +330,6 @@ class DashboardServer:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None

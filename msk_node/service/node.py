@@ -83,7 +83,11 @@ class Node:
         self.worker.start()
         if dashboard is not None:
             self.dashboard = dashboard
-            dashboard.start()
+            try:
+                dashboard.start()
+            except BaseException:
+                self.stop()
+                raise
         return self
 
     def ready(self) -> dict[str, bool]:
