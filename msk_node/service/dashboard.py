@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import shutil
 import socket
 import threading
 import time
@@ -32,7 +33,7 @@ from starlette.templating import Jinja2Templates
 
 from msk_node.overlay import render_seg_overlays
 from msk_node.service.config import DashboardConfig
-from msk_node.service.jobs import CANCELLABLE_STATES, STATES, JobStore
+from msk_node.service.jobs import CANCELLABLE_STATES, RETRYABLE_STATES, STATES, JobStore
 
 if TYPE_CHECKING:
     from msk_node.service.node import Node
@@ -44,7 +45,6 @@ TOKEN_COOKIE = "msk_node_dashboard"
 #: Upper bounds of the turnaround histogram (seconds from the first instance to delivered).
 TURNAROUND_BUCKETS = (30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
 QUEUED_STATES = ("received", "stable", "failed")
-REQUEUE_STATES = ("dead", "failed", "skipped", "cancelled", "delivered", "delivering")
 #: Result files served for download besides the PDF reports.
 REPORT_FILES = ("report.json", "measurements.json", "measurements.csv", "status.json")
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
@@ -160,7 +160,7 @@ def create_app(node: Node, config: DashboardConfig) -> Starlette:
         return {**row, **label(row["study_uid"]), "received": _when(row["created"]),
                 "started_at": _when(row["started"]), "finished_at": _when(finished),
                 "turnaround": _duration(turnaround),
-                "can_requeue": row["state"] in REQUEUE_STATES, "can_cancel": row["state"] in CANCELLABLE_STATES}
+                "can_requeue": row["state"] in RETRYABLE_STATES, "can_cancel": row["state"] in CANCELLABLE_STATES}
 
     async def jobs_page(request: Request) -> Response:
         rows = [job_row(row) for row in reversed(store().status_rows())]
@@ -175,13 +175,16 @@ def create_app(node: Node, config: DashboardConfig) -> Starlette:
             for seg in sorted(output_dir.glob("seg-*.dcm")):
                 folder = output_dir.parent / "overlays" / seg.stem
                 if not folder.is_dir():
+                    partial = folder.with_name(folder.name + ".part")  # a failed render leaves no folder behind
+                    shutil.rmtree(partial, ignore_errors=True)
                     try:
                         render_seg_overlays(seg, node.spool.study_dir(study_uid),
-                                            node.config.models_dir / "detector" / "label_map.yaml", folder)
+                                            node.config.models_dir / "detector" / "label_map.yaml", partial)
                     except (OSError, ValueError, KeyError, AttributeError) as error:
                         problems.append(f"{seg.name}: {error}")
                         logger.warning("job %d: overlays of %s not drawn: %s", job_id, seg.name, error)
                         continue
+                    partial.rename(folder)
                 drawn[seg.name] = [path.name for path in sorted(folder.glob("slice-*.png"))]
         return drawn, problems
 
@@ -193,7 +196,8 @@ def create_app(node: Node, config: DashboardConfig) -> Starlette:
         row = job_row(next(r for r in store().status_rows() if r["id"] == job_id))
         output_dir = Path(job.output_dir) if job.output_dir else None
         drawn, problems, measurements, files, reports = {}, [], [], [], {}
-        if output_dir is not None and output_dir.is_dir():
+        # Results are complete once the job delivers them; a running attempt's folder is still being written.
+        if output_dir is not None and output_dir.is_dir() and job.state in ("delivering", "delivered"):
             drawn, problems = await run_in_threadpool(overlays, job_id, job.study_uid, output_dir)
             table = output_dir / "measurements.json"
             measurements = json.loads(table.read_text()) if table.is_file() else []
@@ -204,12 +208,12 @@ def create_app(node: Node, config: DashboardConfig) -> Starlette:
             "reports": list(reports), "history": store().history(job_id), "ae_title": node.config.ae_title,
             "message": request.query_params.get("message", "")})
 
-    def job_folder_file(request: Request) -> Path | None:
+    def job_output_dir(request: Request) -> Path | None:
         job = store().job(int(request.path_params["job_id"]))
         return Path(job.output_dir) if job is not None and job.output_dir else None
 
     async def overlay_png(request: Request) -> Response:
-        output_dir = job_folder_file(request)
+        output_dir = job_output_dir(request)
         seg, name = request.path_params["seg"], request.path_params["name"]
         if output_dir is None or "/" in seg or not name.startswith("slice-") or not name.endswith(".png"):
             return Response("not found", status_code=404)
@@ -217,7 +221,7 @@ def create_app(node: Node, config: DashboardConfig) -> Starlette:
         return FileResponse(path, media_type="image/png") if path.is_file() else Response("not found", 404)
 
     async def result_file(request: Request) -> Response:
-        output_dir = job_folder_file(request)
+        output_dir = job_output_dir(request)
         name = request.path_params["name"]
         if output_dir is None:
             return Response("not found", status_code=404)

@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 STATES = ("received", "stable", "held", "skipped", "running", "delivering", "delivered", "failed", "dead",
           "cancelled")
+#: Job states an operator may retry (``msk-node retry``, the dashboard's requeue).
+RETRYABLE_STATES = ("dead", "failed", "skipped", "cancelled", "delivered", "delivering")
 #: Job states an operator may cancel.
 CANCELLABLE_STATES = ("received", "stable", "held", "failed")
 #: Job states in which a new instance is part of the pending run.
@@ -664,8 +666,7 @@ class JobStore:
             if state == "delivering":
                 self._set(db, job_id, now, next_attempt=None)
                 return "delivering"
-            raise ValueError(f"job {job_id} is {state}; only dead, failed, skipped, cancelled, delivered or "
-                             f"delivering jobs can be retried")
+            raise ValueError(f"job {job_id} is {state}; only {', '.join(RETRYABLE_STATES)} jobs can be retried")
 
     def cancel(self, job_id: int, now: float | None = None) -> None:
         """Operator cancel: a job that is not running or delivering (see :data:`CANCELLABLE_STATES`)
