@@ -659,19 +659,36 @@ class StudyRun:
 RESULT_VALUES = ("volumes", "detections", "label_volumes", "plausibility", "measurements", "scores")
 
 
+def run_steps(values: Mapping[str, Any], resources: Resources, steps: tuple[Step, ...] = STEPS) -> dict[str, Any]:
+    """``steps`` in order over ``values`` (the loader's, and any a test supplies in place of earlier steps)."""
+    values = dict(values)
+    for index, step in enumerate(steps):
+        values.update(run_step(step, values, resources))
+        # Free what no later step, nor the writer, nor the result reads (normalised images, raw masks).
+        needed = {name for later in steps[index + 1:] for name in later.inputs}
+        needed |= {*LOADER_OUTPUTS, *WRITER_INPUTS, *RESULT_VALUES}
+        values = {name: value for name, value in values.items() if name in needed}
+    return values
+
+
+def loaded_values(study: LoadedStudy) -> dict[str, Any]:
+    """What the loader emits: the study, its selected series and a fresh record per series."""
+    return {"study": study, "series": study.selected, "records": new_records(study)}
+
+
+def write_values(values: Mapping[str, Any], resources: Resources, output_dir: Path) -> StudyOutputs:
+    """:func:`write_outputs` on ``values``; a value no step made (none of its series got so far) is empty."""
+    return write_outputs(*(values.get(name, {}) for name in WRITER_INPUTS), resources=resources,
+                         output_dir=output_dir)
+
+
 def process_study(input_dir: Path, output_dir: Path, models: ModelSet, rules: Rules | None = None) -> StudyRun:
     """Run :data:`STEPS` in-process, as the application's operators run them, then write the outputs."""
     resources = Resources(models, rules if rules is not None else load_study_rules())
     with resources.times.stage("load"):
         study = load_study(input_dir, resources.rules)
-    values: dict[str, Any] = {"study": study, "series": study.selected, "records": new_records(study)}
-    for index, step in enumerate(STEPS):
-        values.update(run_step(step, values, resources))
-        # Free what no later step, nor the writer, nor the result reads (normalised images, raw masks).
-        needed = {name for later in STEPS[index + 1:] for name in later.inputs}
-        needed |= {*LOADER_OUTPUTS, *WRITER_INPUTS, *RESULT_VALUES}
-        values = {name: value for name, value in values.items() if name in needed}
-    written = write_outputs(*(values[name] for name in WRITER_INPUTS), resources=resources, output_dir=output_dir)
+    values = run_steps(loaded_values(study), resources)
+    written = write_values(values, resources, Path(output_dir))
     results = tuple(
         SeriesResult(selected, values["records"][uid], values["volumes"].get(uid),
                      values["detections"].get(uid, ()), values["label_volumes"].get(uid),

@@ -15,7 +15,7 @@ class SegWriterOperator(Operator):
 
     def __init__(self, fragment: Fragment, *args, output_folder: Path, resources: Resources, **kwargs) -> None:
         self.output_folder = Path(output_folder)
-        self.resources = resources
+        self.pipeline_resources = resources
         self.written: StudyOutputs | None = None
         super().__init__(fragment, *args, **kwargs)
 
@@ -25,4 +25,4 @@ class SegWriterOperator(Operator):
 
     def compute(self, op_input, op_output, context) -> None:
         values = [op_input.receive(name) for name in WRITER_INPUTS]
-        self.written = write_outputs(*values, resources=self.resources, output_dir=self.output_folder)
+        self.written = write_outputs(*values, resources=self.pipeline_resources, output_dir=self.output_folder)

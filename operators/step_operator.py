@@ -16,7 +16,7 @@ class StepOperator(Operator):
 
     def __init__(self, fragment: Fragment, *args, step: Step, resources: Resources, **kwargs) -> None:
         self.step = step
-        self.resources = resources
+        self.pipeline_resources = resources
         super().__init__(fragment, *args, **kwargs)
 
     @property
@@ -31,5 +31,5 @@ class StepOperator(Operator):
 
     def compute(self, op_input, op_output, context) -> None:
         values = {name: op_input.receive(name) for name in self.input_names}
-        for name, value in run_step(self.step, values, self.resources).items():
+        for name, value in run_step(self.step, values, self.pipeline_resources).items():
             op_output.emit(value, name)

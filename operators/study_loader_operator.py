@@ -5,7 +5,7 @@ from pathlib import Path
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
-from msk_node.pipeline import LOADER_OUTPUTS, Resources, load_study, new_records
+from msk_node.pipeline import LOADER_OUTPUTS, Resources, load_study, loaded_values
 
 
 class StudyLoaderOperator(Operator):
@@ -14,7 +14,7 @@ class StudyLoaderOperator(Operator):
 
     def __init__(self, fragment: Fragment, *args, input_folder: Path, resources: Resources, **kwargs) -> None:
         self.input_folder = Path(input_folder)
-        self.resources = resources
+        self.pipeline_resources = resources
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -22,8 +22,8 @@ class StudyLoaderOperator(Operator):
             spec.output(name)
 
     def compute(self, op_input, op_output, context) -> None:
-        with self.resources.times.stage("load"):
-            study = load_study(self.input_folder, self.resources.rules)
-        values = {"study": study, "series": study.selected, "records": new_records(study)}
+        with self.pipeline_resources.times.stage("load"):
+            study = load_study(self.input_folder, self.pipeline_resources.rules)
+        values = loaded_values(study)
         for name in LOADER_OUTPUTS:
             op_output.emit(values[name], name)

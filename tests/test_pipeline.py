@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
 import highdicom as hd
@@ -24,12 +24,12 @@ from msk_node.biomarkers.relaxometry import split_relaxation_series
 from msk_node.dicom_input import read_study_folder
 from msk_node.metrics import dice_per_label
 from msk_node.phantoms import write_phantom
-from msk_node.pipeline import process_study
+from msk_node.pipeline import LabelVolume, process_study
 from msk_node.plausibility import label_figures
 from msk_node.precision import resolve_precision
 from msk_node.sr_writer import read_measurements
 from msk_node.status import EXIT_BAD_INPUT, EXIT_BAD_MODELS
-from msk_node.volume import labels_on_volume_grid, volume_to_sitk
+from msk_node.volume import labels_on_volume_grid, series_to_volume, volume_to_sitk
 from tests.dicom_checks import (
     assert_frames_on_sources,
     dciodvfy_errors,
@@ -77,6 +77,32 @@ def test_default_pipeline_reaches_the_dice_targets_on_phantoms(phantom_run, mode
     sr_text = str(pydicom.dcmread(job.report_output))
     assert f"precision={used['precision']}" in sr_text and f"backend={used['backend']}" in sr_text
     _assert_valid_report(job.report_output)
+
+
+def test_each_label_carries_the_detector_scores_and_predicted_ious_of_its_boxes(phantom_run, models):
+    """The knee phantom: a score pair per box that made a label's mask, the detector's scores those of the
+    detections, and the decoder predicting good masks of the bones."""
+    _, _, work = phantom_run("knee")
+    (job,) = work.series_results
+    present = {models.label_map.by_value(int(v)).name for v in np.unique(job.label_volume.labels) if v}
+    assert present <= set(job.scores)
+    for label, scores in job.scores.items():
+        boxes = [d for d in job.detections if d.label == label]
+        assert sorted(scores.detector) == pytest.approx(sorted(d.score for d in boxes))
+        assert len(scores.predicted_iou) == len(boxes) and np.isfinite(scores.predicted_iou).all()
+    medians = {bone: float(np.median(job.scores[bone].predicted_iou)) for bone in BONES["knee"]}
+    print("median predicted IoU", medians)
+    assert all(median > 0.7 for median in medians.values()), medians
+
+
+def test_a_label_volume_is_tied_to_the_grid_of_its_volume(tmp_path):
+    """A label volume of another shape than its volume is refused; step values cannot be reassigned."""
+    volume = series_to_volume([pydicom.dcmread(p) for p in make_mr_series(tmp_path, n=4)])
+    labels = LabelVolume(volume, np.zeros(volume.array.shape, dtype=np.uint8))
+    with pytest.raises(ValueError, match="not on its volume's grid"):
+        LabelVolume(volume, np.zeros((volume.array.shape[0] + 1, *volume.array.shape[1:]), dtype=np.uint8))
+    with pytest.raises(FrozenInstanceError):
+        labels.labels = np.ones(volume.array.shape, dtype=np.uint8)
 
 
 def _assert_valid_report(path: Path) -> None:
