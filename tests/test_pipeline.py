@@ -95,6 +95,40 @@ def test_each_label_carries_the_detector_scores_and_predicted_ious_of_its_boxes(
     assert all(median > 0.7 for median in medians.values()), medians
 
 
+def test_the_application_graph_is_the_data_flow_of_the_step_list(tmp_path):
+    """compose() makes an operator per step and connects each named port to the operator that makes its value."""
+    from app.app import MskSegmentationApp
+
+    (tmp_path / "in").mkdir()
+    app = MskSegmentationApp([sys.executable, "app", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+                              "-m", str(MODELS)])
+    app.compose()
+    graph = app.graph
+    flows = {(op.name, following.name): {port for ports in graph.get_port_map(op, following).values()
+                                         for port in ports}
+             for op in graph.get_nodes() for following in graph.get_next_nodes(op)}
+    assert flows == {
+        ("study_loader", "volume"): {"series", "records"},
+        ("study_loader", "detect"): {"series", "records"},
+        ("study_loader", "segment"): {"series", "records"},
+        ("study_loader", "postprocess"): {"records"},
+        ("study_loader", "plausibility"): {"series", "records"},
+        ("study_loader", "measure"): {"series", "records", "study"},
+        ("study_loader", "seg_sr_writer"): {"records", "study"},
+        ("volume", "detect"): {"normalised"},
+        ("volume", "segment"): {"normalised"},
+        ("volume", "postprocess"): {"volumes"},
+        ("volume", "seg_sr_writer"): {"volumes"},
+        ("detect", "segment"): {"detections"},
+        ("segment", "postprocess"): {"segmentations"},
+        ("postprocess", "plausibility"): {"label_volumes"},
+        ("postprocess", "seg_sr_writer"): {"scores"},
+        ("plausibility", "measure"): {"label_volumes"},
+        ("plausibility", "seg_sr_writer"): {"label_volumes", "plausibility"},
+        ("measure", "seg_sr_writer"): {"measurements"},
+    }
+
+
 def test_a_label_volume_is_tied_to_the_grid_of_its_volume(tmp_path):
     """A label volume of another shape than its volume is refused; step values cannot be reassigned."""
     volume = series_to_volume([pydicom.dcmread(p) for p in make_mr_series(tmp_path, n=4)])
