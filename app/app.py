@@ -7,22 +7,14 @@ import os
 from pathlib import Path
 
 from monai.deploy.conditions import CountCondition
-from monai.deploy.core import Application
+from monai.deploy.core import Application, Operator
 from monai.deploy.core.runtime_env import RuntimeEnv
 
 from msk_node import __version__
 from msk_node.models import load_models
+from msk_node.pipeline import LOADER_OUTPUTS, STEPS, WRITER_INPUTS, Resources, load_study_rules
 from msk_node.status import EXIT_BAD_INPUT, EXIT_BAD_MODELS, describe_error
-from operators import (
-    DetectionOperator,
-    MeasureOperator,
-    PlausibilityOperator,
-    PostprocessOperator,
-    SegmentationOperator,
-    SegWriterOperator,
-    SeriesVolumeOperator,
-    StudyLoaderOperator,
-)
+from operators import SegWriterOperator, StepOperator, StudyLoaderOperator
 
 logger = logging.getLogger(__name__)
 
@@ -88,20 +80,23 @@ class MskSegmentationApp(Application):
             raise CannotRun(EXIT_BAD_MODELS, f"models not loaded: {describe_error(error)}") from error
         logger.info("models: %s", models.provenance())
 
-        loader = StudyLoaderOperator(self, CountCondition(self, 1), input_folder=input_folder,
-                                     output_folder=output_folder, name="study_loader")
-        volumes = SeriesVolumeOperator(self, name="series_to_volume")
-        detection = DetectionOperator(self, models=models, name="detect")
-        segmentation = SegmentationOperator(self, models=models, name="segment")
-        postprocess = PostprocessOperator(self, label_map=models.label_map, name="postprocess")
-        plausibility = PlausibilityOperator(self, label_map=models.label_map, name="plausibility")
-        measure = MeasureOperator(self, label_map=models.label_map, name="measure")
-        writer = SegWriterOperator(self, models=models, name="seg_sr_writer")
+        # One rules value for the selection and the relaxometry groups measured on.
+        resources = Resources(models, load_study_rules())
+        loader = StudyLoaderOperator(self, CountCondition(self, 1), input_folder=input_folder, resources=resources,
+                                     name="study_loader")
+        writer = SegWriterOperator(self, output_folder=output_folder, resources=resources, name="seg_sr_writer")
+        # Each value comes from the last operator before its reader that makes it: the step list is the flow.
+        producers: dict[str, Operator] = dict.fromkeys(LOADER_OUTPUTS, loader)
+        for step in STEPS:
+            operator = StepOperator(self, step=step, resources=resources, name=step.name)
+            self.connect(producers, operator, operator.input_names)
+            producers.update(dict.fromkeys(step.outputs, operator))
+        self.connect(producers, writer, WRITER_INPUTS)
 
-        self.add_flow(loader, volumes, {("study", "study")})
-        self.add_flow(volumes, detection, {("study", "study")})
-        self.add_flow(detection, segmentation, {("study", "study")})
-        self.add_flow(segmentation, postprocess, {("study", "study")})
-        self.add_flow(postprocess, plausibility, {("study", "study")})
-        self.add_flow(plausibility, measure, {("study", "study")})
-        self.add_flow(measure, writer, {("study", "study")})
+    def connect(self, producers: dict[str, Operator], reader: Operator, names: tuple[str, ...]) -> None:
+        """A flow per upstream operator into ``reader``, carrying the values ``names`` on ports of the same name."""
+        by_producer: dict[Operator, set[tuple[str, str]]] = {}
+        for name in names:
+            by_producer.setdefault(producers[name], set()).add((name, name))
+        for producer, ports in by_producer.items():
+            self.add_flow(producer, reader, ports)

@@ -189,10 +189,10 @@ class StudyLabeler:
         from msk_node.pipeline import process_study
 
         work = process_study(study.input_dir, study.output_dir, self.models)
-        segmented = [job for job in work.jobs if job.output is not None]
+        segmented = [job for job in work.series_results if job.output is not None]
         unsegmented = "; ".join(f"series {job.series_instance_uid}: {job.outcome}: {job.reason}"
-                                for job in work.jobs if job.output is None)
-        if not work.jobs:
+                                for job in work.series_results if job.output is None)
+        if not work.series_results:
             example = f", e.g. {Path(work.skipped[0].path).name}: {work.skipped[0].reason}" if work.skipped else ""
             raise StudyFailed(f"no series selected: {len(work.skipped)} file(s) or series left out{example} "
                               "(all in report.json)")
@@ -200,7 +200,7 @@ class StudyLabeler:
             raise StudyFailed(unsegmented)
         outputs = [job.output for job in segmented] + [job.report_output for job in segmented if job.report_output]
         if self.settings.nifti:
-            outputs += [self._write_labels(job.volume.volume, job.label_volume,
+            outputs += [self._write_labels(job.label_volume.volume.volume, job.label_volume.labels,
                                            study.output_dir / f"labels-{job.series_instance_uid}.nii.gz")
                         for job in segmented]
         return [path.name for path in outputs], unsegmented
@@ -212,8 +212,10 @@ class StudyLabeler:
         from msk_node import __version__
         from msk_node.dicom_input import Series
         from msk_node.intensity import normalise_volume
-        from msk_node.pipeline import SeriesJob, StageTimes, detect_anatomy, postprocess, segment_boxes
+        from msk_node.pipeline import (NormalisedVolume, NothingFound, StageTimes, detect_anatomy, postprocess,
+                                       segment_boxes)
         from msk_node.selection import SelectedSeries, SeriesRule
+        from msk_node.status import Outcome
         from msk_node.volume import SeriesVolume
         from training.preprocess import read_image_volume
 
@@ -227,18 +229,17 @@ class StudyLabeler:
                               f"with {source.GetNumberOfComponentsPerPixel()} component(s)")
         # Slice, row and column run as in a DICOM series of the same plane: what the detector learned.
         volume = read_image_volume(image_path)
-        job = SeriesJob(SelectedSeries(Series(series_instance_uid=study.name),
-                                       SeriesRule(name="nifti", anatomy=anatomy)))
-        job.volume = SeriesVolume(volume=volume, slices=[])
-        job.normalised = normalise_volume(volume.array)
-        detect_anatomy(job, self.models)
-        if not job.failed:
-            segment_boxes(job, self.models, StageTimes())
-            postprocess(job, self.models.label_map)
-        if job.failed:
-            raise StudyFailed(f"{job.outcome}: {job.reason}")
-        output = self._write_labels(volume, job.label_volume, study.output_dir / "labels.nii.gz", source)
-        present = [int(value) for value in np.unique(job.label_volume) if value]
+        selected = SelectedSeries(Series(series_instance_uid=study.name), SeriesRule(name="nifti", anatomy=anatomy))
+        series_volume = SeriesVolume(volume=volume, slices=[])
+        normalised = NormalisedVolume(series_volume, normalise_volume(volume.array))
+        try:
+            detections = detect_anatomy(selected, normalised, models=self.models)
+            segmentation = segment_boxes(selected, normalised, detections, models=self.models, times=StageTimes())
+            label_volume, _ = postprocess(series_volume, segmentation, label_map=self.models.label_map)
+        except NothingFound as found:
+            raise StudyFailed(f"{Outcome.NOTHING_FOUND}: {found.reason}") from None
+        output = self._write_labels(volume, label_volume.labels, study.output_dir / "labels.nii.gz", source)
+        present = [int(value) for value in np.unique(label_volume.labels) if value]
         report = {"software": f"msk-node {__version__}", "image": image_path.name, "anatomy": anatomy,
                   "outcome": "segmented", "labels": [self.models.label_map.by_value(v).name for v in present],
                   "output": output.name, "models": self.models.provenance()}

@@ -21,7 +21,7 @@ from msk_node.intensity import normalise_volume
 from msk_node.labels import LabelMap
 from msk_node.models import ModelSet
 from msk_node.overlay import render_overlays
-from msk_node.pipeline import SeriesJob, process_study
+from msk_node.pipeline import SeriesResult, process_study
 from msk_node.plausibility import label_figures
 
 FIGURE_COLUMNS = ("series_instance_uid", "description", "anatomy", "label", "volume_cm3", "components", "slices",
@@ -51,14 +51,15 @@ def evenly_spaced_slices(label_volume: np.ndarray, count: int) -> list[int]:
     return [int(labelled[p]) for p in np.unique(positions)]
 
 
-def write_overlays(job: SeriesJob, label_map: LabelMap, out_dir: Path, count: int) -> list[Path]:
+def write_overlays(job: SeriesResult, label_map: LabelMap, out_dir: Path, count: int) -> list[Path]:
     """Label outlines in the label map's colours on ``count`` slices, named by their volume slice index."""
-    chosen = evenly_spaced_slices(job.label_volume, count)
+    labels = job.label_volume.labels
+    chosen = evenly_spaced_slices(labels, count)
     if not chosen:
         return []
     scratch = out_dir / ".rendering"
     shutil.rmtree(scratch, ignore_errors=True)
-    rendered = render_overlays(normalise_volume(job.volume.array)[chosen], job.label_volume[chosen], label_map,
+    rendered = render_overlays(normalise_volume(job.label_volume.volume.array)[chosen], labels[chosen], label_map,
                                scratch, every=1)
     written = []
     for index, path in zip(chosen, rendered):
@@ -69,7 +70,7 @@ def write_overlays(job: SeriesJob, label_map: LabelMap, out_dir: Path, count: in
     return written
 
 
-def series_entry(job: SeriesJob, report_entry: dict, label_map: LabelMap) -> dict:
+def series_entry(job: SeriesResult, report_entry: dict, label_map: LabelMap) -> dict:
     """Figures of one series' labels after plausibility, with the findings of ``report.json``."""
     entry = {key: report_entry[key] for key in ("series_instance_uid", "description", "anatomy", "outcome",
                                                  "reason") if key in report_entry}
@@ -77,7 +78,8 @@ def series_entry(job: SeriesJob, report_entry: dict, label_map: LabelMap) -> dic
     if job.outcome == "segmented":
         entry["labels"] = [{**asdict(figures), "volume_cm3": round(figures.volume_cm3, 4),
                             "centroid_mm": [round(v, 2) for v in figures.centroid_mm]}
-                           for figures in label_figures(job.label_volume, job.volume, label_map)]
+                           for figures in label_figures(job.label_volume.labels, job.label_volume.volume,
+                                                        label_map)]
     return entry
 
 
@@ -110,7 +112,7 @@ def check_study(study_dir: Path, out_dir: Path, models: ModelSet, overlays: int 
     work = process_study(Path(study_dir), out_dir, models)
     report = {entry["series_instance_uid"]: entry for entry in work.report["series"]}
     result = StudyCheck(out_dir.name, out_dir)
-    for job in work.jobs:
+    for job in work.series_results:
         entry = series_entry(job, report[job.series_instance_uid], models.label_map)
         if job.outcome == "segmented":
             paths = write_overlays(job, models.label_map, out_dir / "overlays" / job.series_instance_uid, overlays)

@@ -96,7 +96,7 @@ def segment_prompts(encoded: EncodedSlices, prompts: Prompts, values: Iterable[i
     masks = {value: np.zeros(shape, dtype=bool) for value in values}
     for index in progress(sorted(prompts), "segmenting", "slice"):
         boxes = np.array([box for _, box in prompts[index]], dtype=np.float32)
-        probabilities = encoded.segmenter.decode(encoded[index], boxes)
+        probabilities = encoded.segmenter.decode(encoded[index], boxes).probabilities
         for (value, _), probability in zip(prompts[index], probabilities):
             if value in masks:
                 masks[value][index] |= probability > THRESHOLD

@@ -17,7 +17,7 @@ import torch
 from msk_node.metrics import dice_per_label
 from msk_node.models import load_models
 from msk_node.parallel import usable_cores
-from msk_node.pipeline import STAGES, StudyWork, process_study
+from msk_node.pipeline import STAGES, StudyRun, process_study
 from msk_node.precision import cpu_info, native_bf16
 from msk_node.volume import labels_on_volume_grid
 
@@ -28,10 +28,10 @@ KNEE_SEED = 7
 SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
 
 
-def _summarise(work: StudyWork, wall: float) -> dict:
-    slices = sum(len(job.selected.series) for job in work.jobs if job.volume is not None)
+def _summarise(work: StudyRun, wall: float) -> dict:
+    slices = sum(len(job.selected.series) for job in work.series_results if job.volume is not None)
     stages = {stage: round(work.times.seconds.get(stage, 0.0), 3) for stage in STAGES}
-    encoded = max(1, sum(len({d.slice_index for d in job.detections}) for job in work.jobs))
+    encoded = max(1, sum(len({d.slice_index for d in job.detections}) for job in work.series_results))
     return {
         "slices": slices,
         "slices_encoded": encoded,
@@ -39,7 +39,7 @@ def _summarise(work: StudyWork, wall: float) -> dict:
         "stages_s": stages,
         "slices_per_s": round(slices / wall, 3) if wall else None,
         "encoder_s_per_slice": round(stages["encode"] / encoded, 3),
-        "outcomes": [job.outcome for job in work.jobs],
+        "outcomes": [job.outcome for job in work.series_results],
     }
 
 
@@ -50,11 +50,11 @@ def bench_phantom(kind: str, models, work_dir: Path, seed: int = KNEE_SEED) -> d
     start = time.perf_counter()
     work = process_study(case / "dicom", work_dir / f"{kind}-out", models)
     result = _summarise(work, time.perf_counter() - start)
-    job = work.jobs[0]
+    job = work.series_results[0]
     if job.label_volume is not None:
-        truth = labels_on_volume_grid(case / "truth_labels.nii.gz", job.volume.volume)
+        truth = labels_on_volume_grid(case / "truth_labels.nii.gz", job.label_volume.volume.volume)
         names = {spec.name: spec.value for spec in models.label_map.for_anatomy(kind).labels}
-        result["dice"] = {k: round(v, 4) for k, v in dice_per_label(job.label_volume, truth, names).items()}
+        result["dice"] = {k: round(v, 4) for k, v in dice_per_label(job.label_volume.labels, truth, names).items()}
     return result
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import cache
 
@@ -59,8 +60,12 @@ class SeriesMeasurements:
 
 
 def measure_series(volume: SeriesVolume, label_volume: np.ndarray, anatomy: str, label_map: LabelMap,
-                   study_series: list[Series]) -> SeriesMeasurements:
-    """All biomarkers that apply to ``anatomy``, keyed by the SEG segment label they belong to."""
+                   study_series: list[Series], relaxometry: Sequence[RelaxometryRule] | None = None
+                   ) -> SeriesMeasurements:
+    """All biomarkers that apply to ``anatomy``, keyed by the SEG segment label they belong to.
+
+    ``relaxometry`` groups the study's relaxometry acquisitions (the packaged rules' groups by default).
+    """
     spacing = (volume.slice_spacing, *volume.pixel_spacing)
     labels = label_map.for_anatomy(anatomy)
     present = {spec.name: spec.value for spec in labels.labels if (label_volume == spec.value).any()}
@@ -83,7 +88,7 @@ def measure_series(volume: SeriesVolume, label_volume: np.ndarray, anatomy: str,
     for segment_label, name in disc_names.items():
         by_segment[segment_label].extend(m for m in heights if m.label == name)
     if anatomy == "knee":
-        maps = _knee(volume, label_volume, label_map, spacing, study_series, by_segment)
+        maps = _knee(volume, label_volume, label_map, spacing, study_series, by_segment, relaxometry)
     return SeriesMeasurements(by_segment, tuple(instances), maps)
 
 
@@ -131,7 +136,8 @@ def _thigh_sides(label_volume: np.ndarray, present: dict[str, int], affine: np.n
 
 
 def _knee(volume: SeriesVolume, label_volume: np.ndarray, label_map: LabelMap, spacing: tuple,
-          study_series: list[Series], by_segment: dict[str, list[Measurement]]) -> list[RelaxationMap]:
+          study_series: list[Series], by_segment: dict[str, list[Measurement]],
+          relaxometry: Sequence[RelaxometryRule] | None) -> list[RelaxationMap]:
     plates = {name: label_map.by_name(name).value for name in CARTILAGE_PLATES if name in by_segment}
     if not plates:
         return []
@@ -150,7 +156,7 @@ def _knee(volume: SeriesVolume, label_volume: np.ndarray, label_map: LabelMap, s
                                   extra={**renamed.extra, **side_note})
             by_segment[_plate_of(m.label)].append(renamed)
     maps = []
-    for kind, group in relaxometry_groups(study_series, volume.datasets[0].StudyInstanceUID).items():
+    for kind, group in relaxometry_groups(study_series, volume.datasets[0].StudyInstanceUID, relaxometry).items():
         fitted, measurements = _relaxation(kind, group, volume, label_volume, plates, splits)
         maps.extend([fitted] if fitted is not None else [])
         for m in measurements:
@@ -159,7 +165,7 @@ def _knee(volume: SeriesVolume, label_volume: np.ndarray, label_map: LabelMap, s
 
 
 def relaxometry_groups(study_series: list[Series], study_instance_uid: str,
-                       rules: list[RelaxometryRule] | None = None) -> dict[str, list[Series]]:
+                       rules: Sequence[RelaxometryRule] | None = None) -> dict[str, list[Series]]:
     """The series of each relaxometry acquisition (``t1rho``, ``t2``, ``dess_t2``) in one study.
 
     ``rules`` are the ``relaxometry`` groups of the series rules file (the packaged one by default).
@@ -184,7 +190,8 @@ def fit_relaxation_map(kind: str, group: list[Series]) -> RelaxationMap:
     return dess_t2_map(datasets) if kind == "dess_t2" else relaxation_map(kind, datasets)
 
 
-def unmeasured_relaxation_maps(study_series: list[Series], fitted: list[RelaxationMap]) -> list[RelaxationMap]:
+def unmeasured_relaxation_maps(study_series: list[Series], fitted: list[RelaxationMap],
+                               relaxometry: Sequence[RelaxometryRule] | None = None) -> list[RelaxationMap]:
     """Maps of the relaxometry acquisitions that no segmented series measured on, one per acquisition.
 
     A relaxometry acquisition always gets its map, even in a study where no cartilage was
@@ -194,7 +201,7 @@ def unmeasured_relaxation_maps(study_series: list[Series], fitted: list[Relaxati
     done = {(m.kind, str(m.source_datasets[0].SeriesInstanceUID)) for m in fitted if m.source_datasets}
     maps = []
     for study in dict.fromkeys(s.study_instance_uid for s in study_series):
-        for kind, group in relaxometry_groups(study_series, study).items():
+        for kind, group in relaxometry_groups(study_series, study, relaxometry).items():
             if any((kind, s.series_instance_uid) in done for s in group):
                 continue
             try:

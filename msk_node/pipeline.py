@@ -1,12 +1,14 @@
-"""The main job as plain functions: study folder in, one DICOM-SEG per selected series out.
+"""The main job as typed steps: study folder in, one DICOM-SEG per selected series out.
 
 Beside each SEG go a TID 1500 SR of its measurements and a DICOM Parametric Map of every
 relaxation map (T1rho, T2, DESS T2) fitted to measure it. Every relaxometry acquisition of the
 study gets its Parametric Map, also where no cartilage was segmented to measure on.
 
-Each step is a function the MONAI Deploy operators wrap one to one, and that tests,
-training and evaluation call directly. A series that fails at any step is recorded
-with its reason and the other series go on.
+Each step is a plain function from immutable values to a new value. :data:`STEPS` declares
+them once, in order, with the named values each reads and makes: :func:`process_study` runs
+that declaration in-process and the MONAI Deploy application turns it into operators and
+flows. Values travel per study as mappings keyed by SeriesInstanceUID; a series that fails
+at any step is recorded with its reason, has no entry downstream, and the other series go on.
 """
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -37,7 +40,8 @@ from msk_node.plausibility import Finding, check_label_volume
 from msk_node.postprocess import merge_labels, postprocess_masks
 from msk_node.progress import progress
 from msk_node.seg_writer import AlgorithmInfo, build_segmentation, write_segmentation
-from msk_node.selection import SelectedSeries, SeriesRule, load_rules, select_series
+from msk_node.selection import (RelaxometryRule, SelectedSeries, SeriesRule, load_relaxometry_rules, load_rules,
+                                select_series)
 from msk_node.status import EXIT_RAN, STATUS_FILE, Outcome, describe_error
 from msk_node.sr_writer import build_measurement_report
 from msk_node.volume import SeriesVolume, series_to_volume
@@ -65,29 +69,104 @@ class StageTimes:
             self.seconds[name] += time.perf_counter() - start
 
 
-@dataclass
-class SeriesJob:
-    """One selected series on its way through the pipeline."""
+# --- The values steps pass on -------------------------------------------------------------------------------------
 
-    selected: SelectedSeries
-    volume: SeriesVolume | None = None
-    normalised: np.ndarray | None = None
-    detections: list[Detection] = field(default_factory=list)
-    masks: dict[str, np.ndarray] = field(default_factory=dict)
-    label_volume: np.ndarray | None = None
-    plausibility: list[Finding] | None = None
-    measurements: SeriesMeasurements | None = None
-    output: Path | None = None
-    report_output: Path | None = None
-    map_outputs: list[Path] = field(default_factory=list)
+
+@dataclass(frozen=True)
+class Rules:
+    """The loaded series rules file: what to segment, and which series form each relaxometry acquisition."""
+
+    series: tuple[SeriesRule, ...]
+    relaxometry: tuple[RelaxometryRule, ...]
+
+
+def load_study_rules(path: str | Path | None = None) -> Rules:
+    """The rules file at ``path`` (the packaged one by default), read once for selection and measurement alike."""
+    return Rules(tuple(load_rules(path)), tuple(load_relaxometry_rules(path)))
+
+
+@dataclass(frozen=True)
+class LoadedStudy:
+    """A study folder as read: the selected series in order, every readable series, and what was left out."""
+
+    selected: Mapping[str, SelectedSeries]
+    #: All readable series: relaxation maps are fitted from series that are not segmented themselves.
+    series: tuple[Series, ...]
+    skipped: tuple[SkippedFile, ...]
+
+
+@dataclass(frozen=True)
+class NormalisedVolume:
+    """The model input of a series: its volume's intensities normalised to uint8, on that volume's grid."""
+
+    volume: SeriesVolume
+    array: np.ndarray
+
+
+@dataclass(frozen=True)
+class LabelScores:
+    """Per box segmented for one label, in detection order: the detector's score and the decoder's predicted IoU."""
+
+    detector: tuple[float, ...]
+    predicted_iou: tuple[float, ...]
+
+
+#: Per label name, the scores of the boxes that made its mask.
+SeriesScores = Mapping[str, LabelScores]
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """Raw per-label masks of a series (thresholded decoder output, on the volume's grid) and their scores."""
+
+    masks: Mapping[str, np.ndarray]
+    scores: SeriesScores
+
+
+@dataclass(frozen=True)
+class LabelVolume:
+    """Label values on the grid of ``volume``, the one volume it can be written and measured with."""
+
+    volume: SeriesVolume
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.labels.shape != self.volume.array.shape:
+            raise ValueError(f"label volume {self.labels.shape} is not on its volume's grid {self.volume.array.shape}")
+
+
+@dataclass(frozen=True)
+class SeriesOutputs:
+    """The DICOM files written for one series: its SEG, its SR if any, and the Parametric Maps it used."""
+
+    seg: Path
+    sr: Path | None = None
+    maps: tuple[Path, ...] = ()
+
+
+class NothingFound(Exception):
+    """A step found nothing to go on with: the series ends as "nothing found" with ``reason``.
+
+    ``outputs`` are the step's values all the same (what the report shows of it), or None.
+    """
+
+    def __init__(self, reason: str, outputs: Any = None) -> None:
+        super().__init__(reason)
+        self.reason, self.outputs = reason, outputs
+
+
+# --- Where each series got to ------------------------------------------------------------------------------------
+
+
+@dataclass
+class SeriesRecord:
+    """Where one selected series got to: its outcome, the reason, and every step that raised."""
+
+    series_instance_uid: str
     outcome: Outcome = Outcome.PENDING
     reason: str = ""
     #: Steps that raised, ``{"step": ..., "error": ...}``, in the order they failed.
     failures: list[dict[str, str]] = field(default_factory=list)
-
-    @property
-    def series_instance_uid(self) -> str:
-        return self.selected.series.series_instance_uid
 
     @property
     def failed(self) -> bool:
@@ -118,85 +197,190 @@ class SeriesJob:
                 self.fail(Outcome.FAILED, f"{reason}: {message}")
 
 
-def load_and_select(
-    input_dir: Path, rules: list[SeriesRule] | None = None
-) -> tuple[list[SeriesJob], list[SkippedFile], list[Series]]:
-    """Read a study folder and make a job per selected series; everything else is skipped with a reason.
+#: The study's series records by SeriesInstanceUID, in selection order; steps update them as series fail.
+Records = Mapping[str, SeriesRecord]
 
-    All readable series are returned too: relaxation maps are fitted from series that
-    are not segmented themselves.
-    """
+
+@dataclass(frozen=True)
+class Resources:
+    """What steps use besides values: the models, the rules and the clock."""
+
+    models: ModelSet
+    rules: Rules
+    times: StageTimes = field(default_factory=StageTimes)
+
+    @property
+    def label_map(self) -> LabelMap:
+        return self.models.label_map
+
+
+# --- The steps ----------------------------------------------------------------------------------------------------
+
+
+def load_study(input_dir: Path, rules: Rules) -> LoadedStudy:
+    """Read a study folder and select the series to segment; everything else is skipped with a reason."""
     study: StudyFiles = read_study_folder(Path(input_dir))
-    selected, skipped_series = select_series(study.series, rules if rules is not None else load_rules())
+    selected, skipped_series = select_series(study.series, list(rules.series))
     for item in skipped_series:
         logger.info("not segmented: %s: %s", item.path, item.reason)
-    return [SeriesJob(s) for s in selected], study.skipped + skipped_series, study.series
+    return LoadedStudy({s.series.series_instance_uid: s for s in selected}, tuple(study.series),
+                       tuple(study.skipped + skipped_series))
 
 
-def build_volume(job: SeriesJob) -> None:
+def new_records(study: LoadedStudy) -> dict[str, SeriesRecord]:
+    return {uid: SeriesRecord(uid) for uid in study.selected}
+
+
+def build_volume(selected: SelectedSeries) -> tuple[SeriesVolume, NormalisedVolume]:
     """Stack the series in patient space and normalise it for the models."""
-    job.volume = series_to_volume(job.selected.series.datasets)
-    job.normalised = normalise_volume(job.volume.array)
-    if job.volume.missing:
+    volume = series_to_volume(selected.series.datasets)
+    normalised = NormalisedVolume(volume, normalise_volume(volume.array))
+    if volume.missing:
         logger.warning("series %s: %d slice(s) missing from the series (volume slices %s); they stay blank",
-                       job.series_instance_uid, len(job.volume.missing), job.volume.missing)
+                       selected.series.series_instance_uid, len(volume.missing), volume.missing)
+    return volume, normalised
 
 
-def detect_anatomy(job: SeriesJob, models: ModelSet) -> None:
-    labels = models.label_map.for_anatomy(job.selected.anatomy)
-    job.detections = models.detector_for(job.selected.anatomy).detect(job.normalised, labels)
-    if not job.detections:
-        job.fail(Outcome.NOTHING_FOUND, f"the detector found no {job.selected.anatomy} anatomy")
+def detect_anatomy(selected: SelectedSeries, normalised: NormalisedVolume, *, models: ModelSet
+                   ) -> tuple[Detection, ...]:
+    labels = models.label_map.for_anatomy(selected.anatomy)
+    detections = tuple(models.detector_for(selected.anatomy).detect(normalised.array, labels))
+    if not detections:
+        raise NothingFound(f"the detector found no {selected.anatomy} anatomy")
+    return detections
 
 
-def segment_boxes(job: SeriesJob, models: ModelSet, times: StageTimes) -> None:
-    """Encode each slice that has boxes once, decode all its boxes in one batch, threshold at 0.5."""
+def segment_boxes(selected: SelectedSeries, normalised: NormalisedVolume, detections: tuple[Detection, ...], *,
+                  models: ModelSet, times: StageTimes) -> Segmentation:
+    """Encode each slice that has boxes once, decode all its boxes in one batch, threshold at 0.5.
+
+    Each label's scores list its boxes slice by slice, in the detector's order within a slice.
+    """
     by_slice: dict[int, list[Detection]] = defaultdict(list)
-    for detection in job.detections:
+    for detection in detections:
         by_slice[detection.slice_index].append(detection)
-    normalised = job.normalised
-    shape = normalised.shape
-    segmenter = models.segmenter_for(job.selected.anatomy)
+    shape = normalised.array.shape
+    segmenter = models.segmenter_for(selected.anatomy)
     masks: dict[str, np.ndarray] = {}
-    slices = progress(sorted(by_slice), f"segmenting {job.selected.anatomy} series", "slice")
+    detector_scores: dict[str, list[float]] = defaultdict(list)
+    predicted_iou: dict[str, list[float]] = defaultdict(list)
+    slices = progress(sorted(by_slice), f"segmenting {selected.anatomy} series", "slice")
     for index in slices:
         with times.stage("encode"):
-            embedding = segmenter.encode(normalised[index])
+            embedding = segmenter.encode(normalised.array[index])
         with times.stage("decode"):
             boxes = np.array([d.box for d in by_slice[index]], dtype=np.float32)
-            probabilities = segmenter.decode(embedding, boxes)
-            for detection, probability in zip(by_slice[index], probabilities):
+            decoded = segmenter.decode(embedding, boxes)
+            for detection, probability, iou in zip(by_slice[index], decoded.probabilities, decoded.predicted_iou):
                 mask = masks.setdefault(detection.label, np.zeros(shape, dtype=bool))
                 mask[index] |= probability > 0.5
-    job.masks = masks
+                detector_scores[detection.label].append(float(detection.score))
+                predicted_iou[detection.label].append(float(iou))
+    scores = {label: LabelScores(tuple(detector_scores[label]), tuple(predicted_iou[label])) for label in masks}
+    return Segmentation(masks, scores)
 
 
-def postprocess(job: SeriesJob, label_map: LabelMap) -> None:
-    cleaned = postprocess_masks(job.masks, label_map, job.volume.pixel_spacing)
+def postprocess(volume: SeriesVolume, segmentation: Segmentation, *, label_map: LabelMap
+                ) -> tuple[LabelVolume, SeriesScores]:
+    """Clean the masks and merge them into one label volume; the scores go on beside it."""
+    cleaned = postprocess_masks(dict(segmentation.masks), label_map, volume.pixel_spacing)
     if not cleaned:
-        job.fail(Outcome.NOTHING_FOUND, "every segment was empty after post-processing")
-        return
-    job.label_volume = merge_labels(cleaned, label_map)
-    job.masks, job.normalised = {}, None
+        raise NothingFound("every segment was empty after post-processing")
+    return LabelVolume(volume, merge_labels(cleaned, label_map)), segmentation.scores
 
 
-def check_plausibility(job: SeriesJob, label_map: LabelMap) -> None:
+def check_plausibility(selected: SelectedSeries, label_volume: LabelVolume, *, label_map: LabelMap
+                       ) -> tuple[LabelVolume, tuple[Finding, ...]]:
     """Drop anatomically implausible components (a tibia above the femur, a disc off the column) before measuring."""
-    result = check_label_volume(job.label_volume, job.volume, job.selected.anatomy, label_map)
-    job.plausibility = list(result.findings)
+    result = check_label_volume(label_volume.labels, label_volume.volume, selected.anatomy, label_map)
     for finding in result.findings:
-        logger.info("series %s: %s %s component (%.0f mm3): %s", job.series_instance_uid, finding.action,
-                    finding.label, finding.volume_mm3, finding.reason)
-    job.label_volume = result.label_volume
+        logger.info("series %s: %s %s component (%.0f mm3): %s", selected.series.series_instance_uid,
+                    finding.action, finding.label, finding.volume_mm3, finding.reason)
+    checked = LabelVolume(label_volume.volume, result.label_volume), tuple(result.findings)
     if not result.label_volume.any():
         reasons = sorted({f"{f.label}: {f.reason}" for f in result.dropped})
-        job.fail(Outcome.NOTHING_FOUND, f"every segment failed the plausibility checks ({'; '.join(reasons)})")
+        raise NothingFound(f"every segment failed the plausibility checks ({'; '.join(reasons)})", checked)
+    return checked
 
 
-def measure(job: SeriesJob, label_map: LabelMap, study_series: list[Series]) -> None:
-    """Biomarkers of the series (run under a guard that keeps the SEG when they fail)."""
-    job.measurements = measure_series(job.volume, job.label_volume, job.selected.anatomy, label_map,
-                                      study_series)
+def measure(selected: SelectedSeries, label_volume: LabelVolume, study: LoadedStudy, *, label_map: LabelMap,
+            rules: Rules) -> SeriesMeasurements:
+    """Biomarkers of the series (a failure keeps the SEG); relaxometry acquisitions as ``rules`` group them."""
+    return measure_series(label_volume.volume, label_volume.labels, selected.anatomy, label_map,
+                          list(study.series), relaxometry=rules.relaxometry)
+
+
+# --- The step list, declared once -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step: ``function(*inputs, **uses)`` per series still in play, its result named by ``outputs``.
+
+    ``inputs`` name values keyed by series, or study-wide ones (:data:`STUDY_VALUES`); ``uses``
+    name :class:`Resources` attributes. A function with several outputs returns a tuple of them.
+    """
+
+    name: str
+    function: Callable[..., Any]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    #: The reason an exception ends the series with; None keeps the series with what it has.
+    failure: str | None
+    #: The stage of :data:`STAGES` its time counts to; None where the function times itself.
+    stage: str | None = None
+    uses: tuple[str, ...] = ()
+
+
+#: Values with one instance per study; every other value is a mapping keyed by SeriesInstanceUID.
+STUDY_VALUES = ("study", "records")
+#: What the loader makes: the study, its selected series and their records.
+LOADER_OUTPUTS = ("study", "series", "records")
+STEPS: tuple[Step, ...] = (
+    Step("volume", build_volume, ("series",), ("volumes", "normalised"), "no volume", "load"),
+    Step("detect", detect_anatomy, ("series", "normalised"), ("detections",), "detection failed", "detect",
+         ("models",)),
+    Step("segment", segment_boxes, ("series", "normalised", "detections"), ("segmentations",),
+         "segmentation failed", None, ("models", "times")),
+    Step("postprocess", postprocess, ("volumes", "segmentations"), ("label_volumes", "scores"),
+         "post-processing failed", "postprocess", ("label_map",)),
+    Step("plausibility", check_plausibility, ("series", "label_volumes"), ("label_volumes", "plausibility"),
+         "plausibility checks failed", "plausibility", ("label_map",)),
+    Step("measure", measure, ("series", "label_volumes", "study"), ("measurements",), None, "measure",
+         ("label_map", "rules")),
+)
+#: What the writer reads, in the order of :func:`write_outputs`' parameters.
+WRITER_INPUTS = ("study", "records", "volumes", "label_volumes", "plausibility", "measurements", "scores")
+
+
+def run_step(step: Step, values: Mapping[str, Any], resources: Resources) -> dict[str, dict[str, Any]]:
+    """``step`` on every series still in play; its outputs keyed by series.
+
+    A series that fails has no entry in them, except that a step refining a value it reads
+    (plausibility's label volumes) leaves other series' entries as they were.
+    """
+    records: Records = values["records"]
+    made: dict[str, dict[str, Any]] = {name: {} for name in step.outputs}
+    uses = {name: getattr(resources, name) for name in step.uses}
+    with resources.times.stage(step.stage) if step.stage else nullcontext():
+        for uid, record in records.items():
+            if record.failed:
+                continue
+            result = None
+            with record.guard(step.name, step.failure):
+                args = [values[name] if name in STUDY_VALUES else values[name][uid] for name in step.inputs]
+                try:
+                    result = step.function(*args, **uses)
+                except NothingFound as found:
+                    record.fail(Outcome.NOTHING_FOUND, found.reason)
+                    result = found.outputs
+            if result is not None:
+                for name, value in zip(step.outputs, result if len(step.outputs) > 1 else (result,)):
+                    made[name][uid] = value
+    return {name: {**values[name], **made[name]} if name in step.inputs else made[name] for name in step.outputs}
+
+
+# --- Writing ------------------------------------------------------------------------------------------------------
 
 
 def algorithm_info(models: ModelSet) -> AlgorithmInfo:
@@ -210,42 +394,47 @@ def algorithm_info(models: ModelSet) -> AlgorithmInfo:
     )
 
 
-def write_seg(job: SeriesJob, models: ModelSet, output_dir: Path, series_number: int) -> Dataset:
-    algorithm = algorithm_info(models)
-    present = job.volume.present
-    instances = [i.on_slices(present) for i in job.measurements.instances] if job.measurements else []
-    seg = build_segmentation(job.volume.datasets, job.label_volume[present], models.label_map, algorithm,
+def write_seg(selected: SelectedSeries, label_volume: LabelVolume, measurements: SeriesMeasurements | None,
+              models: ModelSet, output_dir: Path, series_number: int) -> tuple[Dataset, Path]:
+    """The series' SEG on the slices that have a source instance, with the segment instances measured on."""
+    volume = label_volume.volume
+    present = volume.present
+    instances = [i.on_slices(present) for i in measurements.instances] if measurements else []
+    seg = build_segmentation(volume.datasets, label_volume.labels[present], models.label_map, algorithm_info(models),
                              series_number=series_number,
-                             series_description=f"msk-node {job.selected.anatomy} segmentation",
+                             series_description=f"msk-node {selected.anatomy} segmentation",
                              instances=instances)
     output_dir.mkdir(parents=True, exist_ok=True)
-    job.output = write_segmentation(seg, output_dir / f"seg-{job.series_instance_uid}.dcm")
-    job.outcome = Outcome.SEGMENTED
-    return seg
+    path = write_segmentation(seg, output_dir / f"seg-{selected.series.series_instance_uid}.dcm")
+    return seg, path
 
 
-def write_sr(job: SeriesJob, seg: Dataset, models: ModelSet, output_dir: Path, series_number: int) -> None:
-    """TID 1500 report of the series' measurements, referencing the segments of ``seg``."""
-    groups = measurement_groups(job.measurements)
+def write_sr(selected: SelectedSeries, measurements: SeriesMeasurements, seg: Dataset, models: ModelSet,
+             output_dir: Path, series_number: int) -> Path | None:
+    """TID 1500 report of the series' measurements, referencing the segments of ``seg``; None without any."""
+    groups = measurement_groups(measurements)
     if not groups:
-        return
+        return None
     sr = build_measurement_report(seg, groups, models.label_map, algorithm_info(models),
                                   series_number=series_number,
-                                  series_description=f"msk-node {job.selected.anatomy} measurements")
-    path = output_dir / f"sr-{job.series_instance_uid}.dcm"
+                                  series_description=f"msk-node {selected.anatomy} measurements")
+    path = output_dir / f"sr-{selected.series.series_instance_uid}.dcm"
     sr.save_as(path, enforce_file_format=True)
-    job.report_output = path  # only once written: report.json and status.json list what is there
+    return path
 
 
-def write_maps(job: SeriesJob, output_dir: Path, written: dict[str, Path], first_series_number: int) -> None:
+def write_maps(record: SeriesRecord, measurements: SeriesMeasurements, output_dir: Path, written: dict[str, Path],
+               first_series_number: int) -> tuple[Path, ...]:
     """A Parametric Map per relaxation map fitted for the series, named after the map's source series.
 
     Series segmented from one study fit the same maps; ``written`` (file name to path, shared
     by the study) makes each map one file, listed for every series that used it.
     """
-    for relaxation in job.measurements.maps:
-        with job.guard(f"{relaxation.kind} parametric map"):
-            job.map_outputs.append(write_map(relaxation, output_dir, written, first_series_number))
+    paths = []
+    for relaxation in measurements.maps:
+        with record.guard(f"{relaxation.kind} parametric map"):
+            paths.append(write_map(relaxation, output_dir, written, first_series_number))
+    return tuple(paths)
 
 
 def write_map(relaxation: RelaxationMap, output_dir: Path, written: dict[str, Path], first_series_number: int) -> Path:
@@ -278,71 +467,89 @@ def write_measurement_tables(rows: list[dict], output_dir: Path) -> None:
     (output_dir / "measurements.json").write_text(json.dumps(rows, indent=2))
 
 
-@dataclass
-class StudyWork:
-    """A study's jobs, the files and series left out, and the time spent per stage."""
+@dataclass(frozen=True)
+class StudyOutputs:
+    """What the writer made: each written series' files, the study report and every DICOM file written."""
 
-    output_dir: Path
-    jobs: list[SeriesJob] = field(default_factory=list)
-    skipped: list[SkippedFile] = field(default_factory=list)
-    series: list[Series] = field(default_factory=list)
-    times: StageTimes = field(default_factory=StageTimes)
-    report: dict | None = None
-    #: Relaxation maps of acquisitions no segmented series measured on (written as Parametric Maps all the same).
-    maps: list[RelaxationMap] = field(default_factory=list)
+    series: Mapping[str, SeriesOutputs]
+    report: dict
     #: Every DICOM file written (SEGs, SRs, Parametric Maps): what status.json lists for delivery.
-    results: list[Path] = field(default_factory=list)
-
-    def active_jobs(self) -> list[SeriesJob]:
-        return [job for job in self.jobs if not job.failed]
+    results: tuple[Path, ...]
 
 
-def write_outputs(work: StudyWork, models: ModelSet) -> dict:
-    """Write a SEG, an SR and Parametric Maps per series still in play, then the study's tables and report.json."""
-    work.output_dir.mkdir(parents=True, exist_ok=True)
+def write_series(number: int, selected: SelectedSeries, record: SeriesRecord, label_volume: LabelVolume,
+                 measurements: SeriesMeasurements | None, models: ModelSet, output_dir: Path,
+                 maps_written: dict[str, Path]) -> SeriesOutputs | None:
+    """The SEG of a series still in play, then its SR and Parametric Maps when it was measured."""
+    written = None
+    with record.guard("seg", "SEG not written"):
+        written = write_seg(selected, label_volume, measurements, models, output_dir, series_number=9000 + number)
+        record.outcome = Outcome.SEGMENTED
+    if written is None:
+        return None
+    seg, seg_path = written
+    if measurements is None:
+        return SeriesOutputs(seg_path)
+    sr_path = None
+    with record.guard("sr"):
+        sr_path = write_sr(selected, measurements, seg, models, output_dir, series_number=9100 + number)
+    return SeriesOutputs(seg_path, sr_path, write_maps(record, measurements, output_dir, maps_written, 9200))
+
+
+def write_outputs(study: LoadedStudy, records: Records, volumes: Mapping[str, SeriesVolume],
+                  label_volumes: Mapping[str, LabelVolume], plausibility: Mapping[str, tuple[Finding, ...]],
+                  measurements: Mapping[str, SeriesMeasurements], scores: Mapping[str, SeriesScores], *,
+                  resources: Resources, output_dir: Path) -> StudyOutputs:
+    """Write a SEG, an SR and Parametric Maps per series still in play, then the study's tables and report.json.
+
+    ``scores`` are each series' detector scores and predicted IoUs per label (not in the report yet).
+    """
+    models = resources.models
+    output_dir = Path(output_dir)
+    with resources.times.stage("measure"):
+        fitted = [m for series in measurements.values() for m in series.maps]
+        unmeasured = unmeasured_relaxation_maps(list(study.series), fitted, relaxometry=resources.rules.relaxometry)
+    output_dir.mkdir(parents=True, exist_ok=True)
     maps_written: dict[str, Path] = {}
-    with work.times.stage("write"):
-        for number, job in enumerate(work.jobs, start=1):
-            if job.failed:
+    outputs: dict[str, SeriesOutputs] = {}
+    with resources.times.stage("write"):
+        for number, (uid, selected) in enumerate(study.selected.items(), start=1):
+            if records[uid].failed:
                 continue
-            seg = None
-            with job.guard("seg", "SEG not written"):
-                seg = write_seg(job, models, work.output_dir, series_number=9000 + number)
-            if seg is None or job.measurements is None:
-                continue
-            with job.guard("sr"):
-                write_sr(job, seg, models, work.output_dir, series_number=9100 + number)
-            write_maps(job, work.output_dir, maps_written, first_series_number=9200)
-        for relaxation in work.maps:
+            written = write_series(number, selected, records[uid], label_volumes.get(uid), measurements.get(uid),
+                                   models, output_dir, maps_written)
+            if written is not None:
+                outputs[uid] = written
+        for relaxation in unmeasured:
             try:
-                write_map(relaxation, work.output_dir, maps_written, first_series_number=9200)
+                write_map(relaxation, output_dir, maps_written, first_series_number=9200)
             except ValueError as error:
                 logger.warning("%s Parametric Map not written: %s", relaxation.kind, error)
-        rows = [row for job in work.jobs if job.measurements is not None and job.output is not None
-                for row in measurement_rows(job.selected.series.study_instance_uid, job.series_instance_uid,
-                                            job.measurements)]
-        write_measurement_tables(rows, work.output_dir)
-        work.report = study_report(work.jobs, work.skipped, models, sorted(maps_written))
-        (work.output_dir / "report.json").write_text(json.dumps(work.report, indent=2))
-        work.results = sorted({path for job in work.jobs for path in (job.output, job.report_output) if path}
-                              | set(maps_written.values()))
-        write_status(work.output_dir, Outcome.RAN, work=work)
-    return work.report
+        rows = [row for uid, selected in study.selected.items() if uid in measurements and uid in outputs
+                for row in measurement_rows(selected.series.study_instance_uid, uid, measurements[uid])]
+        write_measurement_tables(rows, output_dir)
+        report = study_report(study, records, volumes, label_volumes, plausibility, outputs, models,
+                              sorted(maps_written))
+        (output_dir / "report.json").write_text(json.dumps(report, indent=2))
+        results = tuple(sorted({path for written in outputs.values() for path in (written.seg, written.sr) if path}
+                               | set(maps_written.values())))
+        write_status(output_dir, Outcome.RAN, records=records, skipped=len(study.skipped), results=results)
+    return StudyOutputs(outputs, report, results)
 
 
-def write_status(output_dir: Path, outcome: Outcome, reason: str = "", work: StudyWork | None = None,
-                 exit_code: int = EXIT_RAN) -> dict:
+def write_status(output_dir: Path, outcome: Outcome, reason: str = "", records: Records | None = None,
+                 skipped: int | None = None, results: tuple[Path, ...] = (), exit_code: int = EXIT_RAN) -> dict:
     """The application's status.json: its outcome, each series' outcome and the result files to deliver."""
     status: dict = {"outcome": outcome, "exit_code": exit_code}
     if reason:
         status["reason"] = reason
-    jobs = work.jobs if work is not None else []
-    status["series"] = [{"series_instance_uid": job.series_instance_uid, "outcome": job.outcome,
-                         **({"reason": job.reason} if job.reason else {}),
-                         **({"failures": job.failures} if job.failures else {})} for job in jobs]
-    if work is not None:
-        status["skipped"] = len(work.skipped)
-    status["results"] = [result_entry(path) for path in (work.results if work is not None else [])]
+    status["series"] = [{"series_instance_uid": record.series_instance_uid, "outcome": record.outcome,
+                         **({"reason": record.reason} if record.reason else {}),
+                         **({"failures": record.failures} if record.failures else {})}
+                        for record in (records or {}).values()]
+    if skipped is not None:
+        status["skipped"] = skipped
+    status["results"] = [result_entry(path) for path in results]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / STATUS_FILE).write_text(json.dumps(status, indent=2))
@@ -354,39 +561,43 @@ def result_entry(path: Path) -> dict[str, str]:
     return {"file": path.name, "sop_class_uid": str(ds.SOPClassUID), "sop_instance_uid": str(ds.SOPInstanceUID)}
 
 
-def study_report(jobs: list[SeriesJob], skipped: list[SkippedFile], models: ModelSet | None,
+def study_report(study: LoadedStudy, records: Records, volumes: Mapping[str, SeriesVolume],
+                 label_volumes: Mapping[str, LabelVolume], plausibility: Mapping[str, tuple[Finding, ...]],
+                 outputs: Mapping[str, SeriesOutputs], models: ModelSet | None,
                  parametric_maps: list[str] | None = None) -> dict:
     """A JSON-ready account of what happened to every series and every skipped file, and the maps written."""
     series = []
-    for job in jobs:
+    for uid, selected in study.selected.items():
+        record = records[uid]
         entry = {
-            "series_instance_uid": job.series_instance_uid,
-            "description": job.selected.series.description,
-            "anatomy": job.selected.anatomy,
-            "rule": job.selected.rule.name,
-            "instances": len(job.selected.series),
-            "outcome": job.outcome,
+            "series_instance_uid": uid,
+            "description": selected.series.description,
+            "anatomy": selected.anatomy,
+            "rule": selected.rule.name,
+            "instances": len(selected.series),
+            "outcome": record.outcome,
         }
-        if job.reason:
-            entry["reason"] = job.reason
-        if job.output is not None:
-            entry["seg"] = job.output.name
-        if job.report_output is not None:
-            entry["sr"] = job.report_output.name
-        if job.map_outputs:
-            entry["parametric_maps"] = [path.name for path in job.map_outputs]
-        if job.volume is not None and job.volume.missing:
-            entry["missing_slices"] = job.volume.missing
-        if job.label_volume is not None:
-            present = np.unique(job.label_volume)
+        if record.reason:
+            entry["reason"] = record.reason
+        written = outputs.get(uid)
+        if written is not None:
+            entry["seg"] = written.seg.name
+            if written.sr is not None:
+                entry["sr"] = written.sr.name
+            if written.maps:
+                entry["parametric_maps"] = [path.name for path in written.maps]
+        if uid in volumes and volumes[uid].missing:
+            entry["missing_slices"] = volumes[uid].missing
+        if uid in label_volumes:
+            present = np.unique(label_volumes[uid].labels)
             entry["labels"] = [models.label_map.by_value(int(v)).name for v in present if v]
-        if job.plausibility is not None:
-            entry["plausibility"] = [finding.as_dict() for finding in job.plausibility]
-        if job.failures:
-            entry["failures"] = job.failures
+        if uid in plausibility:
+            entry["plausibility"] = [finding.as_dict() for finding in plausibility[uid]]
+        if record.failures:
+            entry["failures"] = record.failures
         series.append(entry)
     report = {"software": f"msk-node {__version__}", "series": series,
-              "skipped": [{"source": s.path, "reason": s.reason} for s in skipped]}
+              "skipped": [{"source": s.path, "reason": s.reason} for s in study.skipped]}
     if parametric_maps:
         report["parametric_maps"] = parametric_maps
     if models is not None:
@@ -394,65 +605,94 @@ def study_report(jobs: list[SeriesJob], skipped: list[SkippedFile], models: Mode
     return report
 
 
-def load_study(work: StudyWork, input_dir: Path, rules: list[SeriesRule] | None = None) -> None:
-    with work.times.stage("load"):
-        work.jobs, work.skipped, work.series = load_and_select(input_dir, rules)
+# --- Running the declaration in-process ---------------------------------------------------------------------------
 
 
-def build_volumes(work: StudyWork) -> None:
-    with work.times.stage("load"):
-        for job in work.active_jobs():
-            with job.guard("volume", "no volume"):
-                build_volume(job)
+@dataclass(frozen=True)
+class SeriesResult:
+    """What became of one selected series: its record and the values it got as far as (None where it did not)."""
+
+    selected: SelectedSeries
+    record: SeriesRecord
+    volume: SeriesVolume | None
+    detections: tuple[Detection, ...]
+    label_volume: LabelVolume | None
+    plausibility: tuple[Finding, ...] | None
+    measurements: SeriesMeasurements | None
+    scores: SeriesScores | None
+    outputs: SeriesOutputs | None
+
+    @property
+    def series_instance_uid(self) -> str:
+        return self.record.series_instance_uid
+
+    @property
+    def outcome(self) -> Outcome:
+        return self.record.outcome
+
+    @property
+    def reason(self) -> str:
+        return self.record.reason
+
+    @property
+    def output(self) -> Path | None:
+        return self.outputs.seg if self.outputs else None
+
+    @property
+    def report_output(self) -> Path | None:
+        return self.outputs.sr if self.outputs else None
 
 
-def detect_all(work: StudyWork, models: ModelSet) -> None:
-    with work.times.stage("detect"):
-        for job in work.active_jobs():
-            with job.guard("detect", "detection failed"):
-                detect_anatomy(job, models)
+@dataclass(frozen=True)
+class StudyRun:
+    """A study run in-process: every selected series' result, the files left out, the report and the time spent."""
+
+    output_dir: Path
+    series_results: tuple[SeriesResult, ...]
+    skipped: tuple[SkippedFile, ...]
+    times: StageTimes
+    report: dict
+    results: tuple[Path, ...]
 
 
-def segment_all(work: StudyWork, models: ModelSet) -> None:
-    for job in work.active_jobs():
-        with job.guard("segment", "segmentation failed"):
-            segment_boxes(job, models, work.times)
+#: Values :func:`process_study` keeps to the end for its :class:`SeriesResult` (the rest go once read).
+RESULT_VALUES = ("volumes", "detections", "label_volumes", "plausibility", "measurements", "scores")
 
 
-def postprocess_all(work: StudyWork, label_map: LabelMap) -> None:
-    with work.times.stage("postprocess"):
-        for job in work.active_jobs():
-            with job.guard("postprocess", "post-processing failed"):
-                postprocess(job, label_map)
+def run_steps(values: Mapping[str, Any], resources: Resources, steps: tuple[Step, ...] = STEPS) -> dict[str, Any]:
+    """``steps`` in order over ``values`` (the loader's, and any a test supplies in place of earlier steps)."""
+    values = dict(values)
+    for index, step in enumerate(steps):
+        values.update(run_step(step, values, resources))
+        # Free what no later step, nor the writer, nor the result reads (normalised images, raw masks).
+        needed = {name for later in steps[index + 1:] for name in later.inputs}
+        needed |= {*LOADER_OUTPUTS, *WRITER_INPUTS, *RESULT_VALUES}
+        values = {name: value for name, value in values.items() if name in needed}
+    return values
 
 
-def plausibility_all(work: StudyWork, label_map: LabelMap) -> None:
-    with work.times.stage("plausibility"):
-        for job in work.active_jobs():
-            with job.guard("plausibility", "plausibility checks failed"):
-                check_plausibility(job, label_map)
+def loaded_values(study: LoadedStudy) -> dict[str, Any]:
+    """What the loader emits: the study, its selected series and a fresh record per series."""
+    return {"study": study, "series": study.selected, "records": new_records(study)}
 
 
-def measure_all(work: StudyWork, label_map: LabelMap) -> None:
-    """Biomarkers of every segmented series, then the maps of relaxometry acquisitions none of them measured on."""
-    with work.times.stage("measure"):
-        for job in work.active_jobs():
-            with job.guard("measure"):
-                measure(job, label_map, work.series)
-        fitted = [m for job in work.jobs if job.measurements is not None for m in job.measurements.maps]
-        work.maps = unmeasured_relaxation_maps(work.series, fitted)
+def write_values(values: Mapping[str, Any], resources: Resources, output_dir: Path) -> StudyOutputs:
+    """:func:`write_outputs` on ``values``; a value no step made (none of its series got so far) is empty."""
+    return write_outputs(*(values.get(name, {}) for name in WRITER_INPUTS), resources=resources,
+                         output_dir=output_dir)
 
 
-def process_study(input_dir: Path, output_dir: Path, models: ModelSet,
-                  rules: list[SeriesRule] | None = None) -> StudyWork:
-    """Run the whole main job in-process, in the order the application's operators run it."""
-    work = StudyWork(output_dir=Path(output_dir))
-    load_study(work, input_dir, rules)
-    build_volumes(work)
-    detect_all(work, models)
-    segment_all(work, models)
-    postprocess_all(work, models.label_map)
-    plausibility_all(work, models.label_map)
-    measure_all(work, models.label_map)
-    write_outputs(work, models)
-    return work
+def process_study(input_dir: Path, output_dir: Path, models: ModelSet, rules: Rules | None = None) -> StudyRun:
+    """Run :data:`STEPS` in-process, as the application's operators run them, then write the outputs."""
+    resources = Resources(models, rules if rules is not None else load_study_rules())
+    with resources.times.stage("load"):
+        study = load_study(input_dir, resources.rules)
+    values = run_steps(loaded_values(study), resources)
+    written = write_values(values, resources, Path(output_dir))
+    results = tuple(
+        SeriesResult(selected, values["records"][uid], values["volumes"].get(uid),
+                     values["detections"].get(uid, ()), values["label_volumes"].get(uid),
+                     values["plausibility"].get(uid), values["measurements"].get(uid), values["scores"].get(uid),
+                     written.series.get(uid))
+        for uid, selected in study.selected.items())
+    return StudyRun(Path(output_dir), results, study.skipped, resources.times, written.report, written.results)

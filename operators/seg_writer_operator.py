@@ -1,23 +1,28 @@
 """Write a DICOM-SEG, a TID 1500 SR and Parametric Maps per segmented series, the tables and the study report."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
-from msk_node.models import ModelSet
-from msk_node.pipeline import write_outputs
+from msk_node.pipeline import WRITER_INPUTS, Resources, StudyOutputs, write_outputs
 
 
 class SegWriterOperator(Operator):
-    """Input ``study``; writes ``seg-*.dcm``, ``sr-*.dcm``, ``pmap-*.dcm``, ``measurements.*`` and ``report.json``."""
+    """Inputs :data:`~msk_node.pipeline.WRITER_INPUTS` (the study, the records, and per series its volume, label
+    volume, plausibility findings, measurements and scores); writes ``seg-*.dcm``, ``sr-*.dcm``, ``pmap-*.dcm``,
+    ``measurements.*``, ``report.json`` and ``status.json``."""
 
-    def __init__(self, fragment: Fragment, *args, models: ModelSet, **kwargs) -> None:
-        self.models = models
-        self.report: dict | None = None
+    def __init__(self, fragment: Fragment, *args, output_folder: Path, resources: Resources, **kwargs) -> None:
+        self.output_folder = Path(output_folder)
+        self.pipeline_resources = resources
+        self.written: StudyOutputs | None = None
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
-        spec.input("study")
+        for name in WRITER_INPUTS:
+            spec.input(name)
 
     def compute(self, op_input, op_output, context) -> None:
-        work = op_input.receive("study")
-        self.report = write_outputs(work, self.models)
+        values = [op_input.receive(name) for name in WRITER_INPUTS]
+        self.written = write_outputs(*values, resources=self.pipeline_resources, output_dir=self.output_folder)

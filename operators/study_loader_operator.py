@@ -5,24 +5,25 @@ from pathlib import Path
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
-from msk_node.pipeline import StudyWork, load_study
-from msk_node.selection import load_rules
+from msk_node.pipeline import LOADER_OUTPUTS, Resources, load_study, loaded_values
 
 
 class StudyLoaderOperator(Operator):
-    """Source operator. Output ``study``: a :class:`StudyWork` with one job per selected series."""
+    """Source operator. Outputs ``study`` (:class:`~msk_node.pipeline.LoadedStudy`), ``series`` (the selected
+    series keyed by SeriesInstanceUID) and ``records`` (each selected series' record)."""
 
-    def __init__(self, fragment: Fragment, *args, input_folder: Path, output_folder: Path,
-                 rules_path: Path | None = None, **kwargs) -> None:
+    def __init__(self, fragment: Fragment, *args, input_folder: Path, resources: Resources, **kwargs) -> None:
         self.input_folder = Path(input_folder)
-        self.output_folder = Path(output_folder)
-        self.rules = load_rules(rules_path)
+        self.pipeline_resources = resources
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
-        spec.output("study")
+        for name in LOADER_OUTPUTS:
+            spec.output(name)
 
     def compute(self, op_input, op_output, context) -> None:
-        work = StudyWork(output_dir=self.output_folder)
-        load_study(work, self.input_folder, self.rules)
-        op_output.emit(work, "study")
+        with self.pipeline_resources.times.stage("load"):
+            study = load_study(self.input_folder, self.pipeline_resources.rules)
+        values = loaded_values(study)
+        for name in LOADER_OUTPUTS:
+            op_output.emit(values[name], name)

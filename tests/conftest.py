@@ -10,7 +10,7 @@ import torch
 
 from msk_node.models import ModelSet, load_models
 from msk_node.phantoms import write_phantom
-from msk_node.pipeline import StudyWork, process_study
+from msk_node.pipeline import StudyRun, process_study
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
@@ -38,7 +38,7 @@ def real_knee_as_one_study(folder: Path) -> Path:
     return folder
 
 
-def run_pipeline(input_dir: Path, output_dir: Path, models: ModelSet) -> StudyWork:
+def run_pipeline(input_dir: Path, output_dir: Path, models: ModelSet) -> StudyRun:
     """``process_study`` with PyTorch's default thread count."""
     torch.set_num_threads(DEFAULT_THREADS)
     return process_study(input_dir, output_dir, models)
@@ -50,12 +50,12 @@ def models() -> ModelSet:
 
 
 @pytest.fixture(scope="session")
-def phantom_run(tmp_path_factory, models) -> Callable[[str], tuple[Path, Path, StudyWork]]:
+def phantom_run(tmp_path_factory, models) -> Callable[[str], tuple[Path, Path, StudyRun]]:
     """``run(kind)``: the phantom of ``kind`` (seed TEST_SEED) through the default pipeline, once per session.
     Returns the phantom folder, the output folder and the study's work."""
-    done: dict[str, tuple[Path, Path, StudyWork]] = {}
+    done: dict[str, tuple[Path, Path, StudyRun]] = {}
 
-    def run(kind: str) -> tuple[Path, Path, StudyWork]:
+    def run(kind: str) -> tuple[Path, Path, StudyRun]:
         if kind not in done:
             root = tmp_path_factory.mktemp(f"pipeline-{kind}")
             case = write_phantom(kind, root / "case", seed=TEST_SEED)
@@ -66,7 +66,7 @@ def phantom_run(tmp_path_factory, models) -> Callable[[str], tuple[Path, Path, S
 
 
 @pytest.fixture(scope="session")
-def real_knee_run(tmp_path_factory, models) -> tuple[Path, StudyWork]:
+def real_knee_run(tmp_path_factory, models) -> tuple[Path, StudyRun]:
     """The real knee study (DESS echoes and CubeQuant series, one StudyInstanceUID) through the default pipeline:
     output folder, work."""
     if not (REAL_KNEE / "dess-echo1").is_dir():

@@ -9,6 +9,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+import yaml
 from pydicom.uid import ParametricMapStorage
 
 from msk_node.biomarkers.relaxometry import RelaxationMap
@@ -16,7 +17,9 @@ from msk_node.labels import LabelMap, load_label_map
 from msk_node.parametric_map_writer import NOT_FITTED_MS, build_parametric_map, write_parametric_map
 from msk_node.phantoms import write_phantom
 from msk_node.measure import SeriesMeasurements
-from msk_node.pipeline import SeriesJob, StudyWork, build_volumes, load_study, measure_all, write_maps, write_outputs
+from msk_node.pipeline import (STEPS, LabelVolume, Resources, Rules, SeriesRecord, build_volume, load_study,
+                               load_study_rules, loaded_values, run_steps, write_maps, write_values)
+from msk_node.selection import default_rules_path
 from msk_node.service.config import Destination
 from msk_node.service.delivery import read_results, send
 from msk_node.volume import SeriesVolume, labels_on_volume_grid, series_to_volume
@@ -128,17 +131,17 @@ def test_series_that_share_a_fitted_map_share_one_file(tmp_path):
     """Two segmented series of one study fit the same maps: one file per map, listed for both, own numbers."""
     volume = _series(tmp_path)
     maps = [_known_map(volume, "t1rho"), _known_map(volume, "t2")]
-    jobs = [SeriesJob(None, measurements=SeriesMeasurements({}, maps=maps)) for _ in range(2)]
+    measurements = SeriesMeasurements({}, maps=maps)
     written: dict[str, Path] = {}
     out = tmp_path / "out"
     out.mkdir()
-    for job in jobs:
-        write_maps(job, out, written, first_series_number=9200)
+    listed = [write_maps(SeriesRecord(uid), measurements, out, written, first_series_number=9200)
+              for uid in ("1.2.3", "1.2.4")]
 
     uid = volume.datasets[0].SeriesInstanceUID
     names = [f"pmap-t1rho-{uid}.dcm", f"pmap-t2-{uid}.dcm"]
     assert sorted(p.name for p in out.iterdir()) == names
-    assert [[p.name for p in job.map_outputs] for job in jobs] == [names, names]
+    assert [[p.name for p in paths] for paths in listed] == [names, names]
     assert [int(pydicom.dcmread(out / name).SeriesNumber) for name in names] == [9200, 9201]
     assert all(dciodvfy_errors(out / name) == [] for name in names)
 
@@ -154,44 +157,52 @@ class _Models:
                 "detector_sha256": "0" * 64, "segmenter_sha256": "0" * 64, "precision": "fp32", "backend": "none"}
 
 
+def _measured_on_truth(case: Path, output_dir: Path, rules: Rules) -> tuple[dict, SeriesMeasurements]:
+    """The case's one selected series through the measure step and the writer, truth labels in place of the models:
+    the report and the series' measurements."""
+    study = load_study(case / "dicom", rules)
+    ((uid, selected),) = study.selected.items()
+    volume, _ = build_volume(selected)
+    labels = LabelVolume(volume, labels_on_volume_grid(case / "truth_labels.nii.gz", volume.volume).astype(np.uint8))
+    resources = Resources(_Models(LABEL_MAP), rules)
+    (measure,) = [step for step in STEPS if step.name == "measure"]
+    values = run_steps({**loaded_values(study), "volumes": {uid: volume}, "label_volumes": {uid: labels},
+                        "plausibility": {uid: ()}}, resources, steps=(measure,))
+    return write_values(values, resources, output_dir).report, values["measurements"][uid]
+
+
 def test_pipeline_writes_a_parametric_map_per_fitted_map_and_names_it_in_the_report(tmp_path):
     """The knee T1rho phantom through the pipeline's own steps, with truth labels in place of the models;
     the node's sender then C-STOREs the map with the SEG and the SR."""
     case = write_phantom("knee-t1rho", tmp_path / "case", seed=5, n_slices=24)
     truth = json.loads((case / "truth.json").read_text())
-    work = StudyWork(output_dir=tmp_path / "out")
-    load_study(work, case / "dicom")
-    build_volumes(work)
-    (job,) = work.active_jobs()
-    job.label_volume = labels_on_volume_grid(case / "truth_labels.nii.gz", job.volume.volume).astype(np.uint8)
-    job.plausibility = []
-    measure_all(work, LABEL_MAP)
-    report = write_outputs(work, _Models(LABEL_MAP))
+    output_dir = tmp_path / "out"
+    report, measurements = _measured_on_truth(case, output_dir, load_study_rules())
 
     spin_lock = sorted(e["series_instance_uid"] for e in truth["series"] if e["role"] == "spin_lock")
     (entry,) = report["series"]
     (name,) = entry["parametric_maps"]
     assert name.startswith("pmap-t1rho-") and name[len("pmap-t1rho-"):-len(".dcm")] in spin_lock
-    path = work.output_dir / name
+    path = output_dir / name
     assert dciodvfy_errors(path) == []
     ds = pydicom.dcmread(path)
-    numbers = {int(pydicom.dcmread(work.output_dir / entry[key]).SeriesNumber) for key in ("seg", "sr")}
-    sr_path = work.output_dir / entry["sr"]
+    numbers = {int(pydicom.dcmread(output_dir / entry[key]).SeriesNumber) for key in ("seg", "sr")}
+    sr_path = output_dir / entry["sr"]
     assert dciodvfy_errors(sr_path) == [] and sr_validator_errors(sr_path) == []
     assert {g["TrackingIdentifier"] for g in tid1500_read(sr_path)["Measurements"]} >= {"femoral_cartilage"}
     assert int(ds.SeriesNumber) >= 9200 and int(ds.SeriesNumber) not in numbers
 
     # The stored map is the one measured: its cartilage voxels give the designed T1rho.
-    (relaxation,) = job.measurements.maps
+    (relaxation,) = measurements.maps
     read = hd.pm.ParametricMap.from_dataset(pydicom.dcmread(path)).get_volume(apply_real_world_transform=True)
     assert np.allclose(read.affine, relaxation.geometry.affine, atol=1e-3)
     fitted = np.isfinite(relaxation.t_ms)
     np.testing.assert_allclose(read.array[fitted], relaxation.t_ms[fitted], rtol=1e-6)
-    femoral = next(m for m in job.measurements.by_segment["femoral_cartilage"] if m.name == "t1rho_mean")
+    femoral = next(m for m in measurements.by_segment["femoral_cartilage"] if m.name == "t1rho_mean")
     assert femoral.value == pytest.approx(truth["biomarkers"]["t1rho_ms"]["femoral_cartilage"], rel=0.05)
 
     # The service sends every result of the job: the map goes to PACS with the SEG and the SR.
-    results, problems = read_results(work.output_dir)
+    results, problems = read_results(output_dir)
     assert problems == [] and {r.path.name for r in results} == {entry["seg"], entry["sr"], name}
     pacs = StoreSCP()
     try:
@@ -203,3 +214,21 @@ def test_pipeline_writes_a_parametric_map_per_fitted_map_and_names_it_in_the_rep
         assert received.SOPClassUID == ParametricMapStorage and received.FloatPixelData == ds.FloatPixelData
     finally:
         pacs.stop()
+
+
+def test_a_rules_file_without_relaxometry_groups_fits_no_map_and_measures_no_relaxation(tmp_path):
+    """The rules value reaches the measurement: the same T1rho study under a rules file that lists no
+    relaxometry groups gets no Parametric Map and no T1rho, while thickness is measured as before."""
+    case = write_phantom("knee-t1rho", tmp_path / "case", seed=5, n_slices=24)
+    document = yaml.safe_load(default_rules_path().read_text())
+    document.pop("relaxometry")
+    rules_path = tmp_path / "rules.yaml"
+    rules_path.write_text(yaml.safe_dump(document))
+    output_dir = tmp_path / "out"
+    report, measurements = _measured_on_truth(case, output_dir, load_study_rules(rules_path))
+
+    (entry,) = report["series"]
+    assert entry["outcome"] == "segmented" and "parametric_maps" not in entry and "parametric_maps" not in report
+    assert not list(output_dir.glob("pmap-*.dcm")) and measurements.maps == []
+    names = {m.name for m in measurements.rows()}
+    assert "mean_thickness_3d" in names and not any(name.startswith("t1rho") for name in names)

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
 import highdicom as hd
@@ -23,12 +24,12 @@ from msk_node.biomarkers.relaxometry import split_relaxation_series
 from msk_node.dicom_input import read_study_folder
 from msk_node.metrics import dice_per_label
 from msk_node.phantoms import write_phantom
-from msk_node.pipeline import process_study
+from msk_node.pipeline import LabelVolume, process_study
 from msk_node.plausibility import label_figures
 from msk_node.precision import resolve_precision
 from msk_node.sr_writer import read_measurements
 from msk_node.status import EXIT_BAD_INPUT, EXIT_BAD_MODELS
-from msk_node.volume import labels_on_volume_grid, volume_to_sitk
+from msk_node.volume import labels_on_volume_grid, series_to_volume, volume_to_sitk
 from tests.dicom_checks import (
     assert_frames_on_sources,
     dciodvfy_errors,
@@ -49,11 +50,11 @@ MUSCLES = {"thigh": ["quadriceps", "hamstrings", "adductors", "sartorius", "grac
 def test_default_pipeline_reaches_the_dice_targets_on_phantoms(phantom_run, models, kind):
     case, out, work = phantom_run(kind)
 
-    (job,) = work.jobs
+    (job,) = work.series_results
     assert job.outcome == "segmented", job.reason
     truth = labels_on_volume_grid(case / "truth_labels.nii.gz", job.volume.volume)
     names = {spec.name: spec.value for spec in models.label_map.for_anatomy(kind).labels}
-    dice = dice_per_label(job.label_volume, truth, names)
+    dice = dice_per_label(job.label_volume.labels, truth, names)
     print(kind, {k: round(v, 3) for k, v in dice.items()})
     for bone in BONES[kind]:
         assert dice[bone] >= 0.85, (bone, dice[bone])
@@ -64,7 +65,7 @@ def test_default_pipeline_reaches_the_dice_targets_on_phantoms(phantom_run, mode
     assert dciodvfy_errors(job.output) == []
     seg = hd.seg.segread(job.output)
     assert_frames_on_sources(seg, job.volume.datasets)
-    assert (seg_label_volume(seg, job.volume.datasets, models.label_map) == job.label_volume).all()
+    assert (seg_label_volume(seg, job.volume.datasets, models.label_map) == job.label_volume.labels).all()
 
     # The precision and encoder backend used travel with the result: report, SEG and SR.
     used = {"precision": resolve_precision("auto"), "backend": models.provenance()["backend"]}
@@ -76,6 +77,66 @@ def test_default_pipeline_reaches_the_dice_targets_on_phantoms(phantom_run, mode
     sr_text = str(pydicom.dcmread(job.report_output))
     assert f"precision={used['precision']}" in sr_text and f"backend={used['backend']}" in sr_text
     _assert_valid_report(job.report_output)
+
+
+def test_each_label_carries_the_detector_scores_and_predicted_ious_of_its_boxes(phantom_run, models):
+    """The knee phantom: a score pair per box that made a label's mask, the detector's scores those of the
+    detections, and the decoder predicting good masks of the bones."""
+    _, _, work = phantom_run("knee")
+    (job,) = work.series_results
+    present = {models.label_map.by_value(int(v)).name for v in np.unique(job.label_volume.labels) if v}
+    assert present <= set(job.scores)
+    for label, scores in job.scores.items():
+        boxes = [d for d in job.detections if d.label == label]
+        assert sorted(scores.detector) == pytest.approx(sorted(d.score for d in boxes))
+        assert len(scores.predicted_iou) == len(boxes) and np.isfinite(scores.predicted_iou).all()
+    medians = {bone: float(np.median(job.scores[bone].predicted_iou)) for bone in BONES["knee"]}
+    print("median predicted IoU", medians)
+    assert all(median > 0.7 for median in medians.values()), medians
+
+
+def test_the_application_graph_is_the_data_flow_of_the_step_list(tmp_path):
+    """compose() makes an operator per step and connects each named port to the operator that makes its value."""
+    from app.app import MskSegmentationApp
+
+    (tmp_path / "in").mkdir()
+    app = MskSegmentationApp([sys.executable, "app", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+                              "-m", str(MODELS)])
+    app.compose()
+    graph = app.graph
+    flows = {(op.name, following.name): {port for ports in graph.get_port_map(op, following).values()
+                                         for port in ports}
+             for op in graph.get_nodes() for following in graph.get_next_nodes(op)}
+    assert flows == {
+        ("study_loader", "volume"): {"series", "records"},
+        ("study_loader", "detect"): {"series", "records"},
+        ("study_loader", "segment"): {"series", "records"},
+        ("study_loader", "postprocess"): {"records"},
+        ("study_loader", "plausibility"): {"series", "records"},
+        ("study_loader", "measure"): {"series", "records", "study"},
+        ("study_loader", "seg_sr_writer"): {"records", "study"},
+        ("volume", "detect"): {"normalised"},
+        ("volume", "segment"): {"normalised"},
+        ("volume", "postprocess"): {"volumes"},
+        ("volume", "seg_sr_writer"): {"volumes"},
+        ("detect", "segment"): {"detections"},
+        ("segment", "postprocess"): {"segmentations"},
+        ("postprocess", "plausibility"): {"label_volumes"},
+        ("postprocess", "seg_sr_writer"): {"scores"},
+        ("plausibility", "measure"): {"label_volumes"},
+        ("plausibility", "seg_sr_writer"): {"label_volumes", "plausibility"},
+        ("measure", "seg_sr_writer"): {"measurements"},
+    }
+
+
+def test_a_label_volume_is_tied_to_the_grid_of_its_volume(tmp_path):
+    """A label volume of another shape than its volume is refused; step values cannot be reassigned."""
+    volume = series_to_volume([pydicom.dcmread(p) for p in make_mr_series(tmp_path, n=4)])
+    labels = LabelVolume(volume, np.zeros(volume.array.shape, dtype=np.uint8))
+    with pytest.raises(ValueError, match="not on its volume's grid"):
+        LabelVolume(volume, np.zeros((volume.array.shape[0] + 1, *volume.array.shape[1:]), dtype=np.uint8))
+    with pytest.raises(FrozenInstanceError):
+        labels.labels = np.ones(volume.array.shape, dtype=np.uint8)
 
 
 def _assert_valid_report(path: Path) -> None:
@@ -116,12 +177,13 @@ def test_bad_input_is_reported_and_the_rest_of_the_study_is_processed(tmp_path, 
     # Cut inside its header or its pixel data, depending on the compressed size: either way it is named.
     assert any(text in reasons[corrupt.name] for text in ("not a readable DICOM file", "no pixel data",
                                                          "cannot be decoded"))
-    assert knee.get("missing_slices") == [next(k for k, ds in enumerate(work.jobs[0].volume.slices) if ds is None)]
+    (result,) = work.series_results
+    assert knee.get("missing_slices") == [next(k for k, ds in enumerate(result.volume.slices) if ds is None)]
     joined = " ".join(reasons.values())
     assert "modality CT is not MR" in joined
     assert "1 slice(s)" in joined
-    assert dciodvfy_errors(work.jobs[0].output) == []
-    _assert_valid_report(work.jobs[0].report_output)  # on JPEG 2000 sources
+    assert dciodvfy_errors(result.output) == []
+    _assert_valid_report(result.report_output)  # on JPEG 2000 sources
 
 
 def _run_entry_point_from_environment(input_dir: Path, work_dir: Path) -> None:
@@ -228,8 +290,8 @@ def test_real_knee_dess_without_patient_id_gives_a_valid_aligned_seg(real_knee_w
     work = real_knee_work
 
     # Both DESS echoes are segmented; the spin-lock series are not segmentation targets. Check the first echo.
-    assert len(work.jobs) == 2
-    job = min(work.jobs, key=lambda j: float(j.selected.series.datasets[0].EchoTime))
+    assert len(work.series_results) == 2
+    job = min(work.series_results, key=lambda j: float(j.selected.series.datasets[0].EchoTime))
     assert "DESS" in job.selected.series.description
     assert job.outcome == "segmented", job.reason
     assert len(job.volume.datasets) == 80 and "PatientID" not in job.volume.datasets[0]
@@ -239,7 +301,7 @@ def test_real_knee_dess_without_patient_id_gives_a_valid_aligned_seg(real_knee_w
     seg = hd.seg.segread(job.output)
     assert seg.PatientID == ""
     assert_frames_on_sources(seg, job.volume.datasets)
-    assert (seg_label_volume(seg, job.volume.datasets, models.label_map) == job.label_volume).all()
+    assert (seg_label_volume(seg, job.volume.datasets, models.label_map) == job.label_volume.labels).all()
     _assert_valid_report(job.report_output)
     found = set(work.report["series"][0]["labels"])
     assert {"femur", "tibia"} <= found, found
@@ -249,8 +311,8 @@ def test_real_knee_dess_without_patient_id_gives_a_valid_aligned_seg(real_knee_w
                    strict=False)
 def test_real_knee_anatomy_is_where_a_knee_has_it(real_knee_work, models):
     """The first DESS echo: whole bones in their order, cartilage plates of a real knee's size."""
-    job = min(real_knee_work.jobs, key=lambda j: float(j.selected.series.datasets[0].EchoTime))
-    figures = {f.label: f for f in label_figures(job.label_volume, job.volume, models.label_map)}
+    job = min(real_knee_work.series_results, key=lambda j: float(j.selected.series.datasets[0].EchoTime))
+    figures = {f.label: f for f in label_figures(job.label_volume.labels, job.volume, models.label_map)}
     print({name: (round(f.volume_cm3, 2), f.components, np.round(f.centroid_mm, 1).tolist())
            for name, f in figures.items()})
     for bone in ("femur", "tibia", "patella"):
@@ -268,11 +330,11 @@ def test_real_knee_anatomy_is_where_a_knee_has_it(real_knee_work, models):
 
 def test_real_knee_as_nifti_with_named_labels_evaluates_with_truth_boxes(real_knee_work, tmp_path, capsys):
     """The NIfTI evaluation path on a real scan: the node's bone labels stand in for manual ones."""
-    job = min(real_knee_work.jobs, key=lambda j: float(j.selected.series.datasets[0].EchoTime))
+    job = min(real_knee_work.series_results, key=lambda j: float(j.selected.series.datasets[0].EchoTime))
     names = {1: "femur", 2: "tibia"}
     files = {"image": tmp_path / "dess.nii.gz", "labels": tmp_path / "labels.nii.gz", "names": tmp_path / "names.yaml"}
     sitk.WriteImage(volume_to_sitk(job.volume.volume, job.volume.array.astype(np.int16)), str(files["image"]))
-    bones = np.where(np.isin(job.label_volume, list(names)), job.label_volume, 0).astype(np.uint8)
+    bones = np.where(np.isin(job.label_volume.labels, list(names)), job.label_volume.labels, 0).astype(np.uint8)
     sitk.WriteImage(volume_to_sitk(job.volume.volume, bones), str(files["labels"]))
     files["names"].write_text(yaml.safe_dump(names))
 
@@ -295,19 +357,20 @@ def test_a_failing_step_costs_its_series_alone_and_status_json_lists_every_outco
     for kind, seed in (("knee", TEST_SEED + 5), ("spine", TEST_SEED + 6), ("thigh", TEST_SEED + 7)):
         case = write_phantom(kind, tmp_path / kind, seed=seed, n_slices=16)
         shutil.copytree(case / "dicom", study / kind)
-    for job in pipeline.load_and_select(study)[0]:
-        uids[job.selected.anatomy] = job.series_instance_uid
+    for uid, selected in pipeline.load_study(study, pipeline.load_study_rules()).selected.items():
+        uids[selected.anatomy] = uid
     assert sorted(uids) == ["knee", "spine", "thigh"]
 
     def failing(step, anatomy):
-        def run(job, *args):
-            if job.series_instance_uid == uids[anatomy]:
+        def run(selected, *args, **uses):
+            if selected.series.series_instance_uid == uids[anatomy]:
                 raise KeyError("injected")
-            return step(job, *args)
-        return run
+            return step.function(selected, *args, **uses)
+        return replace(step, function=run)
 
-    monkeypatch.setattr(pipeline, "detect_anatomy", failing(pipeline.detect_anatomy, "spine"))
-    monkeypatch.setattr(pipeline, "measure", failing(pipeline.measure, "knee"))
+    injected = {"detect": "spine", "measure": "knee"}
+    monkeypatch.setattr(pipeline, "STEPS", tuple(failing(step, injected[step.name]) if step.name in injected
+                                                 else step for step in pipeline.STEPS))
     out = tmp_path / "out"
     process_study(study, out, models)
 

@@ -13,8 +13,8 @@ from scipy import ndimage
 from msk_node.dicom_input import read_study_folder
 from msk_node.labels import DEFAULT_LABEL_MAP_PATH, load_label_map
 from msk_node.phantoms import write_phantom
-from msk_node.pipeline import (StudyWork, build_volumes, check_plausibility, load_study, measure_all,
-                               plausibility_all, write_outputs)
+from msk_node.pipeline import (STEPS, LabelVolume, NothingFound, Resources, build_volume, check_plausibility,
+                               load_study, load_study_rules, loaded_values, run_steps, write_values)
 from msk_node.plausibility import check_label_volume, label_figures
 from msk_node.volume import labels_on_volume_grid, series_to_volume
 from tests.dicom_checks import seg_label_volume
@@ -228,52 +228,61 @@ class _Models(SimpleNamespace):
 
 def test_pipeline_drops_components_before_measuring_and_reports_them(knee, tmp_path, label_map):
     case, _, truth = knee
-    work = StudyWork(output_dir=tmp_path / "out")
-    load_study(work, case / "dicom")
-    build_volumes(work)
-    (job,) = work.jobs
+    rules = load_study_rules()
+    study = load_study(case / "dicom", rules)
+    ((uid, selected),) = study.selected.items()
+    volume, _ = build_volume(selected)
     labels = truth.copy()
     blob = (slice(20, 26), slice(5, 20), slice(30, 45))
     _inject(labels, blob, label_map.by_name("tibia").value)
-    job.label_volume = labels
+    resources = Resources(_Models(label_map=label_map), rules)
 
-    plausibility_all(work, label_map)
-    measure_all(work, label_map)
-    write_outputs(work, _Models(label_map=label_map))
+    steps = tuple(step for step in STEPS if step.name in ("plausibility", "measure"))
+    values = run_steps({**loaded_values(study), "volumes": {uid: volume},
+                        "label_volumes": {uid: LabelVolume(volume, labels)}}, resources, steps)
+    written = write_values(values, resources, tmp_path / "out")
 
-    assert np.array_equal(job.label_volume, truth)
+    assert np.array_equal(values["label_volumes"][uid].labels, truth)
+    assert (labels[blob] == label_map.by_name("tibia").value).all()  # the step made a new value, its input stands
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     (entry,) = report["series"]
     assert entry["outcome"] == "segmented"
     (finding,) = entry["plausibility"]
-    centre, volume_mm3 = _hand_centroid_and_volume(job.volume, blob)
+    centre, volume_mm3 = _hand_centroid_and_volume(volume, blob)
     assert (finding["label"], finding["action"], finding["rule"]) == ("tibia", "dropped", "tibia_below_femur")
     np.testing.assert_allclose(finding["centroid_mm"], centre, atol=0.01)
     assert finding["volume_mm3"] == pytest.approx(volume_mm3, abs=0.1)
-    assert "plausibility" in work.times.seconds
+    assert "plausibility" in resources.times.seconds
     # Neither the SEG nor the volumes measured hold the dropped blob.
-    seg = hd.seg.segread(job.output)
-    assert np.array_equal(seg_label_volume(seg, job.volume.datasets, label_map), truth)
-    tibia_volume = next(m for m in job.measurements.by_segment["tibia"] if m.name == "volume")
+    seg = hd.seg.segread(written.series[uid].seg)
+    assert np.array_equal(seg_label_volume(seg, volume.datasets, label_map), truth)
+    tibia_volume = next(m for m in values["measurements"][uid].by_segment["tibia"] if m.name == "volume")
     # the phantom's tibia runs out of the field of view: its volume is the visible one, flagged, not reported
     measured = tibia_volume.value if tibia_volume.available else tibia_volume.extra["visible_cm3"]
-    assert measured == pytest.approx(_figure(truth, job.volume, label_map, "tibia").volume_cm3, rel=1e-3)
+    assert measured == pytest.approx(_figure(truth, volume, label_map, "tibia").volume_cm3, rel=1e-3)
 
 
 def test_a_series_whose_every_component_is_dropped_finds_nothing(spine, tmp_path, label_map):
     case, _, truth = spine
-    work = StudyWork(output_dir=tmp_path / "out")
-    load_study(work, case / "dicom")
-    build_volumes(work)
-    (job,) = work.jobs
+    rules = load_study_rules()
+    study = load_study(case / "dicom", rules)
+    ((uid, selected),) = study.selected.items()
+    volume, _ = build_volume(selected)
     labels = np.zeros_like(truth)
     labels[6, 100:102, 100:102] = label_map.by_name("vertebral_body").value
     labels[6, 120:122, 100:102] = label_map.by_name("intervertebral_disc").value
-    job.label_volume = labels
 
-    check_plausibility(job, label_map)
+    (step,) = [step for step in STEPS if step.name == "plausibility"]
+    values = run_steps({**loaded_values(study), "volumes": {uid: volume},
+                        "label_volumes": {uid: LabelVolume(volume, labels)}},
+                       Resources(_Models(label_map=label_map), rules), (step,))
 
-    assert job.outcome == "nothing found" and job.failed
-    assert "plausibility" in job.reason and "vertebral_body" in job.reason and "intervertebral_disc" in job.reason
-    assert not job.label_volume.any()
-    assert {f.rule for f in job.plausibility} == {"min_volume"}
+    record = values["records"][uid]
+    assert record.outcome == "nothing found" and record.failed and record.failures == []
+    assert "plausibility" in record.reason and "vertebral_body" in record.reason
+    assert "intervertebral_disc" in record.reason
+    # What the step found still reaches the report: the emptied label volume and the findings.
+    assert values["label_volumes"][uid].volume is volume and not values["label_volumes"][uid].labels.any()
+    assert {f.rule for f in values["plausibility"][uid]} == {"min_volume"}
+    with pytest.raises(NothingFound):
+        check_plausibility(selected, LabelVolume(volume, labels), label_map=label_map)

@@ -83,9 +83,10 @@ def test_openvino_agrees_with_pytorch_fp32(reference, accelerated, knee_phantom)
     relative = float((features - reference_features).abs().max() / reference_features.abs().max())
     assert relative < 1e-4, relative
     boxes = np.array([[30, 40, 120, 150], [60, 20, 200, 100]], dtype=np.float32)
-    probabilities = accelerated.decode(accelerated.encode(images[slices[0]]), boxes)
-    reference_probabilities = reference.decode(reference.encode(images[slices[0]]), boxes)
-    assert np.abs(probabilities - reference_probabilities).max() < 1e-3
+    decoded = accelerated.decode(accelerated.encode(images[slices[0]]), boxes)
+    reference_decoded = reference.decode(reference.encode(images[slices[0]]), boxes)
+    assert np.abs(decoded.probabilities - reference_decoded.probabilities).max() < 1e-3
+    assert np.abs(decoded.predicted_iou - reference_decoded.predicted_iou).max() < 1e-3
 
     dice = {}
     for name, segmenter in (("torch", reference), ("openvino", accelerated)):

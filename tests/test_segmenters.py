@@ -34,13 +34,17 @@ def test_litemedsam_segments_both_boxes_of_a_non_square_slice(litemedsam):
     image, disk, bar = _two_objects()
     embedding = litemedsam.encode(image)
     boxes = np.array([[30, 50, 110, 130], [95, 195, 165, 245]], dtype=np.float32)
-    probabilities = litemedsam.decode(embedding, boxes)
+    decoded = litemedsam.decode(embedding, boxes)
+    probabilities = decoded.probabilities
     assert probabilities.shape == (2, 300, 200)
     assert _dice(probabilities[0] > 0.5, disk) > 0.95
     assert _dice(probabilities[1] > 0.5, bar) > 0.95
-    # Decoding one box alone gives the same mask as in the batch.
+    # The decoder rates its own masks of two clean objects as good ones.
+    assert decoded.predicted_iou.shape == (2,) and (decoded.predicted_iou > 0.8).all(), decoded.predicted_iou
+    # Decoding one box alone gives the same mask and predicted IoU as in the batch.
     alone = litemedsam.decode(embedding, boxes[1:])
-    np.testing.assert_allclose(alone[0], probabilities[1], atol=1e-4)
+    np.testing.assert_allclose(alone.probabilities[0], probabilities[1], atol=1e-4)
+    np.testing.assert_allclose(alone.predicted_iou[0], decoded.predicted_iou[1], atol=1e-4)
 
 
 @pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bf16 (AVX512_BF16 or AMX): bf16 would be "
@@ -48,24 +52,26 @@ def test_litemedsam_segments_both_boxes_of_a_non_square_slice(litemedsam):
 def test_litemedsam_bf16_encoder_agrees_with_fp32(litemedsam):
     image, disk, _ = _two_objects()
     boxes = np.array([[30, 50, 110, 130]], dtype=np.float32)
-    fp32 = litemedsam.decode(litemedsam.encode(image), boxes)[0] > 0.5
+    fp32 = litemedsam.decode(litemedsam.encode(image), boxes).probabilities[0] > 0.5
     bf16 = build_segmenter("litemedsam", precision="bf16")
-    low = bf16.decode(bf16.encode(image), boxes)[0] > 0.5
+    low = bf16.decode(bf16.encode(image), boxes).probabilities[0] > 0.5
     assert _dice(fp32, low) > 0.99
 
 
 def test_no_boxes_gives_no_masks(litemedsam):
     image, _, _ = _two_objects()
-    assert litemedsam.decode(litemedsam.encode(image), np.zeros((0, 4))).shape == (0, 300, 200)
+    decoded = litemedsam.decode(litemedsam.encode(image), np.zeros((0, 4)))
+    assert decoded.probabilities.shape == (0, 300, 200) and decoded.predicted_iou.shape == (0,)
 
 
 def test_sam2_builds_from_config_with_random_weights_and_decodes_a_batch():
     segmenter = build_segmenter("sam2", config="hiera_t", allow_random_weights=True)
     image, _, _ = _two_objects(160, 120)
-    probabilities = segmenter.decode(segmenter.encode(image),
-                                     np.array([[10, 10, 60, 80], [20, 30, 110, 150], [0, 0, 119, 159]]))
-    assert probabilities.shape == (3, 160, 120)
-    assert probabilities.min() >= 0.0 and probabilities.max() <= 1.0
+    decoded = segmenter.decode(segmenter.encode(image),
+                               np.array([[10, 10, 60, 80], [20, 30, 110, 150], [0, 0, 119, 159]]))
+    assert decoded.probabilities.shape == (3, 160, 120)
+    assert decoded.probabilities.min() >= 0.0 and decoded.probabilities.max() <= 1.0
+    assert decoded.predicted_iou.shape == (3,) and np.isfinite(decoded.predicted_iou).all()
 
 
 @pytest.mark.parametrize("family", ["sam2", "sam", "medsam"])
@@ -84,9 +90,10 @@ def test_unknown_family_is_named():
 def test_sam_vit_b_with_random_weights_returns_masks_on_the_slice_grid(family):
     segmenter = build_segmenter(family, allow_random_weights=True)
     image, _, _ = _two_objects(120, 90)
-    probabilities = segmenter.decode(segmenter.encode(image), np.array([[5, 5, 60, 80], [10, 20, 80, 110]]))
-    assert probabilities.shape == (2, 120, 90)
-    assert 0.0 <= probabilities.min() <= probabilities.max() <= 1.0
+    decoded = segmenter.decode(segmenter.encode(image), np.array([[5, 5, 60, 80], [10, 20, 80, 110]]))
+    assert decoded.probabilities.shape == (2, 120, 90)
+    assert 0.0 <= decoded.probabilities.min() <= decoded.probabilities.max() <= 1.0
+    assert decoded.predicted_iou.shape == (2,) and np.isfinite(decoded.predicted_iou).all()
 
 
 # --- one frame per family: a non-square slice -------------------------------------------------------
@@ -112,7 +119,7 @@ def _edges(mask: np.ndarray) -> np.ndarray:
 
 def test_litemedsam_box_and_mask_line_up_with_the_object_on_a_256_by_192_slice(litemedsam):
     image, mask, box = _ellipse()
-    probabilities = litemedsam.decode(litemedsam.encode(image), box)
+    probabilities = litemedsam.decode(litemedsam.encode(image), box).probabilities
     assert probabilities.shape == (1, ROWS, COLS)
     assert _dice(probabilities[0] > 0.5, mask) > 0.95
     np.testing.assert_allclose(_edges(probabilities[0] > 0.5), box[0], atol=2.0)

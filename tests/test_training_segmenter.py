@@ -66,10 +66,10 @@ def test_the_exported_decoder_loads_in_the_node_and_gives_the_finetuned_output(f
     images, labels, values, slices = held_out_thigh
     index = slices[len(slices) // 2]
     boxes = np.array([[30, 30, 150, 140]], dtype=np.float32)
-    node_output = node_segmenter.decode(node_segmenter.encode(images[index]), boxes)
-    tuned_output = segmenter.decode(segmenter.encode(images[index]), boxes)
+    node_output = node_segmenter.decode(node_segmenter.encode(images[index]), boxes).probabilities
+    tuned_output = segmenter.decode(segmenter.encode(images[index]), boxes).probabilities
     shipped = LiteMedSAMSegmenter()
-    shipped_output = shipped.decode(shipped.encode(images[index]), boxes)
+    shipped_output = shipped.decode(shipped.encode(images[index]), boxes).probabilities
     assert np.abs(node_output - tuned_output).max() < 0.05
     assert np.abs(node_output - shipped_output).max() > 0.2
 

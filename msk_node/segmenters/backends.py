@@ -10,6 +10,7 @@ first start-up pays for it.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from msk_node.segmenters.base import box_prompt_logits
+from msk_node.segmenters.base import box_prompt_decode
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +34,15 @@ MAX_BOXES = 256
 
 
 class BoxDecoder(torch.nn.Module):
-    """Prompt encoder + mask decoder of a SAM-style model as one module: (features, boxes) -> mask logits."""
+    """Prompt encoder + mask decoder of a SAM-style model as one module: (features, boxes) -> (logits, IoUs)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.prompt_encoder = model.prompt_encoder
         self.mask_decoder = model.mask_decoder
 
-    def forward(self, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        return box_prompt_logits(self, features, boxes)
+    def forward(self, features: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return box_prompt_decode(self, features, boxes)
 
 
 class TorchRunner:
@@ -53,10 +54,11 @@ class TorchRunner:
         self.module = module.eval()
         self.precision = precision
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
         with torch.inference_mode(), autocast:
-            return self.module(*inputs).float()
+            outputs = self.module(*inputs)
+        return tuple(o.float() for o in outputs) if isinstance(outputs, tuple) else outputs.float()
 
 
 class OpenVinoRunner:
@@ -77,9 +79,11 @@ class OpenVinoRunner:
         })
         self.request = self.model.create_infer_request()
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         arrays = [tensor.detach().cpu().numpy().astype(np.float32, copy=False) for tensor in inputs]
-        return torch.from_numpy(np.array(self.request.infer(arrays)[0], copy=True))
+        results = self.request.infer(arrays)
+        outputs = tuple(torch.from_numpy(np.array(results[i], copy=True)) for i in range(len(self.model.outputs)))
+        return outputs if len(outputs) > 1 else outputs[0]
 
 
 def cache_folder() -> Path:
@@ -87,12 +91,14 @@ def cache_folder() -> Path:
 
 
 def module_digest(module: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> str:
-    """SHA-256 of the module's class, weights and input shapes and of the library versions a conversion depends on."""
+    """SHA-256 of the module's class, forward code, weights and input shapes, and of the library versions a
+    conversion depends on."""
     import openvino
 
     shapes = [tuple(tensor.shape) for tensor in example]
     digest = hashlib.sha256(f"{type(module).__qualname__} {shapes} torch {torch.__version__} "
                             f"openvino {openvino.__version__}".encode())
+    digest.update(inspect.getsource(type(module).forward).encode())
     for name, tensor in module.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -172,7 +178,8 @@ def build_encoder(module: torch.nn.Module, backend: str, precision: str, input_s
 
 
 def build_decoder(model: torch.nn.Module, backend: str, features_shape: tuple[int, ...]) -> TorchRunner | OpenVinoRunner:
-    """Prompt encoder + mask decoder on a resolved ``backend``, always fp32: (features, boxes (n, 1, 4)) -> logits.
+    """Prompt encoder + mask decoder on a resolved ``backend``, always fp32: (features, boxes (n, 1, 4)) -> (logits,
+    predicted IoUs).
 
     Thin structures change under bf16, and the decoder is cheap enough in fp32.
     """

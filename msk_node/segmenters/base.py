@@ -19,8 +19,22 @@ class BoxSegmenter(Protocol):
     def encode(self, image: np.ndarray) -> Any:
         """Encode one normalised uint8 ``rows x cols`` slice; the result feeds :meth:`decode`."""
 
-    def decode(self, embedding: Any, boxes: np.ndarray) -> np.ndarray:
-        """Probabilities (n, rows, cols) in 0-1 for ``boxes`` (n, 4) xyxy in slice pixels."""
+    def decode(self, embedding: Any, boxes: np.ndarray) -> Decoded:
+        """Probabilities and predicted IoUs for ``boxes`` (n, 4) xyxy in slice pixels."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What a box decode gives: a mask probability map and the decoder's own quality estimate per box."""
+
+    #: (n, rows, cols) in 0-1, one map per box on the slice's pixels.
+    probabilities: np.ndarray
+    #: (n,) the IoU the decoder predicts its mask has with the true one.
+    predicted_iou: np.ndarray
+
+    @classmethod
+    def empty(cls, rows: int, cols: int) -> Decoded:
+        return cls(np.zeros((0, rows, cols), dtype=np.float32), np.zeros(0, dtype=np.float32))
 
 
 @dataclass
@@ -32,16 +46,21 @@ class SquareEmbedding:
 
 
 def box_prompt_logits(model: torch.nn.Module, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """Mask logits (n, 1, h, w) of a SAM-style prompt encoder + mask decoder for boxes (n, 1, 4).
+    """Mask logits (n, 1, h, w) of a SAM-style prompt encoder + mask decoder for boxes (n, 1, 4)."""
+    return box_prompt_decode(model, features, boxes)[0]
 
-    One image embedding serves all boxes: the decoder repeats it per box itself.
+
+def box_prompt_decode(model: torch.nn.Module, features: torch.Tensor,
+                      boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask logits (n, 1, h, w) and predicted IoUs (n, 1) of a SAM-style prompt encoder + mask decoder.
+
+    ``boxes`` are (n, 1, 4); one image embedding serves all boxes: the decoder repeats it per box itself.
     """
     sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
-    logits, _ = model.mask_decoder(
+    return model.mask_decoder(
         image_embeddings=features,
         image_pe=model.prompt_encoder.get_dense_pe(),
         sparse_prompt_embeddings=sparse,
         dense_prompt_embeddings=dense,
         multimask_output=False,
     )
-    return logits

