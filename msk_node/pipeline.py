@@ -26,16 +26,19 @@ from pydicom.dataset import Dataset
 
 from msk_node import __version__
 from msk_node.biomarkers.relaxometry import RelaxationMap
+from msk_node.clinical_report import ReportContent, SeriesContent, patient_and_study
 from msk_node.detect import Detection
 from msk_node.dicom_input import Series, SkippedFile, StudyFiles, read_study_folder
 from msk_node.intensity import normalise_volume
 from msk_node.labels import LabelMap
-from msk_node.measure import SeriesMeasurements, measure_series, measurement_groups, unmeasured_relaxation_maps
+from msk_node.measure import SeriesMeasurements, measure_series, report_groups, unmeasured_relaxation_maps
 from msk_node.models import ModelSet
 from msk_node.parametric_map_writer import build_parametric_map, write_parametric_map
 from msk_node.plausibility import Finding, check_label_volume
 from msk_node.postprocess import merge_labels, postprocess_masks
 from msk_node.progress import progress
+from msk_node.quality import StructureQuality, assess_segments, load_thresholds
+from msk_node.report_writer import write_clinical_report
 from msk_node.seg_writer import AlgorithmInfo, build_segmentation, write_segmentation
 from msk_node.selection import SelectedSeries, SeriesRule, load_rules, select_series
 from msk_node.status import EXIT_RAN, STATUS_FILE, Outcome, describe_error
@@ -79,6 +82,8 @@ class SeriesJob:
     measurements: SeriesMeasurements | None = None
     output: Path | None = None
     report_output: Path | None = None
+    #: Quality flags per SEG segment label, set when the SR is written.
+    quality: dict[str, StructureQuality] = field(default_factory=dict)
     map_outputs: list[Path] = field(default_factory=list)
     outcome: Outcome = Outcome.PENDING
     reason: str = ""
@@ -225,8 +230,14 @@ def write_seg(job: SeriesJob, models: ModelSet, output_dir: Path, series_number:
 
 
 def write_sr(job: SeriesJob, seg: Dataset, models: ModelSet, output_dir: Path, series_number: int) -> None:
-    """TID 1500 report of the series' measurements, referencing the segments of ``seg``."""
-    groups = measurement_groups(job.measurements)
+    """TID 1500 report of the series' measurements, referencing the segments of ``seg``.
+
+    Structures below the quality thresholds are left out (report.json says why).
+    """
+    job.quality = assess_segments(list(job.measurements.by_segment), job.label_volume, models.label_map,
+                                  job.measurements.instances, job.detections, job.plausibility or [],
+                                  load_thresholds())
+    groups = report_groups(job.measurements, job.quality)
     if not groups:
         return
     sr = build_measurement_report(seg, groups, models.label_map, algorithm_info(models),
@@ -322,12 +333,33 @@ def write_outputs(work: StudyWork, models: ModelSet) -> dict:
                 for row in measurement_rows(job.selected.series.study_instance_uid, job.series_instance_uid,
                                             job.measurements)]
         write_measurement_tables(rows, work.output_dir)
-        work.report = study_report(work.jobs, work.skipped, models, sorted(maps_written))
+        clinical_reports = write_clinical_reports(work, models)
+        work.report = study_report(work.jobs, work.skipped, models, sorted(maps_written),
+                                   [path.name for path in clinical_reports])
         (work.output_dir / "report.json").write_text(json.dumps(work.report, indent=2))
         work.results = sorted({path for job in work.jobs for path in (job.output, job.report_output) if path}
-                              | set(maps_written.values()))
+                              | set(maps_written.values()) | set(clinical_reports))
         write_status(work.output_dir, Outcome.RAN, work=work)
     return work.report
+
+
+def write_clinical_reports(work: StudyWork, models: ModelSet) -> list[Path]:
+    """One clinician report per study with an SR (Encapsulated PDF and Secondary Capture), from the SR's groups."""
+    by_study: dict[str, list[SeriesJob]] = defaultdict(list)
+    for job in work.jobs:
+        if job.report_output is not None:
+            by_study[job.selected.series.study_instance_uid].append(job)
+    written = []
+    for number, jobs in enumerate(by_study.values(), start=1):
+        source = jobs[0].volume.datasets[0]
+        with jobs[0].guard("clinical report"):
+            series = [SeriesContent(job.selected.series.description, job.selected.anatomy,
+                                    report_groups(job.measurements, job.quality), job.quality, job.volume.array,
+                                    job.label_volume, tuple(job.volume.pixel_spacing)) for job in jobs]
+            content = ReportContent(*patient_and_study(source), series, models.provenance(), f"msk-node {__version__}")
+            written += write_clinical_report(content, source, models.label_map, work.output_dir,
+                                             pdf_series_number=9300 + number, sc_series_number=9400 + number)
+    return written
 
 
 def write_status(output_dir: Path, outcome: Outcome, reason: str = "", work: StudyWork | None = None,
@@ -355,7 +387,7 @@ def result_entry(path: Path) -> dict[str, str]:
 
 
 def study_report(jobs: list[SeriesJob], skipped: list[SkippedFile], models: ModelSet | None,
-                 parametric_maps: list[str] | None = None) -> dict:
+                 parametric_maps: list[str] | None = None, clinical_reports: list[str] | None = None) -> dict:
     """A JSON-ready account of what happened to every series and every skipped file, and the maps written."""
     series = []
     for job in jobs:
@@ -382,6 +414,8 @@ def study_report(jobs: list[SeriesJob], skipped: list[SkippedFile], models: Mode
             entry["labels"] = [models.label_map.by_value(int(v)).name for v in present if v]
         if job.plausibility is not None:
             entry["plausibility"] = [finding.as_dict() for finding in job.plausibility]
+        if job.quality:
+            entry["quality"] = {segment: quality.as_dict() for segment, quality in job.quality.items()}
         if job.failures:
             entry["failures"] = job.failures
         series.append(entry)
@@ -389,6 +423,8 @@ def study_report(jobs: list[SeriesJob], skipped: list[SkippedFile], models: Mode
               "skipped": [{"source": s.path, "reason": s.reason} for s in skipped]}
     if parametric_maps:
         report["parametric_maps"] = parametric_maps
+    if clinical_reports:
+        report["clinical_reports"] = clinical_reports
     if models is not None:
         report["models"] = models.provenance()
     return report
