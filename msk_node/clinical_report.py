@@ -24,8 +24,9 @@ from msk_node.quality import StructureQuality
 from msk_node.sr_writer import MeasurementGroup
 
 A4_INCHES = (8.27, 11.69)
-DISCLAIMER = ("RESEARCH RESULT - NOT FOR DIAGNOSIS. Automatically computed measurements; not reviewed by a "
-              "clinician and not a medical device output.")
+HEADLINE = "RESEARCH RESULT - NOT FOR DIAGNOSIS"
+DISCLAIMER = (f"{HEADLINE}. Measurements computed automatically, not reviewed by a clinician; "
+              "not the output of a medical device.")
 MAX_KEY_IMAGES = 3
 
 
@@ -98,9 +99,9 @@ def column_of(measurement: Measurement) -> tuple[str, str]:
 
 
 def format_value(measurement: Measurement) -> str:
-    """The value as the page prints it; a failed measurement reads "failed"."""
+    """The value as the page prints it; one that could not be measured reads "n/a"."""
     if not measurement.available:
-        return "failed"
+        return "n/a"
     return f"{float(measurement.value):.{COLUMNS[column_of(measurement)].decimals}f}"
 
 
@@ -155,7 +156,7 @@ def render_report(content: ReportContent, label_map: LabelMap) -> Figure:
     FigureCanvasAgg(figure)  # no pyplot: nothing global, nothing to close
     figure.text(0.05, 0.975, "Musculoskeletal MRI - automated measurements", fontsize=14, weight="bold", va="top")
     figure.text(0.05, 0.953, f"{content.patient}    {content.study}", fontsize=8, va="top")
-    figure.text(0.05, 0.937, DISCLAIMER, fontsize=8, color="firebrick", weight="bold", va="top")
+    figure.text(0.05, 0.937, HEADLINE, fontsize=9, color="firebrick", weight="bold", va="top")
     shown = next((s for s in content.series if s.label_volume.any()), None)
     top = 0.925
     if shown is not None:
@@ -180,7 +181,7 @@ def _key_images(figure: Figure, series: SeriesContent, label_map: LabelMap, top:
     handles = [Patch(color=np.array(spec.colour) / 255.0, label=spec.name.replace("_", " ")) for spec in present]
     figure.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.05, top - height - 0.005), ncol=4,
                   fontsize=7, frameon=False)
-    return top - height - 0.055
+    return top - height - 0.045
 
 
 def _series_table(figure: Figure, series: SeriesContent, top: float) -> float:
@@ -217,7 +218,8 @@ def _footer(figure: Figure, content: ReportContent) -> None:
     lines = [
         *REFERENCES,
         "Det. conf.: mean detector score of the structure's boxes; Pred. IoU: segmenter's predicted IoU; "
-        "cut: the structure touches the edge of the imaged volume (its volume is not reported).",
+        "cut: the structure touches the edge of the imaged volume (its volume is not reported); "
+        "n/a: not measurable, the reason is in the SR and report.json.",
         f"Software: {content.software}. Detector {provenance.get('detector', '')} "
         f"{provenance.get('detector_version', '')}, sha256 {provenance.get('detector_sha256', '')}",
         f"Segmenter {provenance.get('segmenter', '')} ({provenance.get('segmenter_family', '')}) "

@@ -26,7 +26,7 @@ from msk_node.seg_writer import SegmentInstance, label_of_segment
 class QualityThresholds:
     """Below ``min_*`` (or cut / unchecked when withheld) a structure is not reported."""
 
-    min_detector_confidence: float = 0.35
+    min_detector_confidence: float = 0.3
     min_predicted_iou: float = 0.5
     withhold_cut: bool = False
     withhold_unchecked: bool = False

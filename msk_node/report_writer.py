@@ -67,14 +67,28 @@ def build_encapsulated_pdf(pdf: bytes, source: Dataset, *, series_number: int,
 
 def build_secondary_capture(rgb: np.ndarray, source: Dataset, *, series_number: int,
                             series_description: str = TITLE) -> hd.sc.SCImage:
-    """RGB Secondary Capture of the rendered page, in the study of ``source``."""
+    """RGB Secondary Capture of the rendered page, in the study of ``source``.
+
+    Its patient orientation is that of the key images, which show the source slices as they lie.
+    """
+    laterality = str(source.get("Laterality", "") or "")
     image = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=with_type2_patient_attributes(source), pixel_array=rgb, photometric_interpretation="RGB",
         bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=generate_uid(),
         series_number=series_number, sop_instance_uid=generate_uid(), instance_number=1, manufacturer="msk-node",
-        patient_orientation=("", ""), transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=series_description, software_versions=__version__, burned_in_annotation="YES")
+        patient_orientation=slice_orientation(source), transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=series_description, software_versions=__version__,
+        laterality=laterality if laterality in ("R", "L") else None)
+    if "Laterality" not in image:
+        image.Laterality = None  # type 2C for a paired body part: present, empty when the side is unknown
     return image
+
+
+def slice_orientation(source: Dataset) -> tuple[str, str]:
+    """Patient orientation of the page's key images: the directions of the source slices' rows and columns."""
+    orientation = np.asarray(source.ImageOrientationPatient, dtype=float).reshape(2, 3)
+    letters = (("L", "R"), ("P", "A"), ("H", "F"))  # LPS: +x is left, +y posterior, +z head
+    return tuple(letters[int(np.argmax(np.abs(v)))][0 if v[np.argmax(np.abs(v))] > 0 else 1] for v in orientation)
 
 
 def write_clinical_report(content: ReportContent, source: Dataset, label_map: LabelMap, output_dir: Path, *,
@@ -85,6 +99,9 @@ def write_clinical_report(content: ReportContent, source: Dataset, label_map: La
     output_dir.mkdir(parents=True, exist_ok=True)
     study = str(source.StudyInstanceUID)
     pdf_path, sc_path = output_dir / f"report-{study}.pdf.dcm", output_dir / f"report-{study}.sc.dcm"
-    build_encapsulated_pdf(pdf, source, series_number=pdf_series_number).save_as(pdf_path, enforce_file_format=True)
-    build_secondary_capture(rgb, source, series_number=sc_series_number).save_as(sc_path, enforce_file_format=True)
-    return [pdf_path, sc_path]
+    # Both are built before either is written: a failure leaves neither file behind.
+    documents = {pdf_path: build_encapsulated_pdf(pdf, source, series_number=pdf_series_number),
+                 sc_path: build_secondary_capture(rgb, source, series_number=sc_series_number)}
+    for path, dataset in documents.items():
+        dataset.save_as(path, enforce_file_format=True)
+    return list(documents)

@@ -68,9 +68,9 @@ NO_UNITS: Code = msk_codes.codes.UCUM.NoUnits
 QUALITY_FINDING: Code = msk_codes.codes.DCM.QualityFinding
 ANATOMY_COVERAGE_INCOMPLETE: Code = msk_codes.codes.DCM.AnatomyCoverageIncomplete
 PLAUSIBILITY_FINDINGS: dict[str, Code] = {
-    "implausible parts removed": Code("IMPLAUSIBLE_REMOVED", msk_codes.MSK_NODE_SCHEME,
+    "implausible parts removed": Code("IMPLAUSIBLE_DROP", msk_codes.MSK_NODE_SCHEME,
                                       "Anatomically implausible components removed"),
-    "unchecked": Code("PLAUSIBILITY_UNCHECKED", msk_codes.MSK_NODE_SCHEME, "Anatomical plausibility not checked"),
+    "unchecked": Code("PLAUS_UNCHECKED", msk_codes.MSK_NODE_SCHEME, "Anatomical plausibility not checked"),
 }
 #: Declaration of the private scheme of :data:`CONCEPTS` (every report carries it).
 PRIVATE_SCHEME = CodingSchemeIdentificationItem(
