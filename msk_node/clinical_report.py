@@ -218,8 +218,8 @@ def _footer(figure: Figure, content: ReportContent) -> None:
     lines = [
         *REFERENCES,
         "Det. conf.: mean detector score of the structure's boxes; Pred. IoU: segmenter's predicted IoU; "
-        "cut: the structure touches the edge of the imaged volume (its volume is not reported); "
-        "n/a: not measurable, the reason is in the SR and report.json.",
+        "n/a: not measurable (the reason is in the SR and report.json).",
+        "cut: the structure touches the edge of the imaged volume, so its volume is not reported.",
         f"Software: {content.software}. Detector {provenance.get('detector', '')} "
         f"{provenance.get('detector_version', '')}, sha256 {provenance.get('detector_sha256', '')}",
         f"Segmenter {provenance.get('segmenter', '')} ({provenance.get('segmenter_family', '')}) "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pypdf
 import pytest
 
 from msk_node.clinical_report import COLUMNS, QUALITY_DECIMALS, REFERENCES
@@ -28,7 +29,6 @@ NUMBER = re.compile(r"-?\d+\.\d+")
 
 
 def _pdf_text(path: Path) -> str:
-    pypdf = pytest.importorskip("pypdf", reason="pypdf (packaging/requirements.txt) reads the PDF's text")
     ds = pydicom.dcmread(path)
     pdf = bytes(ds.EncapsulatedDocument)[:int(ds.EncapsulatedDocumentLength)]
     return "\n".join(page.extract_text() for page in pypdf.PdfReader(io.BytesIO(pdf)).pages)
@@ -44,24 +44,23 @@ def _decimals(concept: str) -> int | None:
     return None
 
 
-def _sr_numbers(sr_paths: list[Path]) -> dict[str, Counter]:
-    """The numbers of each SR measurement group as the page prints them, by tracking identifier."""
+def _sr_numbers(path: Path) -> dict[str, Counter]:
+    """The numbers of each measurement group of one SR as the page prints them, by tracking identifier."""
     numbers: dict[str, Counter] = {}
-    for path in sr_paths:
-        for (tracking, concept), value in read_measurements(pydicom.dcmread(path)).items():
-            decimals = _decimals(concept)
-            row = numbers.setdefault(tracking, Counter())
-            if decimals is not None and not math.isnan(value):
-                row[f"{value:.{decimals}f}"] += 1
+    for (tracking, concept), value in read_measurements(pydicom.dcmread(path)).items():
+        decimals = _decimals(concept)
+        row = numbers.setdefault(tracking, Counter())
+        if decimals is not None and not math.isnan(value):
+            row[f"{value:.{decimals}f}"] += 1
     return numbers
 
 
-def _row(lines: list[str], tracking: str) -> Counter:
-    """The numbers of the table row of ``tracking`` (its cells follow the structure's name on one text line)."""
+def _rows(lines: list[str], tracking: str) -> list[Counter]:
+    """The numbers of the table rows of ``tracking``, one per series table in page order (a row's cells follow
+    the structure's name on one text line)."""
     name = tracking.replace("_", " ")
     rows = [line for line in lines if re.match(rf"{re.escape(name)} (n/a|—|-?\d)", line)]
-    assert len(rows) == 1, f"{name}: {rows}"
-    return Counter(NUMBER.findall(rows[0][len(name):]))
+    return [Counter(NUMBER.findall(row[len(name):])) for row in rows]
 
 
 def _check_report(out: Path, work) -> None:
@@ -89,12 +88,13 @@ def _check_report(out: Path, work) -> None:
     assert sc.PhotometricInterpretation == "RGB" and sc.pixel_array.shape[2] == 3
     # The page's numbers are the SR's: every SR value as printed, and no other number than the fixed text's.
     text = _pdf_text(pdf_path)
-    sr_paths = [out / entry["sr"] for entry in report["series"] if "sr" in entry]
-    by_group = _sr_numbers(sr_paths)
-    assert by_group
-    for tracking, numbers in by_group.items():
-        assert _row(text.splitlines(), tracking) == numbers, tracking
-    printed, expected = Counter(NUMBER.findall(text)), sum(by_group.values(), Counter())
+    # One table per series with an SR, in report.json's order: the k-th row of a structure is the k-th SR's group.
+    sr_groups = [_sr_numbers(out / entry["sr"]) for entry in report["series"] if "sr" in entry]
+    assert sr_groups and all(sr_groups)
+    for tracking in {tracking for groups in sr_groups for tracking in groups}:
+        assert _rows(text.splitlines(), tracking) == [groups[tracking] for groups in sr_groups if tracking in groups]
+    printed = Counter(NUMBER.findall(text))
+    expected = sum((numbers for groups in sr_groups for numbers in groups.values()), Counter())
     fixed = " ".join([*REFERENCES, *(column.reference for column in COLUMNS.values()), report["software"],
                       *report["models"].values()])
     assert not (printed - expected) - Counter(NUMBER.findall(fixed))
