@@ -59,6 +59,9 @@ COLUMNS: dict[tuple[str, str], Column] = {
 REFERENCES = ("[1] Shepherd DE, Seedhom BB. Ann Rheum Dis 1999;58:27-34 (knee cartilage, site means, cadaveric).",
               "[2] Li X et al. Osteoarthritis Cartilage 2007;15:789-97 (healthy controls, 3 T, mean ± SD).")
 QUALITY_DECIMALS = 2
+PLAUSIBILITY_SHORT = {"passed": "passed", "unchecked": "unchecked", "implausible parts removed": "parts removed"}
+#: Relative widths of the structure column, a measurement column and the four quality columns.
+WIDTHS = {"structure": 2.4, "value": 1.0, "quality": (0.6, 0.6, 1.0, 0.7)}
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class SeriesContent:
     label_volume: np.ndarray
     #: Row and column spacing in mm (the key images keep their aspect).
     pixel_spacing: tuple[float, float]
+    series_number: int | None = None
 
 
 @dataclass(frozen=True)
@@ -136,15 +140,15 @@ def outlined(image: np.ndarray, labels: np.ndarray, label_map: LabelMap) -> np.n
 def table_rows(groups: list[MeasurementGroup]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: one row per structure, one column per measurement kind, then the quality flags."""
     present = [key for key in COLUMNS if any(column_of(m) == key for g in groups for m in g.measurements)]
-    header = ["Structure", *(f"{COLUMNS[k].title} ({COLUMNS[k].unit})" for k in present),
-              "Det. conf.", "Pred. IoU", "Plausibility", "Field of view"]
+    header = ["Structure", *(f"{COLUMNS[k].title}\n({COLUMNS[k].unit})" for k in present),
+              "Det.\nconf.", "Pred.\nIoU", "Plausibility", "Field of\nview"]
     rows = []
     for group in groups:
         values = {column_of(m): format_value(m) for m in group.measurements}
         quality = group.quality
         flags = ["—"] * 4 if quality is None else [
             format_quality(quality.detector_confidence), format_quality(quality.predicted_iou),
-            quality.plausibility, "whole" if quality.whole_in_view else f"cut ({', '.join(quality.cut_at)})"]
+            PLAUSIBILITY_SHORT[quality.plausibility], "whole" if quality.whole_in_view else "cut"]
         rows.append([structure_name(group), *(values.get(k, "") for k in present), *flags])
     rows.append(["Reference (healthy)", *(COLUMNS[k].reference for k in present), "", "", "", ""])
     return header, rows
@@ -169,13 +173,16 @@ def render_report(content: ReportContent, label_map: LabelMap) -> Figure:
 
 def _key_images(figure: Figure, series: SeriesContent, label_map: LabelMap, top: float) -> float:
     slices = key_slices(series.label_volume)
+    number = f" {series.series_number}" if series.series_number is not None else ""
+    figure.text(0.05, top, f"Key images, series{number}: {series.description}", fontsize=8, va="top")
+    top -= 0.012
     height = 0.25
     width = 0.9 / max(len(slices), 1)
     for index, k in enumerate(slices):
         axes = figure.add_axes((0.05 + index * width, top - height, width - 0.01, height))
         axes.imshow(outlined(series.image[k], series.label_volume[k], label_map),
                     aspect=series.pixel_spacing[0] / series.pixel_spacing[1], interpolation="nearest")
-        axes.set_title(f"{series.description}, slice {k + 1}", fontsize=7)
+        axes.set_title(f"slice {k + 1}", fontsize=7)
         axes.axis("off")
     present = [label_map.by_value(int(v)) for v in np.unique(series.label_volume) if v]
     handles = [Patch(color=np.array(spec.colour) / 255.0, label=spec.name.replace("_", " ")) for spec in present]
@@ -185,17 +192,21 @@ def _key_images(figure: Figure, series: SeriesContent, label_map: LabelMap, top:
 
 
 def _series_table(figure: Figure, series: SeriesContent, top: float) -> float:
-    figure.text(0.05, top, f"Series: {series.description} ({series.anatomy})", fontsize=9, weight="bold", va="top")
+    number = f" {series.series_number}" if series.series_number is not None else ""
+    figure.text(0.05, top, f"Series{number}: {series.description} ({series.anatomy})", fontsize=9, weight="bold",
+                va="top")
     header, rows = table_rows(series.groups)
     row_height = 0.0165
-    height = row_height * (len(rows) + 1)
+    height = row_height * (len(rows) + 2)  # the header takes two lines
     axes = figure.add_axes((0.05, top - 0.012 - height, 0.9, height))
     axes.axis("off")
     table = axes.table(cellText=rows, colLabels=header, loc="upper left", cellLoc="center", bbox=(0, 0, 1, 1))
     table.auto_set_font_size(False)
     table.set_fontsize(6.5)
-    table.auto_set_column_width(list(range(len(header))))
+    widths = [WIDTHS["structure"], *[WIDTHS["value"]] * (len(header) - 5), *WIDTHS["quality"]]
     for (row, column), cell in table.get_celld().items():
+        cell.set_width(widths[column])
+        cell.set_height(2.0 if row == 0 else 1.0)
         cell.set_linewidth(0.3)
         if row == 0:
             cell.set_text_props(weight="bold")

@@ -355,7 +355,8 @@ def write_clinical_reports(work: StudyWork, models: ModelSet) -> list[Path]:
         with jobs[0].guard("clinical report"):
             series = [SeriesContent(job.selected.series.description, job.selected.anatomy,
                                     report_groups(job.measurements, job.quality), job.quality, job.volume.array,
-                                    job.label_volume, tuple(job.volume.pixel_spacing)) for job in jobs]
+                                    job.label_volume, tuple(job.volume.pixel_spacing),
+                                    job.volume.datasets[0].get("SeriesNumber")) for job in jobs]
             content = ReportContent(*patient_and_study(source), series, models.provenance(), f"msk-node {__version__}")
             written += write_clinical_report(content, source, models.label_map, work.output_dir,
                                              pdf_series_number=9300 + number, sc_series_number=9400 + number)
