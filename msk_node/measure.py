@@ -32,6 +32,7 @@ from msk_node.dicom_input import Series
 from msk_node.codes import DISC_LEVELS, LATERALITY, LEFT, RIGHT, SUB_REGION_MODIFIERS
 from msk_node.labels import LabelMap
 from msk_node.parallel import thread_map
+from msk_node.quality import StructureQuality
 from msk_node.seg_writer import SegmentInstance, segment_layout
 from msk_node.selection import RelaxometryRule, load_relaxometry_rules
 from msk_node.sr_writer import MeasurementGroup
@@ -323,3 +324,14 @@ def measurement_groups(measurements: SeriesMeasurements) -> list[MeasurementGrou
                 laterality=instance.laterality if instance and instance.laterality else laterality,
                 topographical_modifier=SUB_REGION_MODIFIERS.get(part)))
     return groups
+
+
+def report_groups(measurements: SeriesMeasurements,
+                  quality: dict[str, StructureQuality] | None = None) -> list[MeasurementGroup]:
+    """The measurement groups both the SR and the clinician report show, with their segment's quality flags.
+
+    Groups of a segment withheld for its quality are left out; ``quality`` None reports every group.
+    """
+    quality = quality or {}
+    return [replace(group, quality=quality.get(group.segment_label)) for group in measurement_groups(measurements)
+            if group.segment_label not in quality or quality[group.segment_label].reported]

@@ -33,12 +33,15 @@ from msk_node.detect import Detection
 from msk_node.dicom_input import Series, SkippedFile, StudyFiles, read_study_folder
 from msk_node.intensity import normalise_volume
 from msk_node.labels import LabelMap
-from msk_node.measure import SeriesMeasurements, measure_series, measurement_groups, unmeasured_relaxation_maps
+from msk_node.clinical_report import ReportContent, SeriesContent, patient_and_study
+from msk_node.measure import SeriesMeasurements, measure_series, report_groups, unmeasured_relaxation_maps
 from msk_node.models import ModelSet
 from msk_node.parametric_map_writer import build_parametric_map, write_parametric_map
 from msk_node.plausibility import Finding, check_label_volume
 from msk_node.postprocess import merge_labels, postprocess_masks
 from msk_node.progress import progress
+from msk_node.quality import LabelScores, StructureQuality, assess_segments, load_thresholds
+from msk_node.report_writer import write_clinical_report
 from msk_node.seg_writer import AlgorithmInfo, build_segmentation, write_segmentation
 from msk_node.selection import (RelaxometryRule, SelectedSeries, SeriesRule, load_relaxometry_rules, load_rules,
                                 select_series)
@@ -103,14 +106,6 @@ class NormalisedVolume:
     array: np.ndarray
 
 
-@dataclass(frozen=True)
-class LabelScores:
-    """Per box segmented for one label, in detection order: the detector's score and the decoder's predicted IoU."""
-
-    detector: tuple[float, ...]
-    predicted_iou: tuple[float, ...]
-
-
 #: Per label name, the scores of the boxes that made its mask.
 SeriesScores = Mapping[str, LabelScores]
 
@@ -137,11 +132,15 @@ class LabelVolume:
 
 @dataclass(frozen=True)
 class SeriesOutputs:
-    """The DICOM files written for one series: its SEG, its SR if any, and the Parametric Maps it used."""
+    """The DICOM files written for one series: its SEG, its SR if any, and the Parametric Maps it used.
+
+    ``quality`` holds the flags per SEG segment that decided what the SR reports.
+    """
 
     seg: Path
     sr: Path | None = None
     maps: tuple[Path, ...] = ()
+    quality: Mapping[str, StructureQuality] = field(default_factory=dict)
 
 
 class NothingFound(Exception):
@@ -409,10 +408,13 @@ def write_seg(selected: SelectedSeries, label_volume: LabelVolume, measurements:
     return seg, path
 
 
-def write_sr(selected: SelectedSeries, measurements: SeriesMeasurements, seg: Dataset, models: ModelSet,
-             output_dir: Path, series_number: int) -> Path | None:
-    """TID 1500 report of the series' measurements, referencing the segments of ``seg``; None without any."""
-    groups = measurement_groups(measurements)
+def write_sr(selected: SelectedSeries, measurements: SeriesMeasurements, quality: Mapping[str, StructureQuality],
+             seg: Dataset, models: ModelSet, output_dir: Path, series_number: int) -> Path | None:
+    """TID 1500 report of the series' measurements, referencing the segments of ``seg``; None without any.
+
+    Structures below the quality thresholds are left out (report.json says why).
+    """
+    groups = report_groups(measurements, quality)
     if not groups:
         return None
     sr = build_measurement_report(seg, groups, models.label_map, algorithm_info(models),
@@ -478,9 +480,9 @@ class StudyOutputs:
 
 
 def write_series(number: int, selected: SelectedSeries, record: SeriesRecord, label_volume: LabelVolume,
-                 measurements: SeriesMeasurements | None, models: ModelSet, output_dir: Path,
-                 maps_written: dict[str, Path]) -> SeriesOutputs | None:
-    """The SEG of a series still in play, then its SR and Parametric Maps when it was measured."""
+                 measurements: SeriesMeasurements | None, findings: tuple[Finding, ...], scores: SeriesScores,
+                 models: ModelSet, output_dir: Path, maps_written: dict[str, Path]) -> SeriesOutputs | None:
+    """The SEG of a series still in play, then its quality flags, SR and Parametric Maps when it was measured."""
     written = None
     with record.guard("seg", "SEG not written"):
         written = write_seg(selected, label_volume, measurements, models, output_dir, series_number=9000 + number)
@@ -490,10 +492,13 @@ def write_series(number: int, selected: SelectedSeries, record: SeriesRecord, la
     seg, seg_path = written
     if measurements is None:
         return SeriesOutputs(seg_path)
-    sr_path = None
+    sr_path, quality = None, {}
     with record.guard("sr"):
-        sr_path = write_sr(selected, measurements, seg, models, output_dir, series_number=9100 + number)
-    return SeriesOutputs(seg_path, sr_path, write_maps(record, measurements, output_dir, maps_written, 9200))
+        quality = assess_segments(list(measurements.by_segment), label_volume.labels, models.label_map,
+                                  measurements.instances, scores, list(findings), load_thresholds())
+        sr_path = write_sr(selected, measurements, quality, seg, models, output_dir, series_number=9100 + number)
+    maps = write_maps(record, measurements, output_dir, maps_written, 9200)
+    return SeriesOutputs(seg_path, sr_path, maps, quality)
 
 
 def write_outputs(study: LoadedStudy, records: Records, volumes: Mapping[str, SeriesVolume],
@@ -502,7 +507,8 @@ def write_outputs(study: LoadedStudy, records: Records, volumes: Mapping[str, Se
                   resources: Resources, output_dir: Path) -> StudyOutputs:
     """Write a SEG, an SR and Parametric Maps per series still in play, then the study's tables and report.json.
 
-    ``scores`` are each series' detector scores and predicted IoUs per label (not in the report yet).
+    ``scores`` are each series' detector scores and predicted IoUs per label: with the plausibility
+    findings and the field of view they make the quality flags that decide what is reported.
     """
     models = resources.models
     output_dir = Path(output_dir)
@@ -517,7 +523,7 @@ def write_outputs(study: LoadedStudy, records: Records, volumes: Mapping[str, Se
             if records[uid].failed:
                 continue
             written = write_series(number, selected, records[uid], label_volumes.get(uid), measurements.get(uid),
-                                   models, output_dir, maps_written)
+                                   plausibility.get(uid, ()), scores.get(uid, {}), models, output_dir, maps_written)
             if written is not None:
                 outputs[uid] = written
         for relaxation in unmeasured:
@@ -528,13 +534,44 @@ def write_outputs(study: LoadedStudy, records: Records, volumes: Mapping[str, Se
         rows = [row for uid, selected in study.selected.items() if uid in measurements and uid in outputs
                 for row in measurement_rows(selected.series.study_instance_uid, uid, measurements[uid])]
         write_measurement_tables(rows, output_dir)
+        clinical_reports = write_clinical_reports(study, records, label_volumes, measurements, outputs, models,
+                                                  output_dir)
         report = study_report(study, records, volumes, label_volumes, plausibility, outputs, models,
-                              sorted(maps_written))
+                              sorted(maps_written), [path.name for path in clinical_reports])
         (output_dir / "report.json").write_text(json.dumps(report, indent=2))
         results = tuple(sorted({path for written in outputs.values() for path in (written.seg, written.sr) if path}
-                               | set(maps_written.values())))
+                               | set(maps_written.values()) | set(clinical_reports)))
         write_status(output_dir, Outcome.RAN, records=records, skipped=len(study.skipped), results=results)
     return StudyOutputs(outputs, report, results)
+
+
+def write_clinical_reports(study: LoadedStudy, records: Records, label_volumes: Mapping[str, LabelVolume],
+                           measurements: Mapping[str, SeriesMeasurements], outputs: Mapping[str, SeriesOutputs],
+                           models: ModelSet, output_dir: Path) -> list[Path]:
+    """One clinician report per study with an SR (Encapsulated PDF and Secondary Capture), from the SR's groups."""
+    by_study: dict[str, list[str]] = defaultdict(list)
+    for uid, selected in study.selected.items():
+        if uid in outputs and outputs[uid].sr is not None:
+            by_study[selected.series.study_instance_uid].append(uid)
+    written: list[Path] = []
+    for number, uids in enumerate(by_study.values(), start=1):
+        source = label_volumes[uids[0]].volume.datasets[0]
+        with records[uids[0]].guard("clinical report"):
+            series = [series_content(study.selected[uid], label_volumes[uid], measurements[uid], outputs[uid])
+                      for uid in uids]
+            content = ReportContent(*patient_and_study(source), series, models.provenance(), f"msk-node {__version__}")
+            written += write_clinical_report(content, source, models.label_map, output_dir,
+                                             pdf_series_number=9300 + number, sc_series_number=9400 + number)
+    return written
+
+
+def series_content(selected: SelectedSeries, label_volume: LabelVolume, measurements: SeriesMeasurements,
+                   outputs: SeriesOutputs) -> SeriesContent:
+    """One series' part of the clinician report: the SR's groups, its quality flags and its key images."""
+    volume = label_volume.volume
+    return SeriesContent(selected.series.description, selected.anatomy, report_groups(measurements, outputs.quality),
+                         dict(outputs.quality), volume.array, label_volume.labels, tuple(volume.pixel_spacing),
+                         volume.datasets[0].get("SeriesNumber"))
 
 
 def write_status(output_dir: Path, outcome: Outcome, reason: str = "", records: Records | None = None,
@@ -564,7 +601,7 @@ def result_entry(path: Path) -> dict[str, str]:
 def study_report(study: LoadedStudy, records: Records, volumes: Mapping[str, SeriesVolume],
                  label_volumes: Mapping[str, LabelVolume], plausibility: Mapping[str, tuple[Finding, ...]],
                  outputs: Mapping[str, SeriesOutputs], models: ModelSet | None,
-                 parametric_maps: list[str] | None = None) -> dict:
+                 parametric_maps: list[str] | None = None, clinical_reports: list[str] | None = None) -> dict:
     """A JSON-ready account of what happened to every series and every skipped file, and the maps written."""
     series = []
     for uid, selected in study.selected.items():
@@ -586,6 +623,8 @@ def study_report(study: LoadedStudy, records: Records, volumes: Mapping[str, Ser
                 entry["sr"] = written.sr.name
             if written.maps:
                 entry["parametric_maps"] = [path.name for path in written.maps]
+            if written.quality:
+                entry["quality"] = {segment: quality.as_dict() for segment, quality in written.quality.items()}
         if uid in volumes and volumes[uid].missing:
             entry["missing_slices"] = volumes[uid].missing
         if uid in label_volumes:
@@ -600,6 +639,8 @@ def study_report(study: LoadedStudy, records: Records, volumes: Mapping[str, Ser
               "skipped": [{"source": s.path, "reason": s.reason} for s in study.skipped]}
     if parametric_maps:
         report["parametric_maps"] = parametric_maps
+    if clinical_reports:
+        report["clinical_reports"] = clinical_reports
     if models is not None:
         report["models"] = models.provenance()
     return report

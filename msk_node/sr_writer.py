@@ -13,6 +13,11 @@ evaluation of its concept with the value DCM "Measurement failure", its derivati
 a concept modifier and its reason as a DCM "Comment". The private coding scheme of the
 measurement concepts is declared in the CodingSchemeIdentificationSequence. Everything
 is built through highdicom's constructors; nothing is edited afterwards.
+
+A group whose structure carries quality flags (:mod:`msk_node.quality`) adds them: the detector's
+confidence and the segmenter's predicted IoU as numbers without unit, DCM "Quality Finding" =
+"Anatomy coverage incomplete" when the field of view cuts the structure, and a "Quality Finding" of
+the private scheme when the plausibility checks removed parts of it or could not check it.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from msk_node import __version__
 from msk_node import codes as msk_codes
 from msk_node.biomarkers import Measurement
 from msk_node.labels import LabelMap
+from msk_node.quality import StructureQuality
 from msk_node.seg_writer import AlgorithmInfo, label_of_segment, segment_number_map, with_type2_patient_attributes
 
 #: Measurement names (``Measurement.name``) to their concept and derivation codes.
@@ -55,6 +61,17 @@ RELAXOMETRY_METHODS: dict[str, Code] = {
 #: one per relaxation time, with the same method.
 REJECTED_VOXEL_SHARE = Code("REJECTED_SHARE", msk_codes.MSK_NODE_SCHEME, "Rejected voxel share")
 PERCENT: Code = msk_codes.codes.UCUM.Percent
+#: Quality flags of a structure (DICOM codes no detector score, predicted IoU or plausibility check: private).
+DETECTOR_CONFIDENCE = Code("DET_CONF", msk_codes.MSK_NODE_SCHEME, "Detector confidence")
+PREDICTED_IOU = Code("PRED_IOU", msk_codes.MSK_NODE_SCHEME, "Segmenter predicted IoU")
+NO_UNITS: Code = msk_codes.codes.UCUM.NoUnits
+QUALITY_FINDING: Code = msk_codes.codes.DCM.QualityFinding
+ANATOMY_COVERAGE_INCOMPLETE: Code = msk_codes.codes.DCM.AnatomyCoverageIncomplete
+PLAUSIBILITY_FINDINGS: dict[str, Code] = {
+    "implausible parts removed": Code("IMPLAUSIBLE_DROP", msk_codes.MSK_NODE_SCHEME,
+                                      "Anatomically implausible components removed"),
+    "unchecked": Code("PLAUS_UNCHECKED", msk_codes.MSK_NODE_SCHEME, "Anatomical plausibility not checked"),
+}
 #: Declaration of the private scheme of :data:`CONCEPTS` (every report carries it).
 PRIVATE_SCHEME = CodingSchemeIdentificationItem(
     designator=msk_codes.MSK_NODE_SCHEME, name=msk_codes.MSK_NODE_SCHEME_NAME,
@@ -79,6 +96,8 @@ class MeasurementGroup:
         Side of the body (DICOM CID 244), e.g. SCT Right for a right knee or one of two thighs.
     topographical_modifier
         Part of the finding site (DICOM CID 2), e.g. SCT Medial for medial tibial cartilage.
+    quality
+        Quality flags of the segment measured, when assessed.
     """
 
     segment_label: str
@@ -87,6 +106,7 @@ class MeasurementGroup:
     finding_site: Code | None = None
     laterality: Code | None = None
     topographical_modifier: Code | None = None
+    quality: StructureQuality | None = None
 
 
 def build_measurement_report(
@@ -126,7 +146,10 @@ def build_measurement_report(
             _check(m)
         measured = [_measurement(m, algorithm_id) for m in group.measurements if m.available]
         measured += [_rejected_share(m, algorithm_id) for m in group.measurements if "rejected_share" in m.extra]
-        failed = [MeasurementFailure(m) for m in group.measurements if not m.available]
+        evaluations = [MeasurementFailure(m) for m in group.measurements if not m.available]
+        if group.quality is not None:
+            measured += _quality_numbers(group.quality, algorithm_id)
+            evaluations += _quality_findings(group.quality)
         content_groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=group.tracking_name),
             referenced_segment=hd.sr.ReferencedSegment(
@@ -137,7 +160,7 @@ def build_measurement_report(
                                              topographical_modifier=group.topographical_modifier)],
             algorithm_id=algorithm_id,
             measurements=measured or None,
-            qualitative_evaluations=failed or None,
+            qualitative_evaluations=evaluations or None,
         ))
     observer = hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept.from_code(msk_codes.codes.DCM.Device),
@@ -183,6 +206,31 @@ def _measurement(measurement: Measurement, algorithm_id: hd.sr.AlgorithmIdentifi
 def _rejected_share(measurement: Measurement, algorithm_id: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
     return hd.sr.Measurement(name=REJECTED_VOXEL_SHARE, value=100.0 * float(measurement.extra["rejected_share"]),
                              unit=PERCENT, method=_method(measurement), algorithm_id=algorithm_id)
+
+
+def _quality_numbers(quality: StructureQuality,
+                     algorithm_id: hd.sr.AlgorithmIdentification) -> list[hd.sr.Measurement]:
+    numbers = ((DETECTOR_CONFIDENCE, quality.detector_confidence), (PREDICTED_IOU, quality.predicted_iou))
+    return [hd.sr.Measurement(name=concept, value=float(value), unit=NO_UNITS, algorithm_id=algorithm_id)
+            for concept, value in numbers if value is not None]
+
+
+def _quality_findings(quality: StructureQuality) -> list[hd.sr.QualitativeEvaluation]:
+    findings = [ANATOMY_COVERAGE_INCOMPLETE] if quality.cut_at else []
+    if quality.plausibility in PLAUSIBILITY_FINDINGS:
+        findings.append(PLAUSIBILITY_FINDINGS[quality.plausibility])
+    return [hd.sr.QualitativeEvaluation(name=QUALITY_FINDING, value=finding) for finding in findings]
+
+
+def read_quality_findings(sr: Dataset) -> dict[str, list[str]]:
+    """``{tracking identifier: [meaning of each Quality Finding]}`` of a TID 1500 report."""
+    found: dict[str, list[str]] = {}
+    for group in _items(sr, "Measurement Group"):
+        tracking = next(str(i.TextValue) for i in group.ContentSequence
+                        if i.ValueType == "TEXT" and _meaning(i) == "Tracking Identifier")
+        found[tracking] = [str(i.ConceptCodeSequence[0].CodeMeaning) for i in group.ContentSequence
+                           if i.ValueType == "CODE" and _meaning(i) == QUALITY_FINDING.meaning]
+    return found
 
 
 def _method(measurement: Measurement) -> Code | None:

@@ -19,7 +19,9 @@ from msk_node.biomarkers.cartilage import split_by_plane
 from msk_node.biomarkers.knee_side import KneeSide, cartilage_split_planes, knee_side
 from msk_node.dicom_input import read_study_folder
 from msk_node.labels import load_label_map
-from msk_node.measure import measure_series, measurement_groups
+from msk_node.measure import measure_series, measurement_groups, report_groups
+from msk_node.plausibility import Finding
+from msk_node.quality import LabelScores, QualityThresholds, assess_segments
 from msk_node.phantoms import write_phantom
 from msk_node.pipeline import measurement_rows
 from msk_node.seg_writer import AlgorithmInfo, build_segmentation, segment_number_map
@@ -30,6 +32,7 @@ from msk_node.sr_writer import (
     build_measurement_report,
     read_failure_reasons,
     read_measurements,
+    read_quality_findings,
 )
 from msk_node.volume import labels_on_volume_grid, series_to_volume
 from tests.dicom_checks import dciodvfy_errors, sr_validator_errors, tid1500_read, tid1500_values
@@ -315,3 +318,31 @@ def test_dess_t2_and_multi_echo_t2_are_told_apart_by_their_coded_method(tmp_path
     assert read_by_dcmqi == [("Rejected voxel share", "%", 2.0), ("Rejected voxel share", "%", 12.5),
                              ("T2", "ms", 33.25), ("T2", "ms", 38.5)]
     _assert_schemes_declared(sr)
+
+
+def test_quality_flags_are_coded_per_group_and_a_withheld_structure_has_no_group(tmp_path):
+    volume, labels, series = _study("knee", tmp_path)
+    measurements = measure_series(volume, labels, "knee", LABEL_MAP, series)
+    seg = build_segmentation(volume.datasets, labels, LABEL_MAP, ALGORITHM, instances=measurements.instances)
+    # The meniscus's boxes score under the threshold; the femur has a component the checks could not judge.
+    scores = {name: LabelScores((0.1 if name == "meniscus" else 0.9,), (0.8,) if name == "femur" else ())
+              for name in measurements.by_segment}
+    flagged = [Finding("femur", "flagged", "above_tibia", "no tibia to compare", 100.0, (0.0, 0.0, 0.0))]
+    quality = assess_segments(list(measurements.by_segment), labels, LABEL_MAP, measurements.instances, scores,
+                              flagged, QualityThresholds())
+    assert quality["meniscus"].withheld == ("detector confidence 0.10 < 0.30",)
+    sr = build_measurement_report(seg, report_groups(measurements, quality), LABEL_MAP, ALGORITHM)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == [] and sr_validator_errors(path) == []
+    read_back = read_measurements(pydicom.dcmread(path))
+    assert "meniscus" not in {tracking for tracking, _ in read_back}
+    assert read_back[("femur", "Detector confidence")] == pytest.approx(0.9)
+    assert read_back[("femur", "Segmenter predicted IoU")] == pytest.approx(0.8)
+    assert ("tibia", "Segmenter predicted IoU") not in read_back
+    findings = read_quality_findings(pydicom.dcmread(path))
+    # The phantom's femoral shaft and tibia leave the field of view; the patella does not.
+    assert findings["femur"] == ["Anatomy coverage incomplete", "Anatomical plausibility not checked"]
+    assert findings["tibia"] == ["Anatomy coverage incomplete"]
+    assert findings["patella"] == []
+    assert tid1500_values(tid1500_read(path))[("femur", "Detector confidence")] == pytest.approx(0.9)
