@@ -14,7 +14,7 @@ from msk_node import __version__
 from msk_node.models import load_models
 from msk_node.pipeline import LOADER_OUTPUTS, STEPS, WRITER_INPUTS, Resources, load_study_rules
 from msk_node.status import EXIT_BAD_INPUT, EXIT_BAD_MODELS, describe_error
-from operators import SegWriterOperator, StepOperator, StudyLoaderOperator
+from msk_node_operators import SegWriterOperator, StepOperator, StudyLoaderOperator
 
 logger = logging.getLogger(__name__)
 

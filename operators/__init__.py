@@ -4,8 +4,8 @@ The loader emits the study, its selected series and their records; one :class:`S
 per entry of :data:`msk_node.pipeline.STEPS` receives the values its step reads, each keyed by
 series, and emits the values it makes; the writer receives what goes into the files.
 """
-from operators.seg_writer_operator import SegWriterOperator
-from operators.step_operator import StepOperator
-from operators.study_loader_operator import StudyLoaderOperator
+from msk_node_operators.seg_writer_operator import SegWriterOperator
+from msk_node_operators.step_operator import StepOperator
+from msk_node_operators.study_loader_operator import StudyLoaderOperator
 
 __all__ = ["SegWriterOperator", "StepOperator", "StudyLoaderOperator"]

@@ -17,8 +17,8 @@ from starlette.testclient import TestClient
 
 from msk_node import cli
 from msk_node.bench import send_files
-from msk_node.service import ConfigError, DashboardConfig, JobStore, Node, NodeConfig, status
-from msk_node.service.dashboard import create_app
+from msk_node_service import ConfigError, DashboardConfig, JobStore, Node, NodeConfig, status
+from msk_node_service.dashboard import create_app
 from tests.service_helpers import StoreSCP, make_study, node_config, node_config_file, stub_app, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,7 +204,7 @@ def _save_shot(page, path: Path) -> None:
 @pytest.mark.skipif(not (MODELS / "detector" / "manifest.yaml").is_file(), reason=f"no models under {MODELS}")
 def test_browser_follows_a_knee_study_to_delivered_sees_its_overlays_and_requeues_it(tmp_path, nodes, dest):
     playwright_api = pytest.importorskip("playwright.sync_api")
-    from msk_node.phantoms import write_phantom
+    from msk_node_phantoms import write_phantom
 
     case = write_phantom("knee", tmp_path / "case", seed=424250, n_slices=16)
     config = node_config(tmp_path, None, [dest.destination()], models_dir=str(MODELS), job_timeout_s=600,

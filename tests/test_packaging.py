@@ -26,7 +26,7 @@ import yaml
 
 from msk_node import __version__
 from msk_node.models import verify_models
-from msk_node.phantoms import write_phantom
+from msk_node_phantoms import write_phantom
 from msk_node.status import EXIT_BAD_MODELS, STATUS_FILE
 from tests.dicom_checks import dciodvfy_errors, make_mr_series
 

@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from msk_node.dicom_input import read_study_folder
 from msk_node.labels import DEFAULT_LABEL_MAP_PATH, load_label_map
-from msk_node.phantoms import write_phantom
+from msk_node_phantoms import write_phantom
 from msk_node.pipeline import (STEPS, LabelVolume, NothingFound, Resources, build_volume, check_plausibility,
                                load_study, load_study_rules, loaded_values, run_steps, write_values)
 from msk_node.plausibility import check_label_volume, label_figures

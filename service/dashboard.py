@@ -32,11 +32,11 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
 from msk_node.overlay import render_seg_overlays
-from msk_node.service.config import DashboardConfig
-from msk_node.service.jobs import CANCELLABLE_STATES, RETRYABLE_STATES, STATES, JobStore
+from msk_node_service.config import DashboardConfig
+from msk_node_service.jobs import CANCELLABLE_STATES, RETRYABLE_STATES, STATES, JobStore
 
 if TYPE_CHECKING:
-    from msk_node.service.node import Node
+    from msk_node_service.node import Node
 
 logger = logging.getLogger(__name__)
 

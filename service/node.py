@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from msk_node.service.app_worker import AppPidFile
-from msk_node.service.config import NodeConfig
-from msk_node.service.jobs import JobStore
-from msk_node.service.listener import start_listener, stop_listener
-from msk_node.service.spool import Spool
-from msk_node.service.worker import APP_PID_FILE, Worker
+from msk_node_service.app_worker import AppPidFile
+from msk_node_service.config import NodeConfig
+from msk_node_service.jobs import JobStore
+from msk_node_service.listener import start_listener, stop_listener
+from msk_node_service.spool import Spool
+from msk_node_service.worker import APP_PID_FILE, Worker
 
 if TYPE_CHECKING:
-    from msk_node.service.dashboard import DashboardServer
+    from msk_node_service.dashboard import DashboardServer
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Node:
         self._stopped.clear()
         dashboard = None
         if self.config.dashboard.enabled:  # built first: a dashboard it refuses to serve stops the start
-            from msk_node.service.dashboard import DashboardServer
+            from msk_node_service.dashboard import DashboardServer
 
             dashboard = DashboardServer(self)
         self.spool = Spool(self.config.spool_dir)
