@@ -1,4 +1,4 @@
-"""The msk-node MONAI Deploy application (``python -m app -i IN -o OUT -m MODELS``)."""
-from app.app import MskSegmentationApp
+"""The msk-node MONAI Deploy application (``python -m msk_node_app -i IN -o OUT -m MODELS``)."""
+from msk_node_app.app import MskSegmentationApp
 
 __all__ = ["MskSegmentationApp"]

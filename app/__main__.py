@@ -1,4 +1,4 @@
-"""``python -m app``: run the application and keep the status contract (README, "Status contract").
+"""``python -m msk_node_app``: run the application and keep the status contract (README, "Status contract").
 
 Whatever happens, status.json is in the output folder when the process exits on its own,
 and the exit code says whether the study ran (0) or why it could not.
@@ -6,11 +6,11 @@ and the exit code says whether the study ran (0) or why it could not.
 import logging
 import sys
 
-from app.app import CannotRun, MskSegmentationApp
+from msk_node_app.app import CannotRun, MskSegmentationApp
 from msk_node.pipeline import write_status
 from msk_node.status import EXIT_INTERNAL_ERROR, EXIT_RAN, STATUS_FILE, Outcome, describe_error
 
-logger = logging.getLogger("app")
+logger = logging.getLogger("msk_node_app")
 
 
 def main() -> int:

@@ -13,7 +13,7 @@ from monai.deploy.core.runtime_env import RuntimeEnv
 from msk_node import __version__
 from msk_node.models import load_models
 from msk_node.status import EXIT_BAD_INPUT, EXIT_BAD_MODELS, describe_error
-from operators import (
+from msk_node_operators import (
     DetectionOperator,
     MeasureOperator,
     PlausibilityOperator,

@@ -215,7 +215,7 @@ class StudyLabeler:
         from msk_node.pipeline import SeriesJob, StageTimes, detect_anatomy, postprocess, segment_boxes
         from msk_node.selection import SelectedSeries, SeriesRule
         from msk_node.volume import SeriesVolume
-        from training.preprocess import read_image_volume
+        from msk_node_training.preprocess import read_image_volume
 
         anatomy = self.settings.anatomy
         if anatomy is None:
@@ -517,7 +517,7 @@ def format_summary(result: CohortResult) -> str:
 def write_phantom_cohort(root: Path, kind: str, seeds: list[int], n_slices: int | None = None) -> Path:
     """Phantom studies as a cohort folder: ``root/studies/<kind>-<seed>/`` holds the DICOM files,
     ``root/phantoms/<kind>-<seed>/`` the truth (``truth_labels.nii.gz``, ``truth.json``)."""
-    from msk_node.phantoms import write_phantom
+    from msk_node_phantoms import write_phantom
 
     studies = Path(root) / "studies"
     for seed in seeds:

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from evaluation.cases import Case, iter_cases
-from evaluation.config import ExperimentConfig
-from evaluation.experiment import case_prompts, load_models_of, predicted_masks, write_config
-from evaluation.segment import EncodedSlices, postprocessed
+from msk_node_evaluation.cases import Case, iter_cases
+from msk_node_evaluation.config import ExperimentConfig
+from msk_node_evaluation.experiment import case_prompts, load_models_of, predicted_masks, write_config
+from msk_node_evaluation.segment import EncodedSlices, postprocessed
 from msk_node.biomarkers import Measurement
 from msk_node.biomarkers.disc import UNCERTAIN_LEVEL
 from msk_node.labels import LabelMap

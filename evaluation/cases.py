@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from evaluation.config import DatasetSpec, SubjectSpec
+from msk_node_evaluation.config import DatasetSpec, SubjectSpec
 from msk_node.dicom_input import Series, read_study_folder
 from msk_node.intensity import normalise_volume
 from msk_node.labels import LabelMap
-from msk_node.phantoms import write_phantom
+from msk_node_phantoms import write_phantom
 from msk_node.volume import SeriesVolume, labels_on_volume_grid, series_to_volume
 
 
@@ -68,7 +68,7 @@ def iter_cases(dataset: DatasetSpec, label_map: LabelMap, phantom_root: Path) ->
 
 def real_data_cases(dataset: DatasetSpec, label_map: LabelMap) -> Iterator[Case]:
     """The real spine cases of one split and source folder, read exactly as training reads them."""
-    from training.sources import load_real_data, real_spine_volumes
+    from msk_node_training.sources import load_real_data, real_spine_volumes
 
     data = load_real_data(dataset.real_data)
     split = data.spine_training if dataset.split == "training" else data.spine_validation

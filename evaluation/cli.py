@@ -17,9 +17,9 @@ from msk_node.cli import DEFAULT_MODELS
 from msk_node.precision import PRECISIONS
 from msk_node.segmenters.registry import FAMILIES
 
-# the `path` values of evaluation.stats, spelled out so that msk-eval starts without importing it
+# the `path` values of msk_node_evaluation.stats, spelled out so that msk-eval starts without importing it
 PATH_CHOICES = ("auto", "parametric", "nonparametric")
-# evaluation.config's prompt sources, spelled out for the same reason
+# msk_node_evaluation.config's prompt sources, spelled out for the same reason
 PROMPT_CHOICES = ("gt", "shifted", "detector")
 #: Zero-shot segmenter families, and the truth labels themselves
 MODEL_CHOICES = (*FAMILIES, "truth")
@@ -163,7 +163,7 @@ def run_stats(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"msk-eval stats: error: {error}", file=sys.stderr)
         return 2
-    from evaluation import plots, stats
+    from msk_node_evaluation import plots, stats
 
     columns = stats.Columns(config.subject, config.model, config.dataset, config.value)
     out = args.out
@@ -289,7 +289,7 @@ def add_biomarkers_command(commands: argparse._SubParsersAction) -> None:
 
 def _evaluation_config(args: argparse.Namespace):
     """The experiment config of the command line: the --config file with overrides, or one case."""
-    from evaluation.config import load_experiment_config, parse_experiment_config
+    from msk_node_evaluation.config import load_experiment_config, parse_experiment_config
 
     overrides = {key: getattr(args, key, None) for key in RUN_OPTIONS}
     overrides = {key: str(value) if isinstance(value, Path) else value
@@ -342,7 +342,7 @@ def run_segment(args: argparse.Namespace) -> int:
     if prepared is None:
         return 2
     config, out = prepared
-    from evaluation.experiment import evaluate_segmentation, summarise, write_segmentation_outputs
+    from msk_node_evaluation.experiment import evaluate_segmentation, summarise, write_segmentation_outputs
     from msk_node.models import ModelError
 
     try:
@@ -368,7 +368,7 @@ def run_biomarkers(args: argparse.Namespace) -> int:
     if prepared is None:
         return 2
     config, out = prepared
-    from evaluation.biomarkers import evaluate_biomarkers, write_biomarker_outputs
+    from msk_node_evaluation.biomarkers import evaluate_biomarkers, write_biomarker_outputs
     from msk_node.models import ModelError
 
     try:
@@ -437,7 +437,7 @@ def _autolabel_workers(args: argparse.Namespace, cpus: int) -> tuple[int, int]:
 
 
 def run_autolabel(args: argparse.Namespace) -> int:
-    from evaluation.autolabel import AutolabelSettings, autolabel_cohort, available_cores, format_summary
+    from msk_node_evaluation.autolabel import AutolabelSettings, autolabel_cohort, available_cores, format_summary
     from msk_node.models import ModelError
 
     try:
@@ -456,7 +456,7 @@ def run_autolabel(args: argparse.Namespace) -> int:
 
 
 def _autolabel_on_ray(args: argparse.Namespace):
-    from evaluation.autolabel import AutolabelSettings, autolabel_cohort, connected_ray, ray_cpus
+    from msk_node_evaluation.autolabel import AutolabelSettings, autolabel_cohort, connected_ray, ray_cpus
 
     with connected_ray(args.ray):
         cpus = ray_cpus()
@@ -471,7 +471,7 @@ def _autolabel_on_ray(args: argparse.Namespace):
 def run_bench_autolabel(args: argparse.Namespace) -> int:
     import json
 
-    from evaluation.autolabel import benchmark
+    from msk_node_evaluation.autolabel import benchmark
 
     report = benchmark(args.models, args.studies, args.phantoms, args.kind, args.n_slices, args.workers,
                        args.ray_workers, args.work)
@@ -505,7 +505,7 @@ def run_check(args: argparse.Namespace) -> int:
         reason = f"not a folder: {', '.join(missing)}" if missing else "--overlays must be 0 or more"
         print(f"msk-eval check: error: {reason}", file=sys.stderr)
         return 2
-    from evaluation.check import check_study, format_summary, study_names
+    from msk_node_evaluation.check import check_study, format_summary, study_names
     from msk_node.models import ModelError, load_models
 
     try:

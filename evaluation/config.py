@@ -56,7 +56,7 @@ import yaml
 
 from msk_node import config_checks as checks
 from msk_node.labels import DEFAULT_LABEL_MAP_PATH, LabelMap, load_label_map
-from msk_node.phantoms.api import PHANTOM_KINDS
+from msk_node_phantoms.api import PHANTOM_KINDS
 from msk_node.segmenters.registry import FAMILIES
 
 PROMPT_SOURCES = ("gt", "shifted", "detector")
@@ -306,7 +306,7 @@ def _parse_dataset(raw: Any, where: str) -> DatasetSpec:
 
 
 def _parse_real_data_dataset(raw: dict[str, Any], where: str, name: str) -> DatasetSpec:
-    """The real cases of one split and source folder of a training data file (training.sources)."""
+    """The real cases of one split and source folder of a training data file (msk_node_training.sources)."""
     checks.check_keys(raw, where, ("name", "real_data", "split", "source"), required=("real_data", "split", "source"))
     return DatasetSpec(name=name, real_data=Path(checks.value(raw, "real_data", where, "string")),
                        split=checks.value(raw, "split", where, "string"),

@@ -2,14 +2,14 @@
 
 For every case, model, prompt source and post-processing setting the evaluated slices
 (every ``slice_step``-th) are segmented and scored per label with
-:func:`evaluation.metrics.compute_mask_metrics`. The papers' measure is the per-slice one:
+:func:`msk_node_evaluation.metrics.compute_mask_metrics`. The papers' measure is the per-slice one:
 each label is scored in 2D (in-plane spacing) on every evaluated slice where the truth or
 the prediction has it; slices where both are empty are not counted (nothing to agree on,
 and a Dice of 1 there would reward empty background). A subject's value for a label is the
 mean over its counted slices; its Dice in the tables is the mean over its labels, and a
 dataset's the mean over its subjects. An empty prediction on a slice with truth (a miss),
 or the reverse, counts with Dice 0 and the distance penalty of
-:func:`evaluation.metrics.empty_mask_penalty_mm`; both are counted per subject and label.
+:func:`msk_node_evaluation.metrics.empty_mask_penalty_mm`; both are counted per subject and label.
 The per-volume (3D) metrics over the evaluated slices (their spacing is ``slice_step``
 times the slice spacing) are kept as ``*_3d`` columns and ``table_3d.csv``. With
 ``slice_step`` > 1 the 3D steps of post-processing also see the evaluated slices as
@@ -50,12 +50,12 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from evaluation.cases import Case, iter_cases
-from evaluation.config import ExperimentConfig
-from evaluation.metrics import (EMPTY_PREDICTION, EMPTY_TRUTH, METRICS, SIZE_ORDER, compute_mask_metrics, empty_mask,
-                                size_stratum)
-from evaluation.segment import (EncodedSlices, EvalModel, Prompts, detector_prompts, input_pixel_size,
-                                load_eval_model, postprocessed, segment_prompts, truth_prompts)
+from msk_node_evaluation.cases import Case, iter_cases
+from msk_node_evaluation.config import ExperimentConfig
+from msk_node_evaluation.metrics import (EMPTY_PREDICTION, EMPTY_TRUTH, METRICS, SIZE_ORDER, compute_mask_metrics,
+                                         empty_mask, size_stratum)
+from msk_node_evaluation.segment import (EncodedSlices, EvalModel, Prompts, detector_prompts, input_pixel_size,
+                                         load_eval_model, postprocessed, segment_prompts, truth_prompts)
 from msk_node.labels import LabelMap
 
 KEYS = ["dataset", "model", "prompts", "postprocess"]
@@ -179,7 +179,7 @@ def evaluate_segmentation(config: ExperimentConfig, out_dir: Path,
 
 def _overlays(case: Case, masks: dict[str, np.ndarray], slices: list[int], prompts: Prompts, keys: dict[str, str],
               every: int, label_map: LabelMap, out_dir: Path) -> list[Path]:
-    from evaluation.overlays import label_colours, plot_overlay
+    from msk_node_evaluation.overlays import label_colours, plot_overlay
 
     names = list(case.labels)
     colours = label_colours(names, label_map)
@@ -226,7 +226,7 @@ def summarise(results: SegmentationResults) -> dict[str, pd.DataFrame]:
 
 def write_segmentation_outputs(config: ExperimentConfig, results: SegmentationResults, out_dir: Path) -> list[Path]:
     """Tables, JSON, stats inputs, box plots and model comparisons of a run."""
-    from evaluation import plots, stats
+    from msk_node_evaluation import plots, stats
 
     aggregates = summarise(results)
     frames = {"slices": results.slices, "labels": results.labels, "summary": aggregates["summary"],

@@ -12,7 +12,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from evaluation.stats import BlandAltman, Columns, RegressionFit
+from msk_node_evaluation.stats import BlandAltman, Columns, RegressionFit
 
 DPI = 150
 

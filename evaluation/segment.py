@@ -16,14 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.config import ModelSpec
+from msk_node_evaluation.config import ModelSpec
 from msk_node.labels import LabelMap
 from msk_node.metrics import mask_dice
 from msk_node.postprocess import THRESHOLD, merge_labels, postprocess_masks
 from msk_node.progress import progress
 from msk_node.segmenters.base import BoxSegmenter
 from msk_node.segmenters.frames import model_frame, pixel_size
-from training.boxes import instance_boxes
+from msk_node_training.boxes import instance_boxes
 
 Box = tuple[float, float, float, float]
 #: Slice index -> (label value, xyxy box in slice pixels) for every prompt on that slice.

@@ -44,7 +44,7 @@ def _summarise(work: StudyWork, wall: float) -> dict:
 
 
 def bench_phantom(kind: str, models, work_dir: Path, seed: int = KNEE_SEED) -> dict:
-    from msk_node.phantoms import write_phantom
+    from msk_node_phantoms import write_phantom
 
     case = write_phantom(kind, work_dir / kind, seed=seed)
     start = time.perf_counter()
@@ -136,8 +136,8 @@ def node_turnaround(models_dir: Path, work_dir: Path, stable_after_s: float = 2.
     inactivity timeout plus scheduling), processing (the warm worker, until its report
     is written) and delivery (report written to results confirmed by the local store).
     """
-    from msk_node.phantoms import write_phantom
-    from msk_node.service import Node, NodeConfig, status
+    from msk_node_phantoms import write_phantom
+    from msk_node_service import Node, NodeConfig, status
 
     study = write_phantom("knee", work_dir / "node-study", seed=KNEE_SEED)
     files = sorted((study / "dicom").rglob("*.dcm"))
@@ -173,9 +173,9 @@ def _wait_until_ready(node, timeout_s: float) -> None:
 
 
 def app_end_to_end(study: Path, out: Path, models_dir: Path) -> float:
-    """Seconds of ``python -m app`` on ``study``: interpreter, Holoscan and model start-up included."""
+    """Seconds of ``python -m msk_node_app`` on ``study``: interpreter, Holoscan and model start-up included."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "app", "-i", str(study), "-o", str(out), "-m", str(models_dir)],
+    subprocess.run([sys.executable, "-m", "msk_node_app", "-i", str(study), "-o", str(out), "-m", str(models_dir)],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return round(time.perf_counter() - start, 3)
 

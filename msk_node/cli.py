@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
-    from msk_node.service import NodeConfig
+    from msk_node_service import NodeConfig
 
 T = TypeVar("T")
 
@@ -19,7 +19,7 @@ DEFAULT_MODELS = Path(__file__).resolve().parent.parent / "models"
 
 def run_application(input_dir: Path, output_dir: Path, models_dir: Path) -> dict:
     """Run the MONAI Deploy application exactly as its entry point does and return its report."""
-    from app.app import MskSegmentationApp
+    from msk_node_app.app import MskSegmentationApp
 
     argv = [sys.executable, "app", "-i", str(input_dir), "-o", str(output_dir), "-m", str(models_dir)]
     MskSegmentationApp(argv).run()
@@ -27,7 +27,7 @@ def run_application(input_dir: Path, output_dir: Path, models_dir: Path) -> dict
 
 
 def _phantom(args: argparse.Namespace) -> None:
-    from msk_node.phantoms import write_phantom
+    from msk_node_phantoms import write_phantom
 
     out = write_phantom(args.kind, args.out, seed=args.seed, randomize_appearance=args.randomize)
     print(f"wrote {args.kind} phantom to {out}")
@@ -43,8 +43,8 @@ def _demo(args: argparse.Namespace) -> None:
     from pydicom import dcmread
 
     from msk_node.bench import send_files
-    from msk_node.phantoms import write_phantom
-    from msk_node.service import Node, NodeConfig, status
+    from msk_node_phantoms import write_phantom
+    from msk_node_service import Node, NodeConfig, status
 
     study = write_phantom("knee", args.out / "study", seed=args.seed)
     config = NodeConfig.from_mapping({
@@ -70,7 +70,7 @@ def follow_jobs(config, timeout_s: float) -> None:
     """Print each job's state as it changes, with the time since the study was sent, until all are done."""
     import time
 
-    from msk_node.service import status
+    from msk_node_service import status
 
     start, seen = time.monotonic(), {}
     while time.monotonic() - start < timeout_s:
@@ -119,7 +119,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _node_config(path: Path):
-    from msk_node.service import ConfigError, NodeConfig
+    from msk_node_service import ConfigError, NodeConfig
 
     try:
         return NodeConfig.load(path)
@@ -128,7 +128,7 @@ def _node_config(path: Path):
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from msk_node.service import Node
+    from msk_node_service import Node
 
     Node(_node_config(args.config)).run_forever()
 
@@ -138,7 +138,7 @@ STATUS_HISTORY_LINES = 3
 
 
 def _status(args: argparse.Namespace) -> None:
-    from msk_node.service import association_health, status
+    from msk_node_service import association_health, status
 
     config = _node_config(args.config)
     rows, health = status(config), association_health(config)
@@ -187,13 +187,13 @@ def _job_command(args: argparse.Namespace, name: str, action: Callable[[NodeConf
 
 
 def _retry(args: argparse.Namespace) -> None:
-    from msk_node.service import retry
+    from msk_node_service import retry
 
     print(f"job {args.job}: {_job_command(args, 'retry', retry)}")
 
 
 def _release(args: argparse.Namespace) -> None:
-    from msk_node.service import release
+    from msk_node_service import release
 
     missing = _job_command(args, "release", release)
     print(f"job {args.job}: stable (runs without {missing} refused instance(s))")

@@ -5,7 +5,7 @@ from monai.deploy.core import Fragment
 
 from msk_node.labels import LabelMap
 from msk_node.pipeline import StudyWork, plausibility_all
-from operators.study_step import StudyStepOperator
+from msk_node_operators.study_step import StudyStepOperator
 
 
 class PlausibilityOperator(StudyStepOperator):

@@ -5,7 +5,7 @@ from monai.deploy.core import Fragment
 
 from msk_node.models import ModelSet
 from msk_node.pipeline import StudyWork, segment_all
-from operators.study_step import StudyStepOperator
+from msk_node_operators.study_step import StudyStepOperator
 
 
 class SegmentationOperator(StudyStepOperator):

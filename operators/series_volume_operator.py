@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from msk_node.pipeline import StudyWork, build_volumes
-from operators.study_step import StudyStepOperator
+from msk_node_operators.study_step import StudyStepOperator
 
 
 class SeriesVolumeOperator(StudyStepOperator):

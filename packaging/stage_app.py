@@ -6,13 +6,15 @@ The packager copies one folder to ``/opt/holoscan/app``, starts it as
 ``python3 /opt/holoscan/app`` and pip-installs the ``requirements.txt`` it finds in it.
 The application needs three packages of this repository, so OUT receives::
 
-    __main__.py        packaging/app_main.py: runs the ``app`` package as ``python -m app``
+    __main__.py        packaging/app_main.py: runs ``msk_node_app`` as ``python -m msk_node_app``
     requirements.txt   packaging/requirements.txt, then every pin of packaging/constraints.txt
                        not named there, so the image gets the same resolved set as .venv
-    app/ operators/ msk_node/   the sources (no bytecode)
+    msk_node_app/ msk_node_operators/ msk_node/   the sources (no bytecode), under their installed
+                       names (app/ and operators/ of the repository are installed as msk_node_app
+                       and msk_node_operators)
 
 Packaging ``app/`` directly does not work: started as a folder, ``app/app.py`` shadows the
-``app`` package and ``operators``/``msk_node`` are missing. ``--add`` does not help either:
+package and ``msk_node_operators``/``msk_node`` are missing. ``--add`` does not help either:
 it puts every subfolder on PYTHONPATH, where ``msk_node/segmenters/sam2.py`` would shadow
 the ``sam2`` package.
 """
@@ -24,7 +26,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("app", "operators", "msk_node")
+#: ``{installed name: folder of the repository}`` of the packages the application imports
+PACKAGES = {"msk_node_app": "app", "msk_node_operators": "operators", "msk_node": "msk_node"}
 #: ``name==version`` or ``name[extras]==version``
 PIN = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?\s*==\s*([^\s;#]+)")
 
@@ -62,8 +65,8 @@ def stage(out: Path, repo: Path = REPO) -> Path:
     out.mkdir(parents=True)
     shutil.copyfile(repo / "packaging" / "app_main.py", out / "__main__.py")
     (out / "requirements.txt").write_text(image_requirements(repo))
-    for package in PACKAGES:
-        shutil.copytree(repo / package, out / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name, folder in PACKAGES.items():
+        shutil.copytree(repo / folder, out / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return out
 
 

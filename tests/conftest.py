@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from msk_node.models import ModelSet, load_models
-from msk_node.phantoms import write_phantom
+from msk_node_phantoms import write_phantom
 from msk_node.pipeline import StudyWork, process_study
 
 REPO = Path(__file__).resolve().parent.parent

@@ -86,7 +86,7 @@ CRASHING_NODE = r'''
 import os, signal, sys
 
 from msk_node.cli import main
-from msk_node.service.jobs import JobStore
+from msk_node_service.jobs import JobStore
 
 
 def die(*args, **kwargs):
@@ -274,7 +274,7 @@ def incoming_finds(log_text: str) -> Counter:
 
 def node_config(workdir: Path, app: str, destination: str, models_dir: str | None, orthanc: Orthanc):
     """``orthanc/node.yaml`` with the spool in ``workdir`` and test timings."""
-    from msk_node.service import NodeConfig
+    from msk_node_service import NodeConfig
 
     return NodeConfig.from_mapping(node_document(workdir, app, destination, models_dir, orthanc), ORTHANC_DIR)
 
@@ -299,7 +299,7 @@ def node_document(workdir: Path, app: str, destination: str, models_dir: str | N
 
 
 def node_jobs(config) -> list[dict]:
-    from msk_node.service import status
+    from msk_node_service import status
 
     keep = ("id", "study_uid", "state", "attempts", "reason", "calling_ae", "input_instances", "deliveries")
     return [{key: row.get(key) for key in keep} for row in status(config)]
@@ -311,8 +311,8 @@ def scenario_forward(args: dict, workdir: Path, orthanc: Orthanc, log: logging.L
     """A phantom knee study into Orthanc -> plugin -> node -> SEG back into the same study."""
     import pydicom
 
-    from msk_node.phantoms import write_phantom
-    from msk_node.service import Node
+    from msk_node_phantoms import write_phantom
+    from msk_node_service import Node
 
     case = write_phantom("knee", workdir / "knee", seed=args.get("seed", 7), n_slices=args.get("n_slices", 16))
     files = sorted((case / "dicom").rglob("*.dcm"))
@@ -370,8 +370,8 @@ def scenario_filter(args: dict, workdir: Path, orthanc: Orthanc, log: logging.Lo
     import pydicom
     from pydicom.uid import CTImageStorage
 
-    from msk_node.phantoms import write_phantom
-    from msk_node.service import Node
+    from msk_node_phantoms import write_phantom
+    from msk_node_service import Node
     from tests.service_helpers import make_study
 
     studies: dict[str, str] = {}
@@ -419,9 +419,9 @@ def scenario_crash(args: dict, workdir: Path, orthanc: Orthanc, log: logging.Log
     ``query_before_resend`` false, sends it again."""
     import yaml
 
-    from msk_node.phantoms import write_phantom
-    from msk_node.service import JobStore, Node, NodeConfig
-    from msk_node.service.delivery import read_results
+    from msk_node_phantoms import write_phantom
+    from msk_node_service import JobStore, Node, NodeConfig
+    from msk_node_service.delivery import read_results
 
     case = write_phantom("knee", workdir / "knee", seed=args.get("seed", 5), n_slices=args.get("n_slices", 8))
     config_path = workdir / "node.yaml"
@@ -462,7 +462,7 @@ def scenario_crash(args: dict, workdir: Path, orthanc: Orthanc, log: logging.Log
         node.stop()
     time.sleep(1)  # Orthanc's log lags its answers a little
     text = orthanc.log_path.read_text(errors="replace")
-    from msk_node.service import status
+    from msk_node_service import status
 
     result.update(node_jobs=node_jobs(config), history=status(config)[0]["history"], stores=incoming_stores(text),
                   finds=incoming_finds(text))
@@ -472,9 +472,9 @@ def scenario_crash(args: dict, workdir: Path, orthanc: Orthanc, log: logging.Log
 def scenario_commitment(args: dict, workdir: Path, orthanc: Orthanc, log: logging.Logger) -> dict:
     """The node delivers its SEG to Orthanc with Storage Commitment; Orthanc reports on a new
     association to the node's listener."""
-    from msk_node.phantoms import write_phantom
-    from msk_node.service import JobStore, Node, NodeConfig, status
-    from msk_node.service.delivery import read_results
+    from msk_node_phantoms import write_phantom
+    from msk_node_service import JobStore, Node, NodeConfig, status
+    from msk_node_service.delivery import read_results
 
     case = write_phantom("knee", workdir / "knee", seed=args.get("seed", 5), n_slices=args.get("n_slices", 8))
     document = node_document(workdir, "stub", "cstore", None, orthanc)

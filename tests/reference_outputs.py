@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     from msk_node.models import load_models
-    from msk_node.phantoms import write_phantom
+    from msk_node_phantoms import write_phantom
     from tests.conftest import MODELS, REAL_KNEE, TEST_SEED, real_knee_as_one_study, run_pipeline
 
     names = [f"phantom-{kind}" for kind in PHANTOM_KINDS] + ["real-knee"]

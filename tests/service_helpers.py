@@ -23,7 +23,7 @@ import yaml
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from msk_node.service import NodeConfig
+from msk_node_service import NodeConfig
 from tests.dicom_checks import make_mr_series
 
 NODE_AE = "MSKNODE"

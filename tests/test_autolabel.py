@@ -24,8 +24,8 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from evaluation.autolabel import DONE_MARKER, local_ray_cluster, seg_pixel_data, write_phantom_cohort
-from evaluation.cli import main
+from msk_node_evaluation.autolabel import DONE_MARKER, local_ray_cluster, seg_pixel_data, write_phantom_cohort
+from msk_node_evaluation.cli import main
 from msk_node.dicom_input import read_study_folder
 from msk_node.labels import load_label_map
 from msk_node.volume import labels_on_volume_grid, series_to_volume
@@ -155,7 +155,7 @@ def test_a_ray_cluster_gives_the_local_seg_pixel_data(cohort, local_run):
     out = cohort / "ray"
     with local_ray_cluster(num_cpus=2) as cluster:
         assert cluster.address.startswith("127.0.0.1:")
-        run = subprocess.run([sys.executable, "-m", "evaluation.cli", "autolabel", str(cohort / "studies"),
+        run = subprocess.run([sys.executable, "-m", "msk_node_evaluation.cli", "autolabel", str(cohort / "studies"),
                               "--out", str(out), "--ray", cluster.address, "--threads", "1", "--anatomy", "spine",
                               "--nifti"],
                              cwd=REPO, capture_output=True, text=True, env={**os.environ, **cluster.driver_env},

@@ -29,7 +29,7 @@ from msk_node.biomarkers.relaxometry import (
 )
 from msk_node.biomarkers.volume import tissue_volumes
 from msk_node.dicom_input import read_study_folder
-from msk_node.phantoms import write_phantom
+from msk_node_phantoms import write_phantom
 from msk_node.volume import SeriesVolume, labels_on_volume_grid, series_to_volume
 
 REPO = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from msk_node.codes import DISC_LEVELS, LEFT, RIGHT
 from msk_node.dicom_input import read_study_folder
 from msk_node.labels import load_label_map
 from msk_node.measure import measure_series, measurement_groups
-from msk_node.phantoms import write_phantom
+from msk_node_phantoms import write_phantom
 from msk_node.seg_writer import AlgorithmInfo, build_segmentation, label_volume_from_seg, segment_number_map
 from msk_node.sr_writer import build_measurement_report
 from msk_node.volume import SeriesVolume, labels_on_volume_grid, series_to_volume
@@ -276,7 +276,7 @@ def test_real_spines_are_named_from_s1_and_never_from_l5(dataset: str, case: Pat
     """Manual vertebral bodies, discs drawn as the gaps between them: S1 below names every level; L5 below, none."""
     import nibabel as nib
 
-    from training.detector import with_gap_structures
+    from msk_node_training.detector import with_gap_structures
 
     source = np.asarray(nib.load(case / "labels.nii.gz").dataobj)
     # Array axes (superior->inferior, anterior->posterior, left-right) to (sagittal slice, row, column).

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from evaluation import cli
+from msk_node_evaluation import cli
 from msk_node.dicom_input import read_study_folder
 from msk_node.labels import DEFAULT_LABEL_MAP_PATH, load_label_map
-from msk_node.phantoms import write_phantom
+from msk_node_phantoms import write_phantom
 from msk_node.volume import series_to_volume
 from tests.dicom_checks import seg_label_volume
 

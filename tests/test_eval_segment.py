@@ -11,14 +11,14 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from evaluation import cli
-from evaluation.config import (DatasetSpec, ExperimentConfig, ModelSpec, load_experiment_config,
-                               parse_experiment_config)
-from evaluation.experiment import SegmentationResults, score_case, subject_means, summarise
-from evaluation.metrics import compute_mask_metrics, empty_mask, empty_mask_penalty_mm, size_stratum
-from evaluation.segment import input_pixel_size, truth_prompts
+from msk_node_evaluation import cli
+from msk_node_evaluation.config import (DatasetSpec, ExperimentConfig, ModelSpec, load_experiment_config,
+                                        parse_experiment_config)
+from msk_node_evaluation.experiment import SegmentationResults, score_case, subject_means, summarise
+from msk_node_evaluation.metrics import compute_mask_metrics, empty_mask, empty_mask_penalty_mm, size_stratum
+from msk_node_evaluation.segment import input_pixel_size, truth_prompts
 from msk_node.intensity import SquareFrame
-from msk_node.phantoms import write_phantom
+from msk_node_phantoms import write_phantom
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 7
@@ -358,7 +358,7 @@ def test_a_real_data_dataset_is_one_split_and_source_of_the_training_data_file(t
     config = parse_experiment_config({
         "models": [{"name": "truth", "family": "truth"}],
         "datasets": [{"name": "chu", "real_data": str(real_data), "split": "validation", "source": "chu-vb"}]})
-    from evaluation.cases import iter_cases
+    from msk_node_evaluation.cases import iter_cases
     from msk_node.labels import load_label_map
 
     try:

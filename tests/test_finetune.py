@@ -19,16 +19,16 @@ import yaml
 from msk_node.intensity import SquareFrame
 from msk_node.labels import DEFAULT_LABEL_MAP_PATH
 from msk_node.models import ModelError, load_models
-from msk_node.phantoms import write_phantom
+from msk_node_phantoms import write_phantom
 from msk_node.segmenters.frames import model_frame
 from msk_node.segmenters.registry import FAMILIES
-from training.embed_store import EmbeddingStore
-from training.finetune import (FinetuneConfig, build_model, embed, export_run, finetune, load_finetune_config,
-                               parse_finetune_config)
-from training.finetune_data import EpochSamples, SliceSource, components, load_stored, select_slices
-from training.losses import dice_bce_loss, focal_dice_loss
-from training.preprocess import parse_preprocess_config, preprocess
-from training.sam_family import ModelSpec
+from msk_node_training.embed_store import EmbeddingStore
+from msk_node_training.finetune import (FinetuneConfig, build_model, embed, export_run, finetune, load_finetune_config,
+                                        parse_finetune_config)
+from msk_node_training.finetune_data import EpochSamples, SliceSource, components, load_stored, select_slices
+from msk_node_training.losses import dice_bce_loss, focal_dice_loss
+from msk_node_training.preprocess import parse_preprocess_config, preprocess
+from msk_node_training.sam_family import ModelSpec
 
 # sam2's input transforms are TorchScript, which torch deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
@@ -129,7 +129,7 @@ def test_the_same_config_under_torchrun_writes_the_single_process_checkpoint_for
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     done = subprocess.run(
         [str(torchrun), "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
-         "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "-m", "training.cli", "finetune", str(config),
+         "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "-m", "msk_node_training.cli", "finetune", str(config),
          "--run-dir", str(run_dir)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

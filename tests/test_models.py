@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evaluation.config import load_experiment_config
+from msk_node_evaluation.config import load_experiment_config
 from msk_node.models import ModelError, load_models, verify_models
-from training.finetune import load_finetune_config
+from msk_node_training.finetune import load_finetune_config
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 

@@ -24,7 +24,7 @@ import pytest
 
 from msk_node.dicom_input import Series
 from msk_node.selection import load_rules, rules_json, select_series
-from msk_node.service import NodeConfig
+from msk_node_service import NodeConfig
 from tests.orthanc_helpers import ORTHANC_DIR, REPO, run_scenario, skip_reason
 
 MODELS = Path(os.environ.get("MSK_NODE_MODELS", REPO / "models"))

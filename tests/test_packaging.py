@@ -26,7 +26,7 @@ import yaml
 
 from msk_node import __version__
 from msk_node.models import verify_models
-from msk_node.phantoms import write_phantom
+from msk_node_phantoms import write_phantom
 from msk_node.status import EXIT_BAD_MODELS, STATUS_FILE
 from tests.dicom_checks import dciodvfy_errors, make_mr_series
 
@@ -215,8 +215,8 @@ def test_package_installs_the_pinned_stack_and_copies_the_application_and_models
     assert app_dir == package.env["HOLOSCAN_APPLICATION"] == package.pkg_json["applicationRoot"]
     assert json.loads(package.app_json["command"]) == ["python3", app_dir]
     assert (context / "app" / "__main__.py").read_text() == (PACKAGING / "app_main.py").read_text()
-    for name in stage_app.PACKAGES:
-        assert files_under(context / "app" / name) == files_under(REPO / name), name
+    for name, folder in stage_app.PACKAGES.items():
+        assert files_under(context / "app" / name) == files_under(REPO / folder), name
     assert package.app_json["version"] == package.pkg_json["version"] == __version__
     assert package.app_json["input"]["formats"] == package.app_json["output"]["formats"] == ["file"]
     assert package.pkg_json["resources"]["gpu"] == 0  # runs on CPU

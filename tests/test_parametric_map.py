@@ -14,11 +14,11 @@ from pydicom.uid import ParametricMapStorage
 from msk_node.biomarkers.relaxometry import RelaxationMap
 from msk_node.labels import LabelMap, load_label_map
 from msk_node.parametric_map_writer import NOT_FITTED_MS, build_parametric_map, write_parametric_map
-from msk_node.phantoms import write_phantom
+from msk_node_phantoms import write_phantom
 from msk_node.measure import SeriesMeasurements
 from msk_node.pipeline import SeriesJob, StudyWork, build_volumes, load_study, measure_all, write_maps, write_outputs
-from msk_node.service.config import Destination
-from msk_node.service.delivery import read_results, send
+from msk_node_service.config import Destination
+from msk_node_service.delivery import read_results, send
 from msk_node.volume import SeriesVolume, labels_on_volume_grid, series_to_volume
 from tests.dicom_checks import dciodvfy_errors, make_mr_series, sr_validator_errors, tid1500_read
 from tests.service_helpers import StoreSCP

@@ -15,8 +15,8 @@ from skimage.morphology import skeletonize
 from tests.dicom_checks import dciodvfy_errors
 
 from msk_node.labels import DEFAULT_LABEL_MAP_PATH, load_label_map
-from msk_node.phantoms import LABEL_VALUES, PHANTOM_KINDS, phantom_model, write_phantom
-from msk_node.phantoms.grid import SeriesGrid
+from msk_node_phantoms import LABEL_VALUES, PHANTOM_KINDS, phantom_model, write_phantom
+from msk_node_phantoms.grid import SeriesGrid
 
 #: n_slices per kind for the shared fixtures: small where the test allows it.
 _SLICES = {"knee": None, "thigh": 6, "spine": 5, "knee-t1rho": 24}

@@ -18,11 +18,11 @@ import SimpleITK as sitk
 import yaml
 from pydicom.uid import JPEG2000Lossless
 
-from evaluation import cli as eval_cli
+from msk_node_evaluation import cli as eval_cli
 from msk_node.biomarkers.relaxometry import split_relaxation_series
 from msk_node.dicom_input import read_study_folder
 from msk_node.metrics import dice_per_label
-from msk_node.phantoms import write_phantom
+from msk_node_phantoms import write_phantom
 from msk_node.pipeline import process_study
 from msk_node.plausibility import label_figures
 from msk_node.precision import resolve_precision
@@ -125,10 +125,10 @@ def test_bad_input_is_reported_and_the_rest_of_the_study_is_processed(tmp_path, 
 
 
 def _run_entry_point_from_environment(input_dir: Path, work_dir: Path) -> None:
-    """``python -m app`` as the MAP image runs it: paths from HOLOSCAN_*, results in ``work_dir/out``."""
+    """``python -m msk_node_app`` as the MAP image runs it: paths from HOLOSCAN_*, results in ``work_dir/out``."""
     env = {**os.environ, "HOLOSCAN_INPUT_PATH": str(input_dir),
            "HOLOSCAN_OUTPUT_PATH": str(work_dir / "out"), "HOLOSCAN_MODEL_PATH": str(MODELS)}
-    result = subprocess.run([sys.executable, "-m", "app"], cwd=work_dir, env=env, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "msk_node_app"], cwd=work_dir, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -197,8 +197,8 @@ def test_application_refuses_corrupted_models_at_start_up(tmp_path):
     weights = models / "detector" / "detector.pt"
     weights.write_bytes(weights.read_bytes()[:-10])
     case = make_mr_series(tmp_path / "in", n=10)
-    result = subprocess.run([sys.executable, "-m", "app", "-i", str(case[0].parent), "-o", str(tmp_path / "out"),
-                             "-m", str(models)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "msk_node_app", "-i", str(case[0].parent),
+                             "-o", str(tmp_path / "out"), "-m", str(models)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == EXIT_BAD_MODELS
     assert "detector.pt are corrupted or replaced" in result.stderr
     status = json.loads((tmp_path / "out" / "status.json").read_text())
@@ -211,7 +211,7 @@ def test_application_refuses_corrupted_models_at_start_up(tmp_path):
 def test_application_without_a_readable_input_folder_says_so_in_status_json(tmp_path):
     not_a_folder = tmp_path / "study.dcm"
     not_a_folder.write_bytes(b"not a folder")
-    result = subprocess.run([sys.executable, "-m", "app", "-i", str(not_a_folder), "-o", str(tmp_path / "out"),
+    result = subprocess.run([sys.executable, "-m", "msk_node_app", "-i", str(not_a_folder), "-o", str(tmp_path / "out"),
                              "-m", str(MODELS)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == EXIT_BAD_INPUT, result.stderr[-3000:]
     status = json.loads((tmp_path / "out" / "status.json").read_text())

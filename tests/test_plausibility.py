@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from msk_node.dicom_input import read_study_folder
 from msk_node.labels import DEFAULT_LABEL_MAP_PATH, load_label_map
-from msk_node.phantoms import write_phantom
+from msk_node_phantoms import write_phantom
 from msk_node.pipeline import (StudyWork, build_volumes, check_plausibility, load_study, measure_all,
                                plausibility_all, write_outputs)
 from msk_node.plausibility import check_label_volume, label_figures

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.segment import dice_of_masks, segment_from_truth_boxes
+from msk_node_evaluation.segment import dice_of_masks, segment_from_truth_boxes
 from msk_node.dicom_input import read_study_folder
 from msk_node.intensity import normalise_volume
 from msk_node.labels import load_label_map
@@ -64,7 +64,7 @@ def accelerated():
 
 @pytest.fixture(scope="module")
 def knee_phantom(tmp_path_factory):
-    from msk_node.phantoms import write_phantom
+    from msk_node_phantoms import write_phantom
 
     case = write_phantom("knee", tmp_path_factory.mktemp("knee"), seed=424242)
     volume = series_to_volume(max(read_study_folder(case / "dicom").series, key=len).datasets)

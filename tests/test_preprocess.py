@@ -13,10 +13,10 @@ import yaml
 
 from msk_node.intensity import normalise_volume
 from msk_node.labels import DEFAULT_LABEL_MAP_PATH, load_label_map
-from msk_node.phantoms import write_phantom
-from training.boxes import instance_boxes
-from training.cli import main
-from training.preprocess import (
+from msk_node_phantoms import write_phantom
+from msk_node_training.boxes import instance_boxes
+from msk_node_training.cli import main
+from msk_node_training.preprocess import (
     SLICE_COLUMNS,
     SUBJECT_COLUMNS,
     assign_splits,

@@ -24,7 +24,7 @@ from msk_node.biomarkers.relaxometry import (
 from msk_node.dicom_input import Series, read_study_folder
 from msk_node.labels import load_label_map
 from msk_node.measure import measure_series, relaxometry_groups
-from msk_node.phantoms import write_phantom
+from msk_node_phantoms import write_phantom
 from msk_node.selection import load_relaxometry_rules
 from msk_node.volume import labels_on_volume_grid, series_to_volume
 

@@ -42,12 +42,12 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from msk_node import cli
-from msk_node.service import ConfigError, JobStore, Node, NodeConfig, association_health, status
-from msk_node.service.app_worker import AppPidFile, process_start
-from msk_node.service.delivery import read_results, send_cstore, stored_path
-from msk_node.service.listener import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
-from msk_node.service.spool import Spool
-from msk_node.service.worker import Worker
+from msk_node_service import ConfigError, JobStore, Node, NodeConfig, association_health, status
+from msk_node_service.app_worker import AppPidFile, process_start
+from msk_node_service.delivery import read_results, send_cstore, stored_path
+from msk_node_service.listener import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
+from msk_node_service.spool import Spool
+from msk_node_service.worker import Worker
 from msk_node.sr_writer import read_measurements
 from msk_node.status import EXIT_BAD_MODELS
 from tests.dicom_checks import dciodvfy_errors, sr_validator_errors, tid1500_read
@@ -316,7 +316,7 @@ def test_malformed_pdus_leave_one_rate_limited_warning_and_no_traceback(tmp_path
     node.stop()  # logs the summary of what the rate limit held back
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     messages = [r.getMessage() for r in warnings]
-    assert {r.name for r in warnings} == {"msk_node.service.listener"}, messages
+    assert {r.name for r in warnings} == {"msk_node_service.listener"}, messages
     dropped = [m for m in messages if m.startswith("connection from 127.0.0.1:")]
     summaries = [m for m in messages if re.fullmatch(r"\d+ more warning\(s\) about connections from 127\.0\.0\.1 "
                                                      r"in \d+ s not logged", m)]
@@ -327,7 +327,7 @@ def test_malformed_pdus_leave_one_rate_limited_warning_and_no_traceback(tmp_path
 
     # The details, tracebacks included, are there at DEBUG.
     caplog.clear()
-    caplog.set_level(logging.DEBUG, logger="msk_node.service.listener")
+    caplog.set_level(logging.DEBUG, logger="msk_node_service.listener")
     node = nodes(node_config(tmp_path / "again", command, []))
     raw_connection(node.port, GARBAGE["bad A-ASSOCIATE-RQ"])
     wait_for(lambda: "dropped" in caplog.text, 5, what="the warning")
@@ -415,7 +415,7 @@ def test_job_store_late_instance_policy_and_recovery(tmp_path):
 
 
 def test_studies_become_stable_after_their_calling_aes_timeout(tmp_path):
-    from msk_node.service.worker import Worker
+    from msk_node_service.worker import Worker
 
     config = node_config(tmp_path, None, [], stable_after_s=2, stable_after_s_by_ae={"SLOWPACS": 60})
     store = JobStore(config.database)
@@ -653,8 +653,8 @@ def test_stow_rs_and_folder_destinations(tmp_path, nodes, dest):
 
 @pytest.mark.parametrize("client", ["requests", "urllib"])
 def test_stow_rs_sender_with_either_http_client(tmp_path, monkeypatch, client):
-    from msk_node.service.config import Destination
-    from msk_node.service.delivery import DeliveryError, read_results, send_stow
+    from msk_node_service.config import Destination
+    from msk_node_service.delivery import DeliveryError, read_results, send_stow
 
     if client == "urllib":
         monkeypatch.setitem(sys.modules, "requests", None)  # "import requests" now fails
@@ -697,9 +697,9 @@ def _non_msk_studies(folder: Path, count: int) -> list[Path]:
 
 
 def test_judge_study_applies_the_selection_rules_to_headers_and_never_skips_what_it_cannot_read(tmp_path):
-    from msk_node.phantoms import write_phantom
+    from msk_node_phantoms import write_phantom
     from msk_node.selection import load_rules
-    from msk_node.service.triage import judge_study
+    from msk_node_service.triage import judge_study
 
     rules = load_rules()
     (ct,) = _non_msk_studies(tmp_path / "ct", 1)
@@ -715,9 +715,9 @@ def test_judge_study_applies_the_selection_rules_to_headers_and_never_skips_what
 
 
 def test_msk_study_runs_first_when_ten_studies_without_msk_series_arrived_before_it(tmp_path, nodes, dest, caplog):
-    from msk_node.phantoms import write_phantom
+    from msk_node_phantoms import write_phantom
 
-    caplog.set_level(logging.INFO, logger="msk_node.service")
+    caplog.set_level(logging.INFO, logger="msk_node_service")
     command, _ = stub_app(tmp_path / "stub")
     config = node_config(tmp_path, command, [dest.destination()], preselect_series=True)
     node = nodes(config)
@@ -1140,13 +1140,13 @@ needs_models = pytest.mark.skipif(not (MODELS / "detector" / "manifest.yaml").is
 
 def _phantom_study(tmp_path: Path, kind: str, seed: int = 7) -> Path:
     """A 4-slice phantom: a thigh is segmented (seconds of work), a knee is too short to segment (instant)."""
-    from msk_node.phantoms import write_phantom
+    from msk_node_phantoms import write_phantom
 
     return write_phantom(kind, tmp_path / f"{kind}-{seed}", seed=seed, n_slices=4) / "dicom"
 
 
 def test_warm_worker_reports_why_the_models_did_not_load(tmp_path):
-    from msk_node.service.app_worker import WarmApp
+    from msk_node_service.app_worker import WarmApp
 
     result = WarmApp(tmp_path / "no-models").run(tmp_path, tmp_path, tmp_path / "app.log", 60, lambda: False)
     assert not result.ok
@@ -1157,7 +1157,7 @@ def test_warm_worker_reports_why_the_models_did_not_load(tmp_path):
 @needs_models
 def test_killed_warm_worker_fails_one_attempt_and_a_fresh_one_serves_the_next_studies(tmp_path, nodes, dest,
                                                                                         caplog):
-    caplog.set_level(logging.INFO, logger="msk_node.service")
+    caplog.set_level(logging.INFO, logger="msk_node_service")
     thigh, knee = _phantom_study(tmp_path, "thigh"), _phantom_study(tmp_path, "knee")
     config = node_config(tmp_path, None, [dest.destination()], models_dir=str(MODELS), max_attempts=2,
                          job_timeout_s=600)
@@ -1184,8 +1184,8 @@ def test_killed_warm_worker_fails_one_attempt_and_a_fresh_one_serves_the_next_st
 
 @needs_models
 def test_warm_worker_left_by_a_crashed_node_is_ended_by_the_next(tmp_path, nodes, caplog):
-    caplog.set_level(logging.INFO, logger="msk_node.service")
-    from msk_node.service.app_worker import WarmApp
+    caplog.set_level(logging.INFO, logger="msk_node_service")
+    from msk_node_service.app_worker import WarmApp
 
     config = node_config(tmp_path, None, [], models_dir=str(MODELS))
     config.spool_dir.mkdir()
@@ -1228,7 +1228,7 @@ def test_warm_worker_over_its_memory_limit_fails_the_attempt_and_a_fresh_one_tak
 @pytest.mark.skipif(shutil.which("storescp") is None or shutil.which("dciodvfy") is None,
                     reason="dcmtk storescp or dicom3tools dciodvfy not on PATH")
 def test_real_application_end_to_end_to_a_dcmtk_storescp(tmp_path, nodes):
-    from msk_node.phantoms import write_phantom
+    from msk_node_phantoms import write_phantom
 
     case = write_phantom("knee", tmp_path / "case", seed=424250, n_slices=16)
     files = sorted((case / "dicom").rglob("*.dcm"))
@@ -1356,7 +1356,7 @@ def test_job_reason_comes_from_the_applications_status_json(tmp_path, nodes, des
     weights = models / "detector" / "detector.pt"
     weights.write_bytes(weights.read_bytes()[:-10])
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    config = node_config(tmp_path, [sys.executable, "-m", "app"], [dest.destination()], models_dir=str(models),
+    config = node_config(tmp_path, [sys.executable, "-m", "msk_node_app"], [dest.destination()], models_dir=str(models),
                          max_attempts=1, job_timeout_s=300)
     node = nodes(config)
     study = make_study(tmp_path / "study", n=3)

@@ -20,7 +20,7 @@ from msk_node.biomarkers.knee_side import KneeSide, cartilage_split_planes, knee
 from msk_node.dicom_input import read_study_folder
 from msk_node.labels import load_label_map
 from msk_node.measure import measure_series, measurement_groups
-from msk_node.phantoms import write_phantom
+from msk_node_phantoms import write_phantom
 from msk_node.pipeline import measurement_rows
 from msk_node.seg_writer import AlgorithmInfo, build_segmentation, segment_number_map
 from msk_node.biomarkers import Measurement, unavailable
@@ -33,7 +33,7 @@ from msk_node.sr_writer import (
 )
 from msk_node.volume import labels_on_volume_grid, series_to_volume
 from tests.dicom_checks import dciodvfy_errors, sr_validator_errors, tid1500_read, tid1500_values
-from training.sources import load_real_data
+from msk_node_training.sources import load_real_data
 
 REPO = Path(__file__).resolve().parent.parent
 LABEL_MAP = load_label_map(REPO / "models" / "detector" / "label_map.yaml")

@@ -13,8 +13,8 @@ from scipy import stats as scipy_stats
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.outliers_influence import variance_inflation_factor
 
-from evaluation import cli, stats
-from evaluation.stats import Columns
+from msk_node_evaluation import cli, stats
+from msk_node_evaluation.stats import Columns
 
 WINES = Columns(subject="Wine", model="Judge", value="Scores")
 

@@ -11,9 +11,9 @@ import SimpleITK as sitk
 
 from msk_node.intensity import normalise_volume
 from msk_node.labels import load_label_map
-from training.detector import fit_detector, load_detector_config, with_gap_structures
-from training.sources import load_real_data, oriented_case, read_case
-from training.synthetic import PLANES, SynthesisSettings, synthesize, write_synthetic
+from msk_node_training.detector import fit_detector, load_detector_config, with_gap_structures
+from msk_node_training.sources import load_real_data, oriented_case, read_case
+from msk_node_training.synthetic import PLANES, SynthesisSettings, synthesize, write_synthetic
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_DATA = REPO / "training" / "configs" / "real_data.yaml"

@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation.segment import dice_of_masks, segment_from_truth_boxes
+from msk_node_evaluation.segment import dice_of_masks, segment_from_truth_boxes
 from msk_node.dicom_input import read_study_folder
 from msk_node.intensity import normalise_volume
 from msk_node.labels import load_label_map
 from msk_node.models import load_models
-from msk_node.phantoms import write_phantom
+from msk_node_phantoms import write_phantom
 from msk_node.segmenters.litemedsam import LiteMedSAMSegmenter
 from msk_node.volume import labels_on_volume_grid, series_to_volume
-from training.segmenter import SegmenterConfig, export_segmenter, load_segmenter_config, train_segmenter
+from msk_node_training.segmenter import SegmenterConfig, export_segmenter, load_segmenter_config, train_segmenter
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 import yaml
 
-from training.finetune import embed, finetune, parse_finetune_config
+from msk_node_training.finetune import embed, finetune, parse_finetune_config
 
 MEMORY_MEASURE = ("ru_maxrss of a fresh process (peak resident set size, MiB) and its growth over the value "
                   "after imports; includes building the model")

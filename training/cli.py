@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     if args.command == "detector":
-        from training.detector import export_detector, load_detector_config, train_detector
+        from msk_node_training.detector import export_detector, load_detector_config, train_detector
 
         config = load_detector_config(args.config)
         best = train_detector(config, args.run_dir)
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.export:
             print(f"exported: {export_detector(best, config, args.config, args.export)}")
     if args.command == "segmenter":
-        from training.segmenter import export_segmenter, load_segmenter_config, train_segmenter
+        from msk_node_training.segmenter import export_segmenter, load_segmenter_config, train_segmenter
 
         config = load_segmenter_config(args.config)
         model, losses = train_segmenter(config)
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.export:
             print(f"exported: {export_segmenter(model, config, args.config, args.export)}")
     if args.command == "leave-one-map-out":
-        from training.segmenter import leave_one_label_map_out, load_segmenter_config
+        from msk_node_training.segmenter import leave_one_label_map_out, load_segmenter_config
 
         config = load_segmenter_config(args.config)
         if not config.real_data:
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "synthesize":
         from msk_node.labels import DEFAULT_LABEL_MAP_PATH, load_label_map
         from msk_node.progress import progress
-        from training.sources import load_real_data
-        from training.synthetic import write_synthetic
+        from msk_node_training.sources import load_real_data
+        from msk_node_training.synthetic import write_synthetic
 
         label_map = load_label_map(DEFAULT_LABEL_MAP_PATH)
         sources = load_real_data(args.real_data).knee_label_maps
@@ -96,26 +96,26 @@ def main(argv: list[str] | None = None) -> int:
             write_synthetic(source, label_map, folder, seed=args.seed + index)
             print(f"written: {folder}")
     if args.command == "preprocess":
-        from training.preprocess import load_preprocess_config, preprocess
+        from msk_node_training.preprocess import load_preprocess_config, preprocess
 
         config = load_preprocess_config(args.config)
         print(f"preprocessed: {preprocess(config, args.out)}")
     if args.command == "finetune":
-        from training.finetune import finetune, load_finetune_config, result_json
+        from msk_node_training.finetune import finetune, load_finetune_config, result_json
 
         result = finetune(load_finetune_config(args.config), args.run_dir)
         if int(os.environ.get("RANK", "0")) == 0:
             print(result_json(result))
     if args.command == "embed":
-        from training.finetune import embed, load_finetune_config
+        from msk_node_training.finetune import embed, load_finetune_config
 
         print(f"embedded: {embed(load_finetune_config(args.config), args.out)}")
     if args.command == "export":
-        from training.finetune import export_run
+        from msk_node_training.finetune import export_run
 
         print(f"exported: {export_run(args.run, args.to, args.checkpoint)}")
     if args.command == "bench-training":
-        from training.bench_training import bench_training
+        from msk_node_training.bench_training import bench_training
 
         print(json.dumps(bench_training(args.config, args.epochs), indent=2))
     return 0

@@ -22,9 +22,9 @@ from msk_node import config_checks as checks
 from msk_node.labels import LabelMap, load_label_map
 from msk_node.models import file_sha256
 from msk_node.yolo_env import import_yolo
-from training.boxes import instance_boxes
-from training.sources import (TrainingVolume, check_cases, data_description, load_real_data, phantom_volumes,
-                              real_spine_volumes, synthetic_volumes)
+from msk_node_training.boxes import instance_boxes
+from msk_node_training.sources import (TrainingVolume, check_cases, data_description, load_real_data, phantom_volumes,
+                                       real_spine_volumes, synthetic_volumes)
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def write_yolo_labels(path: Path, label_slice: np.ndarray, label_map: LabelMap, 
     """Write the YOLO label file of one slice; returns the number of boxes.
 
     One line ``class_id cx cy w h`` per label and 2D component of at least ``min_pixels``
-    pixels (:func:`training.boxes.instance_boxes`), normalised by the ``width`` x
+    pixels (:func:`msk_node_training.boxes.instance_boxes`), normalised by the ``width`` x
     ``height`` pixels of the image the file is paired with; an empty file means no objects.
     """
     lines = []

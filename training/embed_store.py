@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from msk_node.progress import progress
-from training.finetune_data import load_stored
+from msk_node_training.finetune_data import load_stored
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def write_store(model, data_dir: Path, table: pd.DataFrame, out_dir: Path, *, de
                 batch_size: int = 8, autocast: contextlib.AbstractContextManager | None = None) -> Path:
     """Encode every slice of ``table`` once with ``model``'s frozen encoder into a store at ``out_dir``.
 
-    ``model`` is a :class:`training.sam_family.PromptedModel`.
+    ``model`` is a :class:`msk_node_training.sam_family.PromptedModel`.
 
     Raises
     ------

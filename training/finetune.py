@@ -80,8 +80,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from msk_node import config_checks as checks
 from msk_node.models import file_sha256
 from msk_node.progress import progress
-from training.embed_store import EmbeddingStore, write_store
-from training.finetune_data import (
+from msk_node_training.embed_store import EmbeddingStore, write_store
+from msk_node_training.finetune_data import (
     PROMPTS,
     DatasetEntry,
     EpochSamples,
@@ -92,10 +92,10 @@ from training.finetune_data import (
     collate,
     select_slices,
 )
-from training.losses import LOSSES
-from training.preprocess import _identifier
-from training.run_dir import RunDir, check_run_dir_free
-from training.sam_family import MODES, ModelSpec, PromptedModel, build_base_model
+from msk_node_training.losses import LOSSES
+from msk_node_training.preprocess import _identifier
+from msk_node_training.run_dir import RunDir, check_run_dir_free
+from msk_node_training.sam_family import MODES, ModelSpec, PromptedModel, build_base_model
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from msk_node.segmenters.frames import stored_to_stretched
 
 if TYPE_CHECKING:
-    from training.embed_store import EmbeddingStore
+    from msk_node_training.embed_store import EmbeddingStore
 
 PROMPTS = ("box", "box_point")
 #: Box shifts are given in pixels of a 1024 px frame, the papers' image size.

@@ -91,7 +91,7 @@ from msk_node.dicom_input import read_study_folder
 from msk_node.intensity import SquareFrame, normalise_volume
 from msk_node.labels import DEFAULT_LABEL_MAP_PATH, LabelMap, load_label_map
 from msk_node.volume import SeriesVolume, series_to_volume
-from training.detector import write_yolo_labels
+from msk_node_training.detector import write_yolo_labels
 
 logger = logging.getLogger(__name__)
 
@@ -447,7 +447,7 @@ def remove_small_objects(labels: np.ndarray, min_voxels: int, min_pixels: int) -
     """``labels`` without components of fewer than ``min_voxels`` (3D) and then ``min_pixels`` (per slice).
 
     Components are per label value, 26-connected in 3D and 8-connected in a slice (as
-    :func:`training.boxes.instance_boxes` counts them).
+    :func:`msk_node_training.boxes.instance_boxes` counts them).
     """
     in_plane = np.zeros((3, 3, 3), dtype=bool)
     in_plane[1] = True

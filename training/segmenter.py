@@ -30,10 +30,10 @@ from msk_node.precision import PRECISIONS
 from msk_node.progress import progress
 from msk_node.segmenters.base import box_prompt_logits
 from msk_node.segmenters.litemedsam import LiteMedSAMSegmenter
-from training.boxes import instance_boxes
-from training.losses import dice_bce_loss
-from training.sources import (TrainingVolume, check_cases, data_description, load_real_data, phantom_volumes,
-                              real_spine_volumes, synthetic_volumes)
+from msk_node_training.boxes import instance_boxes
+from msk_node_training.losses import dice_bce_loss
+from msk_node_training.sources import (TrainingVolume, check_cases, data_description, load_real_data, phantom_volumes,
+                                       real_spine_volumes, synthetic_volumes)
 
 logger = logging.getLogger(__name__)
 

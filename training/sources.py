@@ -2,7 +2,7 @@
 
 - **phantoms**: randomized-appearance phantoms of the project (exact truth);
 - **synthetic knees**: SynthSeg-style images drawn from real knee label maps
-  (:mod:`training.synthetic`), written as DICOM series and read back like a scan;
+  (:mod:`msk_node_training.synthetic`), written as DICOM series and read back like a scan;
 - **real spines**: real sagittal lumbar MRI with manual labels (NIfTI), oriented like
   a DICOM sagittal series (rows superior to inferior, columns anterior to posterior).
 
@@ -29,10 +29,10 @@ from msk_node.config_checks import at_least, check_keys, load_yaml_config, one_o
 from msk_node.dicom_input import read_study_folder
 from msk_node.intensity import normalise_volume
 from msk_node.labels import LabelMap
-from msk_node.phantoms import PHANTOM_KINDS, write_phantom
+from msk_node_phantoms import PHANTOM_KINDS, write_phantom
 from msk_node.progress import progress
 from msk_node.volume import labels_on_volume_grid, series_to_volume
-from training.synthetic import LabelMapSource, write_synthetic
+from msk_node_training.synthetic import LabelMapSource, write_synthetic
 
 #: Orientation of a sagittal DICOM stack for SimpleITK's DICOMOrient: columns towards
 #: posterior, rows towards inferior, slices towards left.

@@ -27,9 +27,9 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from msk_node.labels import LabelMap
-from msk_node.phantoms.appearance import INTENSITY_SCALE
-from msk_node.phantoms.dicom_series import SeriesInfo, StudyInfo, phantom_uid, slug, write_series
-from msk_node.phantoms.grid import POSITION_DECIMALS, SeriesGrid
+from msk_node_phantoms.appearance import INTENSITY_SCALE
+from msk_node_phantoms.dicom_series import SeriesInfo, StudyInfo, phantom_uid, slug, write_series
+from msk_node_phantoms.grid import POSITION_DECIMALS, SeriesGrid
 
 #: ImageOrientationPatient of the three planes as scanners write them.
 PLANES = {

@@ -6,8 +6,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from msk_node.phantoms.anatomy import AnatomyModel
-from msk_node.phantoms.grid import SeriesGrid
+from msk_node_phantoms.anatomy import AnatomyModel
+from msk_node_phantoms.grid import SeriesGrid
 
 #: 2x2 in-plane sub-samples (row, column offsets in pixels) that give partial volume.
 SUBSAMPLES: tuple[tuple[float, float], ...] = ((-0.25, -0.25), (-0.25, 0.25), (0.25, -0.25), (0.25, 0.25))

@@ -31,9 +31,9 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, StudyRootQueryRetrieveInformationModelFind
 
-from msk_node.service.config import Destination
-from msk_node.service.jobs import JobStore
-from msk_node.service.spool import fsync_dir, is_valid_uid, open_private, private_dir
+from msk_node_service.config import Destination
+from msk_node_service.jobs import JobStore
+from msk_node_service.spool import fsync_dir, is_valid_uid, open_private, private_dir
 
 logger = logging.getLogger(__name__)
 

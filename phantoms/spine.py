@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from msk_node.phantoms.anatomy import AnatomyModel, Painter, structure_table
-from msk_node.phantoms.appearance import Texture
-from msk_node.phantoms.shapes import Array, Pose, ellipse_radius
+from msk_node_phantoms.anatomy import AnatomyModel, Painter, structure_table
+from msk_node_phantoms.appearance import Texture
+from msk_node_phantoms.shapes import Array, Pose, ellipse_radius
 
 LEVELS = ("T12", "L1", "L2", "L3", "L4", "L5", "S1")
 DISC_LEVELS = tuple(f"{a}-{b}" for a, b in zip(LEVELS, LEVELS[1:]))

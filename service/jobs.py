@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from msk_node.service.spool import DIR_MODE, FILE_MODE
+from msk_node_service.spool import DIR_MODE, FILE_MODE
 
 logger = logging.getLogger(__name__)
 

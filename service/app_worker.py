@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from msk_node.service.spool import APP_UMASK, FILE_MODE
+from msk_node_service.spool import APP_UMASK, FILE_MODE
 from msk_node.status import EXIT_INTERNAL_ERROR, Outcome
 
 if TYPE_CHECKING:

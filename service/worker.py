@@ -2,10 +2,10 @@
 
 A study that settles is held while instances refused for lack of resources are missing,
 and closed as skipped when the series-selection rules take none of its series
-(:mod:`msk_node.service.triage`), before any job runs.
+(:mod:`msk_node_service.triage`), before any job runs.
 
 Jobs run in a warm worker process that keeps the models loaded
-(:mod:`msk_node.service.app_worker`), or, when ``app_command`` is set, as a one-shot
+(:mod:`msk_node_service.app_worker`), or, when ``app_command`` is set, as a one-shot
 subprocess ``app_command -i IN -o OUT -m MODELS``. Either way a crash, a hang (timeout)
 or a memory blow-up fails one attempt and the node goes on; the warm worker is replaced
 by a fresh one. Failed attempts are retried with exponential backoff up to
@@ -33,9 +33,9 @@ from pathlib import Path
 from pydicom.uid import generate_uid
 
 from msk_node.selection import load_rules
-from msk_node.service.app_worker import AppPidFile, AppResult, WarmApp, WarmAppError, kill_process_group
-from msk_node.service.config import Destination, NodeConfig
-from msk_node.service.delivery import (
+from msk_node_service.app_worker import AppPidFile, AppResult, WarmApp, WarmAppError, kill_process_group
+from msk_node_service.config import Destination, NodeConfig
+from msk_node_service.delivery import (
     DeliveryError,
     ResultFile,
     find_stored,
@@ -43,9 +43,9 @@ from msk_node.service.delivery import (
     request_commitment,
     send,
 )
-from msk_node.service.jobs import Job, JobStore
-from msk_node.service.spool import APP_UMASK, DIR_MODE, Spool, open_private
-from msk_node.service.triage import judge_study
+from msk_node_service.jobs import Job, JobStore
+from msk_node_service.spool import APP_UMASK, DIR_MODE, Spool, open_private
+from msk_node_service.triage import judge_study
 from msk_node.status import STATUS_FILE, Outcome
 
 logger = logging.getLogger(__name__)

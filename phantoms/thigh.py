@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from msk_node.phantoms.anatomy import AnatomyModel, Painter, structure_table
-from msk_node.phantoms.shapes import Array, Pose, ellipse_radius
+from msk_node_phantoms.anatomy import AnatomyModel, Painter, structure_table
+from msk_node_phantoms.shapes import Array, Pose, ellipse_radius
 
 STRUCTURES = structure_table(
     ("air", "air"),

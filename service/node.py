@@ -7,12 +7,12 @@ import threading
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from msk_node.service.app_worker import AppPidFile
-from msk_node.service.config import NodeConfig
-from msk_node.service.jobs import JobStore
-from msk_node.service.listener import start_listener, stop_listener
-from msk_node.service.spool import Spool
-from msk_node.service.worker import APP_PID_FILE, Worker
+from msk_node_service.app_worker import AppPidFile
+from msk_node_service.config import NodeConfig
+from msk_node_service.jobs import JobStore
+from msk_node_service.listener import start_listener, stop_listener
+from msk_node_service.spool import Spool
+from msk_node_service.worker import APP_PID_FILE, Worker
 
 logger = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from msk_node.phantoms.anatomy import AnatomyModel
-from msk_node.phantoms.appearance import Look, Texture, finish, texture_amplitudes
-from msk_node.phantoms.grid import SeriesGrid
-from msk_node.phantoms.render import render
+from msk_node_phantoms.anatomy import AnatomyModel
+from msk_node_phantoms.appearance import Look, Texture, finish, texture_amplitudes
+from msk_node_phantoms.grid import SeriesGrid
+from msk_node_phantoms.render import render
 
 #: Spin-lock times in ms, stored in EchoTime as on GE CubeQuant data.
 SPIN_LOCK_TIMES_MS = (1.0, 10.0, 30.0, 60.0)

@@ -10,13 +10,13 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
 
-from msk_node.phantoms import knee, spine, thigh
-from msk_node.phantoms.anatomy import LABEL_VALUES, AnatomyModel
-from msk_node.phantoms.appearance import Look, Texture, finish, texture_amplitudes
-from msk_node.phantoms.dicom_series import SeriesInfo, StudyInfo, phantom_uid, slug, write_series
-from msk_node.phantoms.grid import SeriesGrid
-from msk_node.phantoms.render import render
-from msk_node.phantoms.t1rho import SPIN_LOCK_TIMES_MS, render_spin_lock, spin_lock_grid, t1rho_biomarkers
+from msk_node_phantoms import knee, spine, thigh
+from msk_node_phantoms.anatomy import LABEL_VALUES, AnatomyModel
+from msk_node_phantoms.appearance import Look, Texture, finish, texture_amplitudes
+from msk_node_phantoms.dicom_series import SeriesInfo, StudyInfo, phantom_uid, slug, write_series
+from msk_node_phantoms.grid import SeriesGrid
+from msk_node_phantoms.render import render
+from msk_node_phantoms.t1rho import SPIN_LOCK_TIMES_MS, render_spin_lock, spin_lock_grid, t1rho_biomarkers
 
 PHANTOM_KINDS = ("knee", "thigh", "spine", "knee-t1rho")
 

@@ -60,10 +60,10 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from msk_node.service.config import NodeConfig, TlsConfig
-from msk_node.service.delivery import handle_commitment_report
-from msk_node.service.jobs import JobStore
-from msk_node.service.spool import Spool, is_valid_uid
+from msk_node_service.config import NodeConfig, TlsConfig
+from msk_node_service.delivery import handle_commitment_report
+from msk_node_service.jobs import JobStore
+from msk_node_service.spool import Spool, is_valid_uid
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
-from msk_node.phantoms.grid import POSITION_DECIMALS, SeriesGrid
+from msk_node_phantoms.grid import POSITION_DECIMALS, SeriesGrid
 
 #: Fixed acquisition date and time of all phantom studies.
 STUDY_DATE, STUDY_TIME = "20240101", "120000"

@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from msk_node.labels import default_label_map
-from msk_node.phantoms.shapes import Array, Pose
+from msk_node_phantoms.shapes import Array, Pose
 
 #: Voxel values of the ground-truth labels (0 = background), a view of the node's default label map.
 LABEL_VALUES: dict[str, int] = {spec.name: spec.value for spec in default_label_map()}
