@@ -9,12 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from msk_node.model_paths import default_models_dir
+
 if TYPE_CHECKING:
     from msk_node_service import NodeConfig
 
 T = TypeVar("T")
 
-DEFAULT_MODELS = Path(__file__).resolve().parent.parent / "models"
+#: -m's default: $MSK_NODE_MODELS, $HOLOSCAN_MODEL_PATH, else models/ in the current directory (a checkout).
+DEFAULT_MODELS = default_models_dir()
 
 
 def run_application(input_dir: Path, output_dir: Path, models_dir: Path) -> dict:

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-#: The models shipped with the repository (``<repo>/models``).
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+from msk_node.model_paths import default_models_dir
+
 LATE_INSTANCE_POLICIES = ("reprocess", "ignore")
 DESTINATION_TYPES = ("cstore", "stow", "folder")
 
@@ -176,7 +176,7 @@ class NodeConfig:
     max_attempts: int = 3
     retry_backoff_s: float = 10.0
     max_retry_backoff_s: float = 600.0
-    models_dir: Path = DEFAULT_MODELS_DIR
+    models_dir: Path = field(default_factory=default_models_dir)
     app_command: tuple[str, ...] | None = None
     worker_memory_limit_mb: int | None = None
     destinations: tuple[Destination, ...] = ()
