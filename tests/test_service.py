@@ -651,13 +651,10 @@ def test_stow_rs_and_folder_destinations(tmp_path, nodes, dest):
         stow.stop()
 
 
-@pytest.mark.parametrize("client", ["requests", "urllib"])
-def test_stow_rs_sender_with_either_http_client(tmp_path, monkeypatch, client):
+def test_stow_rs_sender_confirms_each_instance_and_reports_http_and_connection_errors(tmp_path):
     from msk_node_service.config import Destination
     from msk_node_service.delivery import DeliveryError, read_results, send_stow
 
-    if client == "urllib":
-        monkeypatch.setitem(sys.modules, "requests", None)  # "import requests" now fails
     make_study(tmp_path / "results", n=2)
     results, problems = read_results(tmp_path / "results")
     assert len(results) == 2 and problems == []
