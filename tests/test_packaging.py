@@ -339,3 +339,14 @@ def test_installed_label_map_is_the_default_detectors():
     assert DEFAULT_LABEL_MAP_PATH.read_bytes() == (REPO / "models" / "detector" / "label_map.yaml").read_bytes()
     manifest = yaml.safe_load((REPO / "models" / "detector" / "manifest.yaml").read_text())
     assert manifest["label_map"] == "label_map.yaml"
+
+
+def test_core_library_imports_no_other_package_of_the_project():
+    modules = sorted(".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+                     for path in (REPO / "msk_node").rglob("*.py"))
+    assert "msk_node.cli" in modules and "msk_node.bench" in modules
+    script = ("import importlib, sys\n"
+              f"for name in {modules!r}:\n    importlib.import_module(name)\n"
+              "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith('msk_node_')}))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.split("\n")[-2] == "[]"
