@@ -1147,8 +1147,9 @@ def test_warm_worker_reports_why_the_models_did_not_load(tmp_path):
 
     result = WarmApp(tmp_path / "no-models").run(tmp_path, tmp_path, tmp_path / "app.log", 60, lambda: False)
     assert not result.ok
-    manifest = tmp_path / "no-models" / "detector" / "manifest.yaml"
-    assert result.reason == f"model load failed: ModelError: model manifest not found: {manifest}"
+    assert result.reason == (f"model load failed: ModelError: models folder not found: {tmp_path / 'no-models'}; "
+                             "pass the models folder with -m MODELS (the node: models_dir in its config) "
+                             "or set MSK_NODE_MODELS")
 
 
 @needs_models
