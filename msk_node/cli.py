@@ -128,7 +128,8 @@ def _bench(args: argparse.Namespace) -> None:
     from msk_node.bench import default_real_knee, run_benchmark
 
     real_knee = args.real_knee if args.real_knee is not None else default_real_knee()
-    print(json.dumps(run_benchmark(existing_models(args.models), real_knee, args.work, with_node=not args.no_node), indent=2))
+    report = run_benchmark(existing_models(args.models), real_knee, args.work, with_node=not args.no_node)
+    print(json.dumps(report, indent=2))
 
 
 def _node_config(path: Path):

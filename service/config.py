@@ -128,7 +128,8 @@ class NodeConfig:
     max_retry_backoff_s : float
         Upper bound of the wait between attempts (also between delivery tries).
     models_dir : pathlib.Path
-        The models the warm worker loads (or passed to ``app_command`` as ``-m``).
+        The models the warm worker loads (or passed to ``app_command`` as ``-m``); default
+        ``$MSK_NODE_MODELS``, ``$HOLOSCAN_MODEL_PATH``, else ``models/`` in the current directory.
     app_command : tuple of str, optional
         A one-shot command run per study (``-i IN -o OUT -m MODELS`` appended), e.g. a
         packaged MAP container; None (default): studies run in the warm worker, which

@@ -59,8 +59,8 @@ def installed(wheel, tmp_path_factory) -> Path:
 
 def clean_environment() -> dict[str, str]:
     """This process's environment without anything that would point Python at the checkout."""
-    return {key: value for key, value in os.environ.items()
-            if key not in ("PYTHONPATH", "MSK_NODE_MODELS", "HOLOSCAN_MODEL_PATH") and not key.startswith("VIRTUAL_ENV")}
+    left_out = ("PYTHONPATH", "MSK_NODE_MODELS", "HOLOSCAN_MODEL_PATH", "VIRTUAL_ENV")
+    return {key: value for key, value in os.environ.items() if key not in left_out}
 
 
 def test_wheel_installs_only_packages_named_after_the_project(wheel):
