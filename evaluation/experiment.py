@@ -52,8 +52,8 @@ import yaml
 
 from msk_node_evaluation.cases import Case, iter_cases
 from msk_node_evaluation.config import ExperimentConfig
-from msk_node_evaluation.metrics import (EMPTY_PREDICTION, EMPTY_TRUTH, METRICS, SIZE_ORDER, compute_mask_metrics, empty_mask,
-                                         size_stratum)
+from msk_node_evaluation.metrics import (EMPTY_PREDICTION, EMPTY_TRUTH, METRICS, SIZE_ORDER, compute_mask_metrics,
+                                         empty_mask, size_stratum)
 from msk_node_evaluation.segment import (EncodedSlices, EvalModel, Prompts, detector_prompts, input_pixel_size,
                                          load_eval_model, postprocessed, segment_prompts, truth_prompts)
 from msk_node.labels import LabelMap

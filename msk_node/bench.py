@@ -181,9 +181,8 @@ def app_end_to_end(study: Path, out: Path, models_dir: Path) -> float:
 
 
 def default_real_knee() -> Path | None:
-    """The real knee DESS (first echo) where the tests look for it: ``$MSK_NODE_REAL_KNEE`` or the shared data."""
-    knee = Path(os.environ.get("MSK_NODE_REAL_KNEE",
-                               Path(__file__).resolve().parents[2] / "shared" / "data" / "knee-mri-ge-3t"))
+    """The real knee DESS (first echo): ``$MSK_NODE_REAL_KNEE``, else the shared data beside the current directory."""
+    knee = Path(os.environ.get("MSK_NODE_REAL_KNEE", Path("..") / "shared" / "data" / "knee-mri-ge-3t"))
     folder = knee / "dess-echo1"
     return folder if folder.is_dir() else None
 

@@ -9,12 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from msk_node.model_paths import HOW_TO_PASS_MODELS, default_models_dir
+from msk_node.status import EXIT_BAD_MODELS
+
 if TYPE_CHECKING:
     from msk_node_service import NodeConfig
 
 T = TypeVar("T")
 
-DEFAULT_MODELS = Path(__file__).resolve().parent.parent / "models"
+#: -m's default: $MSK_NODE_MODELS, $HOLOSCAN_MODEL_PATH, else models/ in the current directory (a checkout).
+DEFAULT_MODELS = default_models_dir()
 
 
 def run_application(input_dir: Path, output_dir: Path, models_dir: Path) -> dict:
@@ -33,8 +37,16 @@ def _phantom(args: argparse.Namespace) -> None:
     print(f"wrote {args.kind} phantom to {out}")
 
 
+def existing_models(models: Path) -> Path:
+    """``models`` if it is a folder; otherwise exit (code EXIT_BAD_MODELS) saying how to name one."""
+    if not models.is_dir():
+        print(f"msk-node: models folder not found: {models}; {HOW_TO_PASS_MODELS}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_MODELS)
+    return models
+
+
 def _run(args: argparse.Namespace) -> None:
-    report = run_application(args.input, args.output, args.models)
+    report = run_application(args.input, args.output, existing_models(args.models))
     print(json.dumps(report, indent=2))
 
 
@@ -46,6 +58,7 @@ def _demo(args: argparse.Namespace) -> None:
     from msk_node_phantoms import write_phantom
     from msk_node_service import Node, NodeConfig, status
 
+    existing_models(args.models)
     study = write_phantom("knee", args.out / "study", seed=args.seed)
     config = NodeConfig.from_mapping({
         "ae_title": "MSKNODE", "port": 0, "stable_after_s": 2,
@@ -101,7 +114,8 @@ def _bench(args: argparse.Namespace) -> None:
     from msk_node.bench import default_real_knee, run_benchmark
 
     real_knee = args.real_knee if args.real_knee is not None else default_real_knee()
-    print(json.dumps(run_benchmark(args.models, real_knee, args.work, with_node=not args.no_node), indent=2))
+    report = run_benchmark(existing_models(args.models), real_knee, args.work, with_node=not args.no_node)
+    print(json.dumps(report, indent=2))
 
 
 def _node_config(path: Path):

@@ -30,6 +30,7 @@ import functools
 import math
 import re
 from collections.abc import Iterator
+from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,8 @@ from highdicom.sr import CodedConcept
 from msk_node import config_checks as checks
 from msk_node.codes import anatomy_codes
 
-#: The label map shipped with the repository.
-DEFAULT_LABEL_MAP_PATH = Path(__file__).resolve().parent.parent / "models" / "detector" / "label_map.yaml"
+#: The label map installed with the package (package data): the default detector's, which the phantoms use.
+DEFAULT_LABEL_MAP_PATH = Path(str(resources.files("msk_node") / "config" / "label_map.yaml"))
 
 _REQUIRED_KEYS = ("name", "value", "class_id", "anatomy", "colour", "smoothing_mm", "priority", "min_area_mm2")
 _OPTIONAL_KEYS = ("category", "type", "interior_of", "fill_holes")
@@ -190,7 +191,7 @@ class LabelMap:
 
 @functools.cache
 def default_label_map() -> LabelMap:
-    """The label map shipped with the repository, read once: the one source of label values."""
+    """The label map installed with the package, read once: the one source of label values."""
     return load_label_map(DEFAULT_LABEL_MAP_PATH)
 
 

@@ -28,6 +28,7 @@ import yaml
 
 from msk_node import config_checks as checks
 from msk_node.labels import LabelMap, load_label_map
+from msk_node.model_paths import HOW_TO_PASS_MODELS
 from msk_node.precision import PRECISIONS
 from msk_node.segmenters.backends import BACKENDS
 from msk_node.segmenters.registry import FAMILIES, segmenter_family
@@ -161,6 +162,8 @@ class ModelSet:
 def verify_models(models_dir: Path) -> tuple[ModelManifest, ModelManifest]:
     """Check both manifests and weight hashes without loading any model."""
     models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        raise ModelError(f"models folder not found: {models_dir}; {HOW_TO_PASS_MODELS}")
     detector = read_manifest(models_dir / "detector")
     segmenter = read_manifest(models_dir / "segmenter")
     if detector.entries["family"] != "yolo":

@@ -6,13 +6,17 @@ The packager copies one folder to ``/opt/holoscan/app``, starts it as
 ``python3 /opt/holoscan/app`` and pip-installs the ``requirements.txt`` it finds in it.
 The application needs three packages of this repository, so OUT receives::
 
-    __main__.py        packaging/app_main.py: runs the ``app`` package as ``python -m app``
-    requirements.txt   packaging/requirements.txt, then every pin of packaging/constraints.txt
-                       not named there, so the image gets the same resolved set as .venv
-    app/ operators/ msk_node/   the sources (no bytecode)
+    __main__.py        packaging/app_main.py: runs ``msk_node_app`` as ``python -m msk_node_app``
+    requirements.txt   packaging/requirements-runtime.txt (the node and the application, no
+                       training, evaluation or test packages), then the pins of
+                       packaging/constraints.txt of every package those depend on (read from the
+                       installed distributions), so the image gets .venv's versions of that set
+    msk_node_app/ msk_node_operators/ msk_node/   the sources (no bytecode), under their installed
+                       names (app/ and operators/ of the repository are installed as msk_node_app
+                       and msk_node_operators)
 
 Packaging ``app/`` directly does not work: started as a folder, ``app/app.py`` shadows the
-``app`` package and ``operators``/``msk_node`` are missing. ``--add`` does not help either:
+package and ``msk_node_operators``/``msk_node`` are missing. ``--add`` does not help either:
 it puts every subfolder on PYTHONPATH, where ``msk_node/segmenters/sam2.py`` would shadow
 the ``sam2`` package.
 """
@@ -21,10 +25,14 @@ from __future__ import annotations
 import re
 import shutil
 import sys
+from importlib import metadata
 from pathlib import Path
 
+from packaging.requirements import Requirement
+
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("app", "operators", "msk_node")
+#: ``{installed name: folder of the repository}`` of the packages the application imports
+PACKAGES = {"msk_node_app": "app", "msk_node_operators": "operators", "msk_node": "msk_node"}
 #: ``name==version`` or ``name[extras]==version``
 PIN = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?\s*==\s*([^\s;#]+)")
 
@@ -36,22 +44,51 @@ def canonical(name: str) -> str:
 
 def read_pins(path: Path) -> dict[str, str]:
     """``{canonical name: version}`` of every ``name==version`` line of a requirements file."""
+    return read_pins_text(path.read_text())
+
+
+def read_pins_text(text: str) -> dict[str, str]:
+    """``{canonical name: version}`` of every ``name==version`` line of requirements text."""
     pins = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         match = PIN.match(line)
         if match:
             pins[canonical(match.group(1))] = match.group(2)
     return pins
 
 
+def dependency_closure(names: set[str]) -> set[str]:
+    """Canonical names of ``names`` and everything they require (with the extras asked for), as the
+    installed distributions declare it."""
+    closure: set[str] = set()
+    pending = [(name, frozenset()) for name in names]
+    while pending:
+        name, extras = pending.pop()
+        if name in closure:
+            continue
+        closure.add(name)
+        try:
+            requires = metadata.distribution(name).requires or []
+        except metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            requirement = Requirement(line)
+            marker = requirement.marker
+            if marker is None or any(marker.evaluate({"extra": extra}) for extra in extras or {""}):
+                pending.append((canonical(requirement.name), frozenset(requirement.extras)))
+    return closure
+
+
 def image_requirements(repo: Path = REPO) -> str:
-    """requirements.txt of the image: the direct pins verbatim, then the rest of the resolved set."""
-    direct = (repo / "packaging" / "requirements.txt").read_text()
-    named = read_pins(repo / "packaging" / "requirements.txt")
+    """requirements.txt of the image: the runtime pins verbatim, then the resolved pins they depend on."""
+    runtime = repo / "packaging" / "requirements-runtime.txt"
+    named = read_pins(runtime)
+    needed = dependency_closure(set(named))
     resolved = [line.strip() for line in (repo / "packaging" / "constraints.txt").read_text().splitlines()
-                if PIN.match(line) and canonical(PIN.match(line).group(1)) not in named]
-    return (direct.rstrip("\n") + "\n\n# The rest of the resolved set (packaging/constraints.txt): pip in the image\n"
-            "# reads only this file, so the constraints are installed as pins.\n" + "\n".join(resolved) + "\n")
+                if PIN.match(line) and canonical(PIN.match(line).group(1)) in needed - set(named)]
+    return (runtime.read_text().rstrip("\n") + "\n\n# What those depend on, pinned as in packaging/constraints.txt: "
+            "pip in the image\n# reads only this file, so the constraints are installed as pins.\n"
+            + "\n".join(resolved) + "\n")
 
 
 def stage(out: Path, repo: Path = REPO) -> Path:
@@ -62,8 +99,8 @@ def stage(out: Path, repo: Path = REPO) -> Path:
     out.mkdir(parents=True)
     shutil.copyfile(repo / "packaging" / "app_main.py", out / "__main__.py")
     (out / "requirements.txt").write_text(image_requirements(repo))
-    for package in PACKAGES:
-        shutil.copytree(repo / package, out / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name, folder in PACKAGES.items():
+        shutil.copytree(repo / folder, out / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return out
 
 

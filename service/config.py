@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-#: The models shipped with the repository (``<repo>/models``).
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+from msk_node.model_paths import default_models_dir
+
 LATE_INSTANCE_POLICIES = ("reprocess", "ignore")
 DESTINATION_TYPES = ("cstore", "stow", "folder")
 
@@ -171,7 +171,8 @@ class NodeConfig:
     max_retry_backoff_s : float
         Upper bound of the wait between attempts (also between delivery tries).
     models_dir : pathlib.Path
-        The models the warm worker loads (or passed to ``app_command`` as ``-m``).
+        The models the warm worker loads (or passed to ``app_command`` as ``-m``); default
+        ``$MSK_NODE_MODELS``, ``$HOLOSCAN_MODEL_PATH``, else ``models/`` in the current directory.
     app_command : tuple of str, optional
         A one-shot command run per study (``-i IN -o OUT -m MODELS`` appended), e.g. a
         packaged MAP container; None (default): studies run in the warm worker, which
@@ -221,7 +222,7 @@ class NodeConfig:
     max_attempts: int = 3
     retry_backoff_s: float = 10.0
     max_retry_backoff_s: float = 600.0
-    models_dir: Path = DEFAULT_MODELS_DIR
+    models_dir: Path = field(default_factory=default_models_dir)
     app_command: tuple[str, ...] | None = None
     worker_memory_limit_mb: int | None = None
     destinations: tuple[Destination, ...] = ()

@@ -209,16 +209,6 @@ def _http(url: str, body: bytes | None = None, content_type: str = "", what: str
     if body is not None:
         headers["Content-Type"] = content_type
     method = "GET" if body is None else "POST"
-    try:
-        import requests
-    except ImportError:
-        requests = None
-    if requests is not None:
-        try:
-            response = requests.request(method, url, data=body, headers=headers, timeout=120)
-        except requests.RequestException as error:
-            raise DeliveryError(f"{what} to {url}: {error}") from error
-        return response.status_code, response.content
     request = urllib.request.Request(url, data=body, headers=headers, method=method)
     try:
         with urllib.request.urlopen(request, timeout=120) as response:

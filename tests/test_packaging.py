@@ -7,7 +7,9 @@ and building the image, are replaced by a stand-in that keeps the build context 
 """
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -193,18 +195,21 @@ def test_package_installs_the_pinned_stack_and_copies_the_application_and_models
     assert package.build["tags"] == [IMAGE] and package.build["platforms"] == ["linux/amd64"]
     assert Path(package.build["file"]).name == "Dockerfile"
 
-    # pip installs exactly the pins of packaging/requirements.txt and packaging/constraints.txt.
+    # pip installs exactly the runtime pins and the pins of packaging/constraints.txt they depend on.
     assert ("COPY", "./pip/requirements.txt /tmp/requirements.txt") in release
     assert ("RUN", "pip install --no-cache-dir --user -r /tmp/requirements.txt") in release
     image_requirements = (context / "pip" / "requirements.txt").read_text()
     entries = [line for line in image_requirements.splitlines() if line.strip() and not line.startswith("#")]
     assert all(stage_app.PIN.match(line) for line in entries), "every requirement of the image is pinned"
     pins = stage_app.read_pins(context / "pip" / "requirements.txt")
-    direct = stage_app.read_pins(PACKAGING / "requirements.txt")
+    direct = stage_app.read_pins(PACKAGING / "requirements-runtime.txt")
     resolved = stage_app.read_pins(PACKAGING / "constraints.txt")
-    assert len(entries) == len(pins) and set(pins) == set(direct) | set(resolved)
+    needed = stage_app.dependency_closure(set(direct))
+    assert len(entries) == len(pins) and set(pins) == set(direct) | (set(resolved) & needed)
     assert {name: pins[name] for name in direct} == direct
-    assert {name: pins[name] for name in resolved} == resolved
+    assert {name: resolved[name] for name in set(pins) - set(direct)} == {
+        name: pins[name] for name in set(pins) - set(direct)}
+    assert not NOT_RUNTIME & set(pins)
     assert ("RUN", f"pip install monai-deploy-app-sdk=={direct['monai-deploy-app-sdk']}") in release
     # The GUI OpenCV that ultralytics pulls in needs libGL and GLib; holoviz's packages bring both.
     holoviz = [arguments for keyword, arguments in release if keyword == "RUN" and "libgl1=" in arguments]
@@ -215,8 +220,8 @@ def test_package_installs_the_pinned_stack_and_copies_the_application_and_models
     assert app_dir == package.env["HOLOSCAN_APPLICATION"] == package.pkg_json["applicationRoot"]
     assert json.loads(package.app_json["command"]) == ["python3", app_dir]
     assert (context / "app" / "__main__.py").read_text() == (PACKAGING / "app_main.py").read_text()
-    for name in stage_app.PACKAGES:
-        assert files_under(context / "app" / name) == files_under(REPO / name), name
+    for name, folder in stage_app.PACKAGES.items():
+        assert files_under(context / "app" / name) == files_under(REPO / folder), name
     assert package.app_json["version"] == package.pkg_json["version"] == __version__
     assert package.app_json["input"]["formats"] == package.app_json["output"]["formats"] == ["file"]
     assert package.pkg_json["resources"]["gpu"] == 0  # runs on CPU
@@ -279,3 +284,69 @@ def test_packaged_application_refuses_a_corrupted_model_at_start_up(package, ima
     status = json.loads((output / STATUS_FILE).read_text())
     assert status["outcome"] == "could not run" and status["exit_code"] == EXIT_BAD_MODELS
     assert "detector.pt are corrupted or replaced" in status["reason"] and status["results"] == []
+
+
+# -- what a runtime install holds ----------------------------------------------------------------
+
+#: Installed packages the node and the application run from (the MAP image holds only these requirements).
+RUNTIME_FOLDERS = ("msk_node", "app", "operators", "service")
+#: Training, evaluation and test packages that must stay out of the runtime requirements.
+NOT_RUNTIME = {"ray", "pingouin", "statsmodels", "pytest", "pandas", "pyarrow", "scikit-learn"}
+#: Imported by runtime code but built on its own (an sdist built against the installed torch, scripts/setup.sh).
+BUILT_SEPARATELY = {"sam2"}
+
+
+def third_party_imports(folders: tuple[str, ...]) -> dict[str, set[str]]:
+    """``{top-level module: files importing it}`` of every absolute import outside the standard library and
+    this project, in the Python files of ``folders``."""
+    imports: dict[str, set[str]] = {}
+    for folder in folders:
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for top in {name.split(".")[0] for name in names}:
+                    if top not in sys.stdlib_module_names and not top.startswith("msk_node") and top != "__future__":
+                        imports.setdefault(top, set()).add(str(path.relative_to(REPO)))
+    return imports
+
+
+def test_runtime_requirements_hold_what_the_node_and_the_application_import_and_nothing_for_training():
+    runtime = stage_app.read_pins(PACKAGING / "requirements-runtime.txt")
+    assert not NOT_RUNTIME & set(runtime)
+    # Pinned as the full set is, so the image and .venv run the same versions.
+    resolved = stage_app.read_pins(PACKAGING / "constraints.txt")
+    assert {name: resolved[name] for name in runtime} == runtime
+    distributions = importlib.metadata.packages_distributions()
+    imports = third_party_imports(RUNTIME_FOLDERS)
+    assert {"torch", "pydicom", "highdicom", "pynetdicom", "monai"} <= set(imports)  # the scan sees the imports
+    missing = {module: sorted(files) for module, files in imports.items() if module not in BUILT_SEPARATELY
+               and not {stage_app.canonical(name) for name in distributions.get(module, [])} & set(runtime)}
+    assert missing == {}
+    # The image's requirements: the runtime pins and what they depend on, still without training or tests.
+    image = stage_app.read_pins_text(stage_app.image_requirements())
+    assert {name: image[name] for name in runtime} == runtime and not NOT_RUNTIME & set(image)
+    assert set(image) <= set(runtime) | set(resolved)
+
+
+def test_installed_label_map_is_the_default_detectors():
+    from msk_node.labels import DEFAULT_LABEL_MAP_PATH
+
+    assert DEFAULT_LABEL_MAP_PATH.read_bytes() == (REPO / "models" / "detector" / "label_map.yaml").read_bytes()
+    manifest = yaml.safe_load((REPO / "models" / "detector" / "manifest.yaml").read_text())
+    assert manifest["label_map"] == "label_map.yaml"
+
+
+def test_core_library_imports_no_other_package_of_the_project():
+    modules = sorted(".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+                     for path in (REPO / "msk_node").rglob("*.py"))
+    assert "msk_node.cli" in modules and "msk_node.bench" in modules
+    script = ("import importlib, sys\n"
+              f"for name in {modules!r}:\n    importlib.import_module(name)\n"
+              "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith('msk_node_')}))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.split("\n")[-2] == "[]"

@@ -259,8 +259,9 @@ def test_application_refuses_corrupted_models_at_start_up(tmp_path):
     weights = models / "detector" / "detector.pt"
     weights.write_bytes(weights.read_bytes()[:-10])
     case = make_mr_series(tmp_path / "in", n=10)
-    result = subprocess.run([sys.executable, "-m", "msk_node_app", "-i", str(case[0].parent), "-o", str(tmp_path / "out"),
-                             "-m", str(models)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "msk_node_app", "-i", str(case[0].parent),
+                             "-o", str(tmp_path / "out"), "-m", str(models)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == EXIT_BAD_MODELS
     assert "detector.pt are corrupted or replaced" in result.stderr
     status = json.loads((tmp_path / "out" / "status.json").read_text())
