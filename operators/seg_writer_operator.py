@@ -11,7 +11,8 @@ from msk_node.pipeline import WRITER_INPUTS, Resources, StudyOutputs, write_outp
 class SegWriterOperator(Operator):
     """Inputs :data:`~msk_node.pipeline.WRITER_INPUTS` (the study, the records, and per series its volume, label
     volume, plausibility findings, measurements and scores); writes ``seg-*.dcm``, ``sr-*.dcm``, ``pmap-*.dcm``,
-    ``measurements.*``, ``report.json`` and ``status.json``."""
+    ``report-*.pdf.dcm`` and ``report-*.sc.dcm`` (the clinician report), ``measurements.*``, ``report.json`` and
+    ``status.json``."""
 
     def __init__(self, fragment: Fragment, *args, output_folder: Path, resources: Resources, **kwargs) -> None:
         self.output_folder = Path(output_folder)
