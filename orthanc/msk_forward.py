@@ -10,14 +10,15 @@ library and the ``orthanc`` module. Configure it in the Orthanc configuration:
         "RulesFile": "",                           // series rules as JSON; "" is the checkout's
                                                    //   msk_node/config/series_rules.json
         "OwnManufacturer": "msk-node",             // Manufacturer of the node's results
-        "OwnModalities": ["SEG", "SR", "OT"],      // Modality of the node's results (OT: Parametric Maps)
+        "OwnModalities": ["SEG", "SR", "OT", "DOC"], // Modality of the node's results
+                                                     // (OT: Parametric Maps, report image; DOC: PDF report)
         "StoreRetries": 3,                         // resubmissions of a failed store job
         "StoreRetryDelay": 30                      // seconds before the first; doubled each time
     }
 
 On every ``STABLE_STUDY`` change the plugin lists the study's series and
 
-* sets aside the node's own results (Modality SEG/SR/OT *and* Manufacturer "msk-node"):
+* sets aside the node's own results (Modality SEG/SR/OT/DOC *and* Manufacturer "msk-node"):
   they are never sent to the node, and a study that holds nothing else is skipped;
 * looks for a *trigger*: a series that one of the application's series-selection rules
   takes (``msk_node/config/series_rules.yaml``, read in its JSON rendering written by
@@ -56,7 +57,7 @@ DEFAULTS = {
     "Modality": "msk-node",
     "RulesFile": "",
     "OwnManufacturer": "msk-node",
-    "OwnModalities": ["SEG", "SR", "OT"],
+    "OwnModalities": ["SEG", "SR", "OT", "DOC"],
     "StoreRetries": 3,
     "StoreRetryDelay": 30,
 }
@@ -139,7 +140,7 @@ def _decide(entry):
 
 
 def is_own_result(tags, settings=None):
-    """True for a series the node produced (SEG/SR/Parametric Map written by msk-node)."""
+    """True for a series the node produced (SEG, SR, Parametric Map, clinician report written by msk-node)."""
     settings = settings or SETTINGS
     return (tags.get("Modality", "").upper() in settings["_own_modalities"]
             and tags.get("Manufacturer", "").strip() == settings["OwnManufacturer"])

@@ -222,7 +222,7 @@ class Orthanc:
                 and job.get("Content", {}).get("RemoteAet") == "MSKNODE"]
 
     def qido_series(self, study_uid: str) -> list[dict]:
-        """QIDO-RS series of a study: Modality, Manufacturer, SeriesInstanceUID, instance count."""
+        """QIDO-RS series of a study: Modality, Manufacturer, SeriesInstanceUID, instance count, SOP classes."""
         try:
             rows = self.get(f"/dicom-web/studies/{study_uid}/series?includefield=00080070",
                             accept="application/dicom+json")
@@ -233,8 +233,13 @@ class Orthanc:
         def value(row: dict, tag: str) -> Any:
             values = row.get(tag, {}).get("Value", [None])
             return values[0] if values else None
-        return [{"modality": value(row, "00080060"), "manufacturer": value(row, "00080070"),
-                 "series_uid": value(row, "0020000E"), "instances": value(row, "00201209")} for row in rows or []]
+        series = [{"modality": value(row, "00080060"), "manufacturer": value(row, "00080070"),
+                   "series_uid": value(row, "0020000E"), "instances": value(row, "00201209")} for row in rows or []]
+        for entry in series:
+            instances = self.get(f"/dicom-web/studies/{study_uid}/series/{entry['series_uid']}/instances",
+                                 accept="application/dicom+json")
+            entry["sop_classes"] = sorted({value(row, "00080016") for row in instances or []})
+        return series
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

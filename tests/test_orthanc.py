@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
 from msk_node.dicom_input import Series
+from msk_node.report_writer import ENCAPSULATED_PDF_STORAGE
 from msk_node.selection import load_rules, rules_json, select_series
 from msk_node_service import NodeConfig
 from tests.orthanc_helpers import ORTHANC_DIR, REPO, run_scenario, skip_reason
@@ -297,7 +299,7 @@ def assert_forwarded_once_and_seg_back(result: dict) -> None:
     series = result["qido_series"]
     assert [s["modality"] for s in series].count("MR") == 1 and "SEG" in [s["modality"] for s in series], series
     results = [s for s in series if s["modality"] != "MR"]
-    assert all(s["modality"] in ("SEG", "SR") and s["manufacturer"] == "msk-node" for s in results), series
+    assert all(s["modality"] in ("SEG", "SR", "OT", "DOC") and s["manufacturer"] == "msk-node" for s in results), series
     actions = [row["action"] for row in result["decisions"]]
     assert actions.count("forwarded") == 1 and actions[-1] == "skipped", result["decisions"]
     assert result["decisions"][-1]["reason"] == "already sent to the node"
@@ -343,6 +345,11 @@ def test_real_application_seg_lands_in_the_same_study_in_orthanc(tmp_path):
                                      "models_dir": str(MODELS), "job_timeout": 150}, timeout=210)
     assert_forwarded_once_and_seg_back(result)
     assert "series: segmented 1" in result["node_jobs"][0]["reason"]
+    # The clinician report lands in the same study: its PDF (DOC) and its Secondary Capture (OT).
+    classes = {s["modality"]: s["sop_classes"] for s in result["qido_series"]}
+    assert classes["DOC"] == [ENCAPSULATED_PDF_STORAGE], classes
+    assert classes["OT"] == [SecondaryCaptureImageStorage], classes
+    assert classes["SR"] == [Comprehensive3DSRStorage], classes
 
 
 @needs_orthanc
