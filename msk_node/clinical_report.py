@@ -78,6 +78,14 @@ class SeriesContent:
     #: Row and column spacing in mm (the key images keep their aspect).
     pixel_spacing: tuple[float, float]
     series_number: int | None = None
+    #: Echo time in ms: tells apart the echoes of one acquisition, which share number and description.
+    echo_time_ms: float | None = None
+
+    @property
+    def heading(self) -> str:
+        number = f" {self.series_number}" if self.series_number is not None else ""
+        echo = f", TE {self.echo_time_ms:g} ms" if self.echo_time_ms is not None else ""
+        return f"Series{number}: {self.description}{echo}"
 
 
 @dataclass(frozen=True)
@@ -173,8 +181,7 @@ def render_report(content: ReportContent, label_map: LabelMap) -> Figure:
 
 def _key_images(figure: Figure, series: SeriesContent, label_map: LabelMap, top: float) -> float:
     slices = key_slices(series.label_volume)
-    number = f" {series.series_number}" if series.series_number is not None else ""
-    figure.text(0.05, top, f"Key images, series{number}: {series.description}", fontsize=8, va="top")
+    figure.text(0.05, top, f"Key images, {series.heading}", fontsize=8, va="top")
     top -= 0.012
     height = 0.25
     width = 0.9 / max(len(slices), 1)
@@ -192,8 +199,7 @@ def _key_images(figure: Figure, series: SeriesContent, label_map: LabelMap, top:
 
 
 def _series_table(figure: Figure, series: SeriesContent, top: float) -> float:
-    number = f" {series.series_number}" if series.series_number is not None else ""
-    figure.text(0.05, top, f"Series{number}: {series.description} ({series.anatomy})", fontsize=9, weight="bold",
+    figure.text(0.05, top, f"{series.heading} ({series.anatomy})", fontsize=9, weight="bold",
                 va="top")
     header, rows = table_rows(series.groups)
     row_height = 0.0165

@@ -569,9 +569,11 @@ def series_content(selected: SelectedSeries, label_volume: LabelVolume, measurem
                    outputs: SeriesOutputs) -> SeriesContent:
     """One series' part of the clinician report: the SR's groups, its quality flags and its key images."""
     volume = label_volume.volume
+    source = volume.datasets[0]
+    echo_time = source.get("EchoTime")
     return SeriesContent(selected.series.description, selected.anatomy, report_groups(measurements, outputs.quality),
                          dict(outputs.quality), volume.array, label_volume.labels, tuple(volume.pixel_spacing),
-                         volume.datasets[0].get("SeriesNumber"))
+                         source.get("SeriesNumber"), float(echo_time) if echo_time not in (None, "") else None)
 
 
 def write_status(output_dir: Path, outcome: Outcome, reason: str = "", records: Records | None = None,

@@ -71,7 +71,7 @@ def _check_report(out: Path, work) -> None:
     pdf_path, sc_path = (out / name for name in names)
     assert results[pdf_path.name] == ENCAPSULATED_PDF_STORAGE
     assert results[sc_path.name] == SECONDARY_CAPTURE
-    source = work.jobs[0].volume.datasets[0]
+    source = work.series_results[0].volume.datasets[0]
     others = {pydicom.dcmread(out / name, stop_before_pixels=True).SeriesNumber for name in results
               if name not in names}
     numbers = set()
@@ -97,8 +97,11 @@ def _check_report(out: Path, work) -> None:
     # Besides the SR's numbers: the reference row of each table, the footnotes, provenance and withheld reasons.
     withheld = [reason for entry in report["series"] for quality in entry.get("quality", {}).values()
                 for reason in quality["withheld"]]
+    # Table headings name each series' echo time (the echoes of one acquisition share number and description).
+    echo_times = [f"{float(result.volume.datasets[0].EchoTime):g}" for result in work.series_results
+                  if result.volume is not None and result.volume.datasets[0].get("EchoTime") not in (None, "")]
     fixed = " ".join([*REFERENCES, *[column.reference for column in COLUMNS.values()] * len(sr_groups),
-                      report["software"], *report["models"].values(), *withheld])
+                      report["software"], *report["models"].values(), *withheld, *echo_times * 2])
     assert not (printed - expected) - Counter(NUMBER.findall(fixed))
     assert "NOT FOR DIAGNOSIS" in text
     assert report["models"]["detector_sha256"] in text.replace("\n", "")
