@@ -13,8 +13,9 @@ from msk_node.status import EXIT_INTERNAL_ERROR, EXIT_RAN, STATUS_FILE, Outcome,
 logger = logging.getLogger("msk_node_app")
 
 
-def main() -> int:
-    app = MskSegmentationApp()
+def main(argv: list[str] | None = None) -> int:
+    """Run the application on ``argv`` (``sys.argv`` by default) and return the exit code of the contract."""
+    app = MskSegmentationApp(argv) if argv is not None else MskSegmentationApp()
     try:
         app.run()
     except CannotRun as error:

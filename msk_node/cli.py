@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from msk_node.model_paths import HOW_TO_PASS_MODELS, default_models_dir
-from msk_node.status import EXIT_BAD_MODELS
+from msk_node.status import EXIT_BAD_MODELS, EXIT_RAN, STATUS_FILE
 
 if TYPE_CHECKING:
     from msk_node_service import NodeConfig
@@ -22,11 +22,18 @@ DEFAULT_MODELS = default_models_dir()
 
 
 def run_application(input_dir: Path, output_dir: Path, models_dir: Path) -> dict:
-    """Run the MONAI Deploy application exactly as its entry point does and return its report."""
-    from msk_node_app.app import MskSegmentationApp
+    """Run the MONAI Deploy application as its entry point does (status.json included) and return its report.
 
-    argv = [sys.executable, "app", "-i", str(input_dir), "-o", str(output_dir), "-m", str(models_dir)]
-    MskSegmentationApp(argv).run()
+    A study that cannot run exits with the contract's code and the reason from status.json.
+    """
+    from msk_node_app.__main__ import main as application_main
+
+    argv = [sys.executable, "msk_node_app", "-i", str(input_dir), "-o", str(output_dir), "-m", str(models_dir)]
+    exit_code = application_main(argv)
+    if exit_code != EXIT_RAN:
+        status = json.loads((Path(output_dir) / STATUS_FILE).read_text())
+        print(f"msk-node: could not run: {status.get('reason', status['outcome'])}", file=sys.stderr)
+        raise SystemExit(exit_code)
     return json.loads((Path(output_dir) / "report.json").read_text())
 
 

@@ -42,6 +42,9 @@ from tests.dicom_checks import (
 
 from tests.conftest import MODELS, REPO, TEST_SEED
 
+#: The console script of the environment running the tests.
+MSK_NODE = str(Path(sys.executable).with_name("msk-node"))
+
 BONES = {"knee": ["femur", "tibia", "patella"], "thigh": ["femoral_cortex", "femoral_marrow"],
          "spine": ["vertebral_body"]}
 MUSCLES = {"thigh": ["quadriceps", "hamstrings", "adductors", "sartorius", "gracilis"]}
@@ -271,15 +274,20 @@ def test_application_refuses_corrupted_models_at_start_up(tmp_path):
     assert status["series"] == [] and status["results"] == []
 
 
-def test_application_without_a_readable_input_folder_says_so_in_status_json(tmp_path):
+@pytest.mark.parametrize("command", [[sys.executable, "-m", "msk_node_app"], [MSK_NODE, "run"]],
+                         ids=["entry point", "msk-node run"])
+def test_application_without_a_readable_input_folder_says_so_in_status_json(tmp_path, command):
     not_a_folder = tmp_path / "study.dcm"
     not_a_folder.write_bytes(b"not a folder")
-    result = subprocess.run([sys.executable, "-m", "msk_node_app", "-i", str(not_a_folder), "-o", str(tmp_path / "out"),
-                             "-m", str(MODELS)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([*command, "-i", str(not_a_folder), "-o", str(tmp_path / "out"), "-m", str(MODELS)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == EXIT_BAD_INPUT, result.stderr[-3000:]
+    reason = f"input folder {not_a_folder} is not a folder"
     status = json.loads((tmp_path / "out" / "status.json").read_text())
-    assert status == {"outcome": "could not run", "exit_code": EXIT_BAD_INPUT,
-                      "reason": f"input folder {not_a_folder} is not a folder", "series": [], "results": []}
+    assert status == {"outcome": "could not run", "exit_code": EXIT_BAD_INPUT, "reason": reason, "series": [],
+                      "results": []}
+    if command[-1] == "run":
+        assert f"msk-node: could not run: {reason}" in result.stderr
 
 
 @pytest.fixture(scope="module")
