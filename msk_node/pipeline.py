@@ -512,7 +512,9 @@ def write_outputs(study: LoadedStudy, records: Records, volumes: Mapping[str, Se
     """
     models = resources.models
     output_dir = Path(output_dir)
-    with resources.times.stage("measure"):
+    study_failures: list[dict[str, str]] = []
+    unmeasured: list[RelaxationMap] = []
+    with resources.times.stage("measure"), study_guard(study_failures, "relaxation maps"):
         fitted = [m for series in measurements.values() for m in series.maps]
         unmeasured = unmeasured_relaxation_maps(list(study.series), fitted, relaxometry=resources.rules.relaxometry)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -527,10 +529,8 @@ def write_outputs(study: LoadedStudy, records: Records, volumes: Mapping[str, Se
             if written is not None:
                 outputs[uid] = written
         for relaxation in unmeasured:
-            try:
+            with study_guard(study_failures, f"{relaxation.kind} parametric map"):
                 write_map(relaxation, output_dir, maps_written, first_series_number=9200)
-            except ValueError as error:
-                logger.warning("%s Parametric Map not written: %s", relaxation.kind, error)
         rows = [row for uid, selected in study.selected.items() if uid in measurements and uid in outputs
                 for row in measurement_rows(selected.series.study_instance_uid, uid, measurements[uid])]
         write_measurement_tables(rows, output_dir)
@@ -538,11 +538,24 @@ def write_outputs(study: LoadedStudy, records: Records, volumes: Mapping[str, Se
                                                   output_dir)
         report = study_report(study, records, volumes, label_volumes, plausibility, outputs, models,
                               sorted(maps_written), [path.name for path in clinical_reports])
+        if study_failures:
+            report["failures"] = study_failures
         (output_dir / "report.json").write_text(json.dumps(report, indent=2))
         results = tuple(sorted({path for written in outputs.values() for path in (written.seg, written.sr) if path}
                                | set(maps_written.values()) | set(clinical_reports)))
         write_status(output_dir, Outcome.RAN, records=records, skipped=len(study.skipped), results=results)
     return StudyOutputs(outputs, report, results)
+
+
+@contextmanager
+def study_guard(failures: list[dict[str, str]], step: str) -> Iterator[None]:
+    """A step of the study rather than of one series: its exception is listed in ``failures``, the rest goes on."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - the series' results must still be written
+        logger.debug("%s failed", step, exc_info=True)
+        logger.warning("%s failed: %s", step, describe_error(error))
+        failures.append({"step": step, "error": describe_error(error)})
 
 
 def write_clinical_reports(study: LoadedStudy, records: Records, label_volumes: Mapping[str, LabelVolume],
@@ -702,7 +715,7 @@ class StudyRun:
 RESULT_VALUES = ("volumes", "detections", "label_volumes", "plausibility", "measurements", "scores")
 
 
-def run_steps(values: Mapping[str, Any], resources: Resources, steps: tuple[Step, ...] = STEPS) -> dict[str, Any]:
+def run_steps(values: Mapping[str, Any], resources: Resources, steps: tuple[Step, ...]) -> dict[str, Any]:
     """``steps`` in order over ``values`` (the loader's, and any a test supplies in place of earlier steps)."""
     values = dict(values)
     for index, step in enumerate(steps):
@@ -730,7 +743,7 @@ def process_study(input_dir: Path, output_dir: Path, models: ModelSet, rules: Ru
     resources = Resources(models, rules if rules is not None else load_study_rules())
     with resources.times.stage("load"):
         study = load_study(input_dir, resources.rules)
-    values = run_steps(loaded_values(study), resources)
+    values = run_steps(loaded_values(study), resources, STEPS)
     written = write_values(values, resources, Path(output_dir))
     results = tuple(
         SeriesResult(selected, values["records"][uid], values["volumes"].get(uid),

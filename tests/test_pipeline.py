@@ -358,7 +358,11 @@ def test_real_knee_as_nifti_with_named_labels_evaluates_with_truth_boxes(real_kn
 
 
 def test_a_failing_step_costs_its_series_alone_and_status_json_lists_every_outcome(tmp_path, models, monkeypatch):
-    """KeyError in the spine's detection and in the knee's measurement; the thigh is untouched."""
+    """KeyError in the spine's detection and in the knee's measurement; the thigh is untouched.
+
+    A study-wide step failing too (the maps of acquisitions no series measured on) is listed at the
+    study level, and every series' results are written all the same.
+    """
     from msk_node import pipeline
 
     study = tmp_path / "study"
@@ -380,10 +384,17 @@ def test_a_failing_step_costs_its_series_alone_and_status_json_lists_every_outco
     injected = {"detect": "spine", "measure": "knee"}
     monkeypatch.setattr(pipeline, "STEPS", tuple(failing(step, injected[step.name]) if step.name in injected
                                                  else step for step in pipeline.STEPS))
+
+    def failing_maps(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(pipeline, "unmeasured_relaxation_maps", failing_maps)
     out = tmp_path / "out"
     process_study(study, out, models)
 
-    report = {s["anatomy"]: s for s in json.loads((out / "report.json").read_text())["series"]}
+    study_report = json.loads((out / "report.json").read_text())
+    assert study_report["failures"] == [{"step": "relaxation maps", "error": "RuntimeError: injected"}]
+    report = {s["anatomy"]: s for s in study_report["series"]}
     assert report["spine"]["outcome"] == "failed"
     assert report["spine"]["reason"] == "detection failed: KeyError: 'injected'"
     assert report["spine"]["failures"] == [{"step": "detect", "error": "KeyError: 'injected'"}]
