@@ -14,7 +14,8 @@ into pieces that then look like detached fragments. Slices missing from the seri
 are left out when components are labelled, so a gap does not cut a bone in two.
 
 knee   femur, tibia, patella: one component each (the largest plausible one); the
-       tibia lies inferior to the femur and the patella anterior to it (the femur
+       tibia lies inferior to the femur and the patella anterior to it, within the
+       femur's left-right extent, where it glides in the trochlear groove (the femur
        anchors); cartilage touches its bone; menisci lie near the tibia, between
        tibia and femur.
 thigh  femoral cortex and marrow: one component each; muscles: small pieces far
@@ -53,7 +54,7 @@ KNEE_CARTILAGE = {"femoral_cartilage": "femur", "tibial_cartilage": "tibia", "pa
 THIGH_BONE = ("femoral_cortex", "femoral_marrow")
 THIGH_MUSCLES = ("quadriceps", "hamstrings", "adductors", "sartorius", "gracilis")
 BODY, DISC = "vertebral_body", "intervertebral_disc"
-_S, _A = 2, 1  # LPS axes: superior is +z, anterior is -y
+_L, _A, _S = 0, 1, 2  # LPS axes: left is +x, anterior is -y, superior is +z
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,8 @@ class _Component:
     volume_mm3: float
     centroid: np.ndarray
     s_range: tuple[float, float]
+    #: Extent along L (patient left), like ``s_range``.
+    l_range: tuple[float, float]
 
     @property
     def s_extent_mm(self) -> float:
@@ -149,15 +152,21 @@ def _components(label: str, mask: np.ndarray, geometry: _Geometry) -> tuple[np.n
     counts = np.bincount(ids, minlength=count + 1)[1:]
     index_centroids = np.stack([np.bincount(ids, weights=c, minlength=count + 1)[1:] for c in coords], axis=1)
     index_centroids /= counts[:, None]
-    # Range along S: voxel centres' range widened by half a voxel's own extent along S at each end.
-    z = np.stack(coords, axis=1) @ geometry.affine[_S, :3] + geometry.affine[_S, 3]
     index = np.arange(1, count + 1)
-    half = np.abs(geometry.affine[_S, :3]).sum() / 2
-    low, high = np.asarray(ndimage.minimum(z, ids, index)) - half, np.asarray(ndimage.maximum(z, ids, index)) + half
+    points = np.stack(coords, axis=1)
+
+    def extent(axis: int) -> list[tuple[float, float]]:
+        """Range along a patient axis: voxel centres' range widened by half a voxel's own extent at each end."""
+        position = points @ geometry.affine[axis, :3] + geometry.affine[axis, 3]
+        half = np.abs(geometry.affine[axis, :3]).sum() / 2
+        low, high = ndimage.minimum(position, ids, index), ndimage.maximum(position, ids, index)
+        return [(float(a) - half, float(b) + half) for a, b in zip(low, high)]
+
     boxes = ndimage.find_objects(labelled)
     centroids = geometry.to_patient(index_centroids)
+    s_ranges, l_ranges = extent(_S), extent(_L)
     return labelled, [_Component(label, i + 1, boxes[i], float(counts[i] * geometry.voxel_mm3), centroids[i],
-                                 (float(low[i]), float(high[i]))) for i in range(count)]
+                                 s_ranges[i], l_ranges[i]) for i in range(count)]
 
 
 def _near(component: _Component, labelled: np.ndarray, anchor: np.ndarray, spacing: tuple[float, ...],
@@ -256,6 +265,11 @@ def _knee(checker: _Checker) -> None:
     if femur is not None:
         for part in [c for c in patella_parts if c.centroid[_A] >= femur.centroid[_A]]:
             checker.drop(part, "patella_anterior", "patella centroid not anterior to the femur's")
+            patella_parts.remove(part)
+        # The patella glides in the trochlear groove, between the condyles: never beside the femur.
+        left, right = femur.l_range
+        for part in [c for c in patella_parts if not left <= c.centroid[_L] <= right]:
+            checker.drop(part, "patella_over_femur", "patella centroid outside the femur's left-right extent")
             patella_parts.remove(part)
     bones["patella"] = checker.keep_largest(patella_parts, "one_patella", "second patella")
     if femur is None and bones["patella"] is not None:

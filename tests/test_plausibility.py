@@ -105,6 +105,21 @@ def test_knee_drops_a_tibia_above_the_femur_a_second_patella_and_stray_cartilage
     assert tibia_blob.centroid_mm[2] > femur.centroid_mm[2] + 30
 
 
+def test_knee_drops_a_patella_beside_the_femur(knee, label_map):
+    """Anterior to the femur but beyond its left-right extent (slices past the condyles): not a patella."""
+    _, volume, truth = knee
+    femur = np.argwhere(truth == label_map.by_name("femur").value)
+    beside = slice(femur[:, 0].max() + 1, truth.shape[0])
+    assert beside.start < beside.stop
+    labels = truth.copy()
+    _inject(labels, (beside, slice(48, 110), slice(42, 76)), label_map.by_name("patella").value)
+
+    result = check_label_volume(labels, volume, "knee", label_map)
+
+    assert _dropped(result) == {"patella": "patella_over_femur"} and len(result.dropped) == 1
+    assert np.array_equal(result.label_volume, truth)
+
+
 def test_without_a_femur_the_bones_it_anchors_are_flagged_not_dropped(knee, label_map):
     _, volume, truth = knee
     labels = truth.copy()
