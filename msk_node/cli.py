@@ -91,6 +91,7 @@ def follow_jobs(config, timeout_s: float) -> None:
     import time
 
     from msk_node_service import status
+    from msk_node_service.jobs import FINISHED_STATES
 
     start, seen = time.monotonic(), {}
     while time.monotonic() - start < timeout_s:
@@ -99,8 +100,8 @@ def follow_jobs(config, timeout_s: float) -> None:
             if seen.get(job["id"]) != job["state"]:
                 seen[job["id"]] = job["state"]
                 print(f"  {time.monotonic() - start:6.1f} s  job {job['id']}: {job['state']}", flush=True)
-        # skipped and held jobs wait for the sender or an operator, not for this loop
-        if jobs and all(job["state"] in ("delivered", "dead", "skipped", "held") for job in jobs):
+        # held jobs wait for an operator, not for this loop
+        if jobs and all(job["state"] in (*FINISHED_STATES, "held") for job in jobs):
             return
         time.sleep(0.5)
     print(f"gave up waiting after {timeout_s:g} s")
@@ -135,19 +136,30 @@ def _node_config(path: Path):
 
 
 def _serve(args: argparse.Namespace) -> None:
+    from msk_node_service import Node
+
+    Node(serve_config(args)).run_forever()
+
+
+def serve_config(args: argparse.Namespace):
+    """The node configuration with the dashboard options of the command line and the environment applied.
+
+    Without a token in the file, ``MSK_NODE_DASHBOARD_TOKEN`` gives it (an empty one counts as none).
+    """
     import dataclasses
     import os
 
-    from msk_node_service import Node
-
     config = _node_config(args.config)
     overrides = {"enabled": args.dashboard, "host": args.dashboard_host, "port": args.dashboard_port,
-                 "token": os.environ.get("MSK_NODE_DASHBOARD_TOKEN")}
+                 "token": config.dashboard.token or os.environ.get("MSK_NODE_DASHBOARD_TOKEN", "").strip() or None}
     overrides = {key: value for key, value in overrides.items() if value is not None}
-    config = dataclasses.replace(config, dashboard=dataclasses.replace(config.dashboard, **overrides))
-    if config.dashboard.refusal() is not None:
-        raise SystemExit(f"msk-node serve: {config.dashboard.refusal()}")
-    Node(config).run_forever()
+    try:
+        dashboard = dataclasses.replace(config.dashboard, **overrides)
+    except ValueError as error:
+        raise SystemExit(f"msk-node serve: {error}") from None
+    if dashboard.refusal() is not None:
+        raise SystemExit(f"msk-node serve: {dashboard.refusal()}")
+    return dataclasses.replace(config, dashboard=dashboard)
 
 
 #: History lines ``msk-node status`` prints under each job (the most recent).
@@ -235,7 +247,7 @@ def _rules(args: argparse.Namespace) -> None:
         sys.stdout.write(text)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msk-node", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -313,8 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     rules.add_argument("--rules", help="rules file (default: the packaged msk_node/config/series_rules.yaml)")
     rules.add_argument("--output", "-o", help="file to write (default: standard output)")
     rules.set_defaults(handler=_rules)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     # pynetdicom logs every DIMSE message at INFO; the node logs one line per association instead.

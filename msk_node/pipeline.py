@@ -270,7 +270,8 @@ def segment_boxes(selected: SelectedSeries, normalised: NormalisedVolume, detect
         with times.stage("decode"):
             boxes = np.array([d.box for d in by_slice[index]], dtype=np.float32)
             decoded = segmenter.decode(embedding, boxes)
-            for detection, probability, iou in zip(by_slice[index], decoded.probabilities, decoded.predicted_iou):
+            for detection, probability, iou in zip(by_slice[index], decoded.probabilities, decoded.predicted_iou,
+                                                  strict=True):
                 mask = masks.setdefault(detection.label, np.zeros(shape, dtype=bool))
                 mask[index] |= probability > 0.5
                 detector_scores[detection.label].append(float(detection.score))
@@ -534,8 +535,8 @@ def write_outputs(study: LoadedStudy, records: Records, volumes: Mapping[str, Se
         rows = [row for uid, selected in study.selected.items() if uid in measurements and uid in outputs
                 for row in measurement_rows(selected.series.study_instance_uid, uid, measurements[uid])]
         write_measurement_tables(rows, output_dir)
-        clinical_reports = write_clinical_reports(study, records, label_volumes, measurements, outputs, models,
-                                                  output_dir)
+        clinical_reports = write_clinical_reports(study, label_volumes, measurements, outputs, models, output_dir,
+                                                  study_failures)
         report = study_report(study, records, volumes, label_volumes, plausibility, outputs, models,
                               sorted(maps_written), [path.name for path in clinical_reports])
         if study_failures:
@@ -558,10 +559,13 @@ def study_guard(failures: list[dict[str, str]], step: str) -> Iterator[None]:
         failures.append({"step": step, "error": describe_error(error)})
 
 
-def write_clinical_reports(study: LoadedStudy, records: Records, label_volumes: Mapping[str, LabelVolume],
+def write_clinical_reports(study: LoadedStudy, label_volumes: Mapping[str, LabelVolume],
                            measurements: Mapping[str, SeriesMeasurements], outputs: Mapping[str, SeriesOutputs],
-                           models: ModelSet, output_dir: Path) -> list[Path]:
-    """One clinician report per study with an SR (Encapsulated PDF and Secondary Capture), from the SR's groups."""
+                           models: ModelSet, output_dir: Path, failures: list[dict[str, str]]) -> list[Path]:
+    """One clinician report per study with an SR (Encapsulated PDF and Secondary Capture), from the SR's groups.
+
+    A report that cannot be made is a failure of the study (listed in ``failures``); the series keep their results.
+    """
     by_study: dict[str, list[str]] = defaultdict(list)
     for uid, selected in study.selected.items():
         if uid in outputs and outputs[uid].sr is not None:
@@ -569,7 +573,7 @@ def write_clinical_reports(study: LoadedStudy, records: Records, label_volumes: 
     written: list[Path] = []
     for number, uids in enumerate(by_study.values(), start=1):
         source = label_volumes[uids[0]].volume.datasets[0]
-        with records[uids[0]].guard("clinical report"):
+        with study_guard(failures, "clinical report"):
             series = [series_content(study.selected[uid], label_volumes[uid], measurements[uid], outputs[uid])
                       for uid in uids]
             content = ReportContent(*patient_and_study(source), series, models.provenance(), f"msk-node {__version__}")

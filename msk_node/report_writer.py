@@ -99,9 +99,14 @@ def write_clinical_report(content: ReportContent, source: Dataset, label_map: La
     output_dir.mkdir(parents=True, exist_ok=True)
     study = str(source.StudyInstanceUID)
     pdf_path, sc_path = output_dir / f"report-{study}.pdf.dcm", output_dir / f"report-{study}.sc.dcm"
-    # Both are built before either is written: a failure leaves neither file behind.
+    # Both are built before either is written, and a failed write removes both: the report is sent whole or not at all.
     documents = {pdf_path: build_encapsulated_pdf(pdf, source, series_number=pdf_series_number),
                  sc_path: build_secondary_capture(rgb, source, series_number=sc_series_number)}
-    for path, dataset in documents.items():
-        dataset.save_as(path, enforce_file_format=True)
+    try:
+        for path, dataset in documents.items():
+            dataset.save_as(path, enforce_file_format=True)
+    except BaseException:
+        for path in documents:
+            path.unlink(missing_ok=True)
+        raise
     return list(documents)

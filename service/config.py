@@ -60,8 +60,9 @@ class DashboardConfig:
     port : int
         TCP port; 0 picks a free one (tests).
     token : str, optional
-        Required on every page and action when given (``Authorization: Bearer <token>`` or the
-        login form's cookie); a dashboard bound to a non-loopback address must have one.
+        Required on every page, action and ``/metrics`` when given (``Authorization: Bearer <token>``
+        or the login form's cookie); a dashboard bound to a non-loopback address is not served
+        without one. ``/healthz`` and ``/readyz`` stay open for probes.
     refresh_s : float
         How often the job list reloads itself in the browser.
     """
@@ -71,6 +72,16 @@ class DashboardConfig:
     port: int = 8080
     token: str | None = None
     refresh_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host.strip():
+            raise ValueError(f"host must be an address, got {self.host!r}")
+        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0-65535, got {self.port!r}")
+        if self.token is not None and (not isinstance(self.token, str) or not self.token.strip()):
+            raise ValueError("token must not be empty (leave it out for a loopback dashboard)")
+        if not isinstance(self.refresh_s, (int, float)) or isinstance(self.refresh_s, bool) or self.refresh_s <= 0:
+            raise ValueError(f"refresh_s must be a positive number of seconds, got {self.refresh_s!r}")
 
     def refusal(self) -> str | None:
         """Why this dashboard must not be served (bound beyond loopback without a token); None when it may."""
@@ -505,7 +516,7 @@ def _dashboard(value: Any) -> DashboardConfig:
         kwargs["token"] = _string(value["token"], "dashboard.token")
     if value.get("refresh_s") is not None:
         kwargs["refresh_s"] = _seconds(value["refresh_s"], "dashboard.refresh_s")
-    dashboard = DashboardConfig(**kwargs)
-    if dashboard.refusal() is not None:
-        raise ConfigError(f"'dashboard.token' is required: {dashboard.refusal()}")
-    return dashboard
+    try:
+        return DashboardConfig(**kwargs)
+    except ValueError as error:
+        raise ConfigError(f"'dashboard': {error}") from None

@@ -7,6 +7,7 @@ request needs it (``Authorization: Bearer``, or the cookie the login form sets).
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import shutil
@@ -19,6 +20,7 @@ from urllib.parse import quote, urlsplit
 
 import pydicom
 import uvicorn
+from pydicom.uid import EncapsulatedPDFStorage
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -33,7 +35,7 @@ from starlette.templating import Jinja2Templates
 
 from msk_node.overlay import render_seg_overlays
 from msk_node_service.config import DashboardConfig
-from msk_node_service.jobs import CANCELLABLE_STATES, RETRYABLE_STATES, STATES, JobStore
+from msk_node_service.jobs import CANCELLABLE_STATES, FINISHED_STATES, OPEN_STATES, RETRYABLE_STATES, STATES, JobStore
 
 if TYPE_CHECKING:
     from msk_node_service.node import Node
@@ -44,11 +46,10 @@ TEMPLATES = Path(__file__).with_name("dashboard_templates")
 TOKEN_COOKIE = "msk_node_dashboard"
 #: Upper bounds of the turnaround histogram (seconds from the first instance to delivered).
 TURNAROUND_BUCKETS = (30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
-QUEUED_STATES = ("received", "stable", "failed")
 #: Result files served for download besides the PDF reports.
 REPORT_FILES = ("report.json", "measurements.json", "measurements.csv", "status.json")
-ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
-OPEN_PATHS = ("/login",)
+#: Paths served without the token: the login form, and the probes an orchestrator polls.
+OPEN_PATHS = ("/login", "/healthz", "/readyz")
 
 
 def study_label(spool_study_dir: Path) -> dict[str, str]:
@@ -70,10 +71,26 @@ def pdf_reports(output_dir: Path) -> dict[str, Path]:
     """Download name -> file: ``report-*.pdf`` and Encapsulated PDF instances among the results."""
     reports = {path.name: path for path in sorted(output_dir.glob("report-*.pdf"))}
     for path in sorted(output_dir.glob("*.dcm")):
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-        if str(ds.get("SOPClassUID", "")) == ENCAPSULATED_PDF:
-            reports[f"{path.stem}.pdf"] = path
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        except (OSError, pydicom.errors.InvalidDicomError) as error:
+            logger.warning("%s not read: %s", path, error)
+            continue
+        if str(ds.get("SOPClassUID", "")) == EncapsulatedPDFStorage:
+            stem = path.name.removesuffix(".dcm")
+            reports[stem if stem.endswith(".pdf") else f"{stem}.pdf"] = path
     return reports
+
+
+def loopback_host(host_header: str) -> bool:
+    """The Host a browser sent names this machine (a page of another site rebound to 127.0.0.1 does not)."""
+    host = urlsplit(f"//{host_header}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _when(epoch: float | None) -> str:
@@ -102,7 +119,7 @@ class NodeCollector:
         for state in STATES:
             jobs.add_metric([state], sum(row["state"] == state for row in rows))
         yield jobs
-        queued = [row["created"] for row in rows if row["state"] in QUEUED_STATES]
+        queued = [row["created"] for row in rows if row["state"] in OPEN_STATES]
         yield GaugeMetricFamily("msk_node_oldest_queued_job_age_seconds",
                                 "Age of the oldest job not yet run (received, stable or failed); 0 when none",
                                 value=now - min(queued) if queued else 0.0)
@@ -155,7 +172,7 @@ def create_app(node: Node, config: DashboardConfig) -> Starlette:
         return source is not None and urlsplit(source).netloc == request.headers.get("host")
 
     def job_row(row: dict) -> dict:
-        finished = row["finished"] if row["state"] in ("delivered", "dead", "skipped", "cancelled") else None
+        finished = row["finished"] if row["state"] in FINISHED_STATES else None
         turnaround = finished - row["created"] if finished else None
         return {**row, **label(row["study_uid"]), "received": _when(row["created"]),
                 "started_at": _when(row["started"]), "finished_at": _when(finished),
@@ -180,7 +197,7 @@ def create_app(node: Node, config: DashboardConfig) -> Starlette:
                     try:
                         render_seg_overlays(seg, node.spool.study_dir(study_uid),
                                             node.config.models_dir / "detector" / "label_map.yaml", partial)
-                    except (OSError, ValueError, KeyError, AttributeError) as error:
+                    except (OSError, ValueError, KeyError, AttributeError, pydicom.errors.InvalidDicomError) as error:
                         problems.append(f"{seg.name}: {error}")
                         logger.warning("job %d: overlays of %s not drawn: %s", job_id, seg.name, error)
                         continue
@@ -215,7 +232,9 @@ def create_app(node: Node, config: DashboardConfig) -> Starlette:
     async def overlay_png(request: Request) -> Response:
         output_dir = job_output_dir(request)
         seg, name = request.path_params["seg"], request.path_params["name"]
-        if output_dir is None or "/" in seg or not name.startswith("slice-") or not name.endswith(".png"):
+        # Only the overlays of a SEG among the job's results: no other folder can be named.
+        if (output_dir is None or not seg.startswith("seg-") or not (output_dir / f"{seg}.dcm").is_file()
+                or not name.startswith("slice-") or not name.endswith(".png")):
             return Response("not found", status_code=404)
         path = output_dir.parent / "overlays" / seg / name
         return FileResponse(path, media_type="image/png") if path.is_file() else Response("not found", 404)
@@ -276,6 +295,10 @@ def create_app(node: Node, config: DashboardConfig) -> Starlette:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     async def guard(request: Request, call_next) -> Response:
+        # Without a token the dashboard answers only to its loopback names, so a page of another site
+        # whose name was rebound to 127.0.0.1 (DNS rebinding) cannot read it or post to it.
+        if config.token is None and not loopback_host(request.headers.get("host", "")):
+            return Response("this dashboard answers on its loopback address only", status_code=403)
         if request.url.path not in OPEN_PATHS and not authorised(request):
             if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
                 return RedirectResponse("/login", status_code=303)

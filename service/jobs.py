@@ -53,8 +53,10 @@ STATES = ("received", "stable", "held", "skipped", "running", "delivering", "del
 RETRYABLE_STATES = ("dead", "failed", "skipped", "cancelled", "delivered", "delivering")
 #: Job states an operator may cancel.
 CANCELLABLE_STATES = ("received", "stable", "held", "failed")
-#: Job states in which a new instance is part of the pending run.
+#: Job states in which a new instance is part of the pending run (the job has not run yet, or runs again).
 OPEN_STATES = ("received", "stable", "failed")
+#: Job states that end a run: nothing more happens to the job unless the study grows or an operator acts.
+FINISHED_STATES = ("delivered", "dead", "skipped", "cancelled")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (

@@ -67,6 +67,9 @@ def add_pdf_reports(output_dir: Path) -> None:
     ds.Modality, ds.MIMETypeOfEncapsulatedDocument = "DOC", "application/pdf"
     ds.EncapsulatedDocument = PDF + b"\0"  # even length, padded as the standard says
     ds.save_as(output_dir / "encapsulated-report.dcm", enforce_file_format=True)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(output_dir / "report-knee-study.pdf.dcm", enforce_file_format=True)  # the name the node writes
+    (output_dir / "broken.dcm").write_bytes(b"not DICOM")  # one unreadable file hides no report
 
 
 def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -77,15 +80,24 @@ def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
 
 def test_a_dashboard_bound_beyond_loopback_needs_a_token_for_every_page_and_action(tmp_path, nodes, dest,
                                                                                    monkeypatch):
-    document = {"enabled": True, "host": "0.0.0.0", "port": 0}
-    refused = "'dashboard.token' is required: the dashboard binds '0.0.0.0' \\(not loopback\\)"
-    with pytest.raises(ConfigError, match=refused):
-        node_config(tmp_path, None, [dest.destination()], dashboard=document)
     assert NodeConfig.from_mapping({"ae_title": "N", "port": 0, "spool_dir": str(tmp_path)}).dashboard.enabled is False
+    with pytest.raises(ConfigError, match="'dashboard.token' must be a non-empty string"):
+        node_config(tmp_path, None, [dest.destination()], dashboard={"enabled": True, "token": " "})
     config_path = node_config_file(tmp_path, None, [dest.destination()])
-    monkeypatch.delenv("MSK_NODE_DASHBOARD_TOKEN", raising=False)
-    with pytest.raises(SystemExit, match="the dashboard binds '0.0.0.0' \\(not loopback\\) and has no token"):
-        cli.main(["serve", "--config", str(config_path), "--dashboard", "--dashboard-host", "0.0.0.0"])
+    with pytest.raises(SystemExit, match="port must be 0-65535, got 99999"):
+        cli.main(["serve", "--config", str(config_path), "--dashboard", "--dashboard-port", "99999"])
+    exposed = cli.build_parser().parse_args(["serve", "--config", str(config_path), "--dashboard",
+                                             "--dashboard-host", "0.0.0.0"])
+    refused = "the dashboard binds '0.0.0.0' \\(not loopback\\) and has no token"
+    for token in (None, "", "  "):  # unset, or set to nothing: no token either way
+        if token is None:
+            monkeypatch.delenv("MSK_NODE_DASHBOARD_TOKEN", raising=False)
+        else:
+            monkeypatch.setenv("MSK_NODE_DASHBOARD_TOKEN", token)
+        with pytest.raises(SystemExit, match=refused):
+            cli.main(["serve", "--config", str(config_path), "--dashboard", "--dashboard-host", "0.0.0.0"])
+    monkeypatch.setenv("MSK_NODE_DASHBOARD_TOKEN", "from-the-environment")
+    assert cli.serve_config(exposed).dashboard.token == "from-the-environment"
 
     command, _ = stub_app(tmp_path / "stub")
     config = node_config(tmp_path, command, [dest.destination()])
@@ -99,8 +111,11 @@ def test_a_dashboard_bound_beyond_loopback_needs_a_token_for_every_page_and_acti
     app = create_app(node, DashboardConfig(enabled=True, host="0.0.0.0", token="s3cret-token"))
     origin = {"origin": "http://testserver"}
     with TestClient(app) as anonymous:
-        for path in ("/", "/jobs/1", "/healthz", "/readyz", "/metrics", "/jobs/1/files/report.json"):
+        for path in ("/", "/jobs/1", "/metrics", "/jobs/1/files/report.json"):
             assert anonymous.get(path).status_code == 401, path
+        # Probes of an orchestrator carry no token.
+        assert anonymous.get("/healthz").json() == {"alive": True}
+        assert anonymous.get("/readyz").status_code == 200
         assert anonymous.post("/jobs/1/requeue", headers=origin).status_code == 401
         page = anonymous.get("/", headers={"accept": "text/html"}, follow_redirects=False)
         assert page.status_code == 303 and page.headers["location"] == "/login"
@@ -119,11 +134,12 @@ def test_a_dashboard_bound_beyond_loopback_needs_a_token_for_every_page_and_acti
         assert browser.get("/jobs/1").status_code == 200
         assert browser.get("/jobs/1/files/report.json").json()["series"] == [{"outcome": "segmented"}]
         study_page = browser.get("/jobs/1").text
-        for name in ("report-knee.pdf", "encapsulated-report.pdf"):
+        for name in ("report-knee.pdf", "encapsulated-report.pdf", "report-knee-study.pdf"):
             assert f'href="/jobs/1/files/{name}"' in study_page
             download = browser.get(f"/jobs/1/files/{name}")
             assert download.headers["content-type"] == "application/pdf" and download.content == PDF
         assert browser.get("/jobs/1/files/..%2Fapp.log").status_code == 404
+        assert browser.get("/jobs/1/overlays/..%2Fattempt-1/slice-000.png").status_code == 404
         requeued = browser.post("/jobs/1/requeue", data={"back": "list"}, headers=origin, follow_redirects=False)
         assert requeued.status_code == 303 and requeued.headers["location"] == "/?message=job%201%3A%20stable"
     wait_for(lambda: [(r["state"], r["attempts"]) for r in job_rows(config)] == [("delivered", 2)], 30,
@@ -163,6 +179,9 @@ def test_readiness_and_metrics_count_the_delivered_job_and_the_dashboard_stops_w
     base = f"http://127.0.0.1:{node.dashboard.port}"
     assert httpx.get(f"{base}/healthz").json() == {"alive": True}
     assert httpx.get(f"{base}/readyz").status_code == 200
+    # Without a token only loopback names are answered: a rebound foreign host name reads nothing.
+    assert httpx.get(f"{base}/", headers={"host": "attacker.example"}).status_code == 403
+    assert httpx.get(f"http://localhost:{node.dashboard.port}/healthz").status_code == 200
     assert send_files(node.port, make_study(tmp_path / "study", n=3)) == [0, 0, 0]
     wait_for(lambda: [row["state"] for row in job_rows(config)] == ["delivered"], 30, what="stub study delivered")
     (job,) = job_rows(config)
