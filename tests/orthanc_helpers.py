@@ -19,6 +19,7 @@ C-FIND, UIDs shown; :func:`incoming_stores` and :func:`incoming_finds` count the
 """
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import logging
@@ -202,11 +203,41 @@ class Orthanc:
             time.sleep(0.2)
 
     def request(self, path: str, data: bytes | None = None, accept: str = "application/json") -> Any:
-        request = urllib.request.Request(self.http + path, data=data, headers={"Accept": accept},
+        body = self.raw(path, data, accept)
+        return json.loads(body) if body else None
+
+    def raw(self, path: str, data: bytes | None = None, accept: str = "application/json") -> bytes:
+        """The body of a request to ``path`` (relative to Orthanc's HTTP root, or a full URL it gave)."""
+        url = path if path.startswith("http") else self.http + path
+        request = urllib.request.Request(url, data=data, headers={"Accept": accept},
                                          method="GET" if data is None else "POST")
         with _OPENER.open(request, timeout=30) as response:
-            body = response.read()
-        return json.loads(body) if body else None
+            return response.read()
+
+    def viewer_reads(self, study_uid: str, series: list[dict]) -> dict[str, Any]:
+        """What a DICOMweb viewer (OHIF) fetches to show the report: the Encapsulated PDF's document from
+        its metadata's bulk data URI, and the Secondary Capture's first frame."""
+        multipart = 'multipart/related; type="application/octet-stream"'
+        reads: dict[str, Any] = {}
+        for entry in series:
+            if entry["modality"] not in ("DOC", "OT"):
+                continue
+            root = f"/dicom-web/studies/{study_uid}/series/{entry['series_uid']}"
+            (metadata,) = self.get(f"{root}/metadata", accept="application/dicom+json")
+            instance = f"{root}/instances/{metadata['00080018']['Value'][0]}"
+            if entry["modality"] == "DOC":
+                document = metadata["00420011"]
+                body = (base64.b64decode(document["InlineBinary"]) if "InlineBinary" in document
+                        else self.raw(document["BulkDataURI"], accept=multipart))
+                start = body.find(b"%PDF-")
+                reads["pdf"] = {"mime": metadata["00420012"]["Value"][0], "found": start >= 0,
+                                "ends_with_eof": b"%%EOF" in body[start:]}
+            else:
+                rows, columns = metadata["00280010"]["Value"][0], metadata["00280011"]["Value"][0]
+                body = self.raw(f"{instance}/frames/1", accept=multipart)
+                reads["sc"] = {"photometric": metadata["00280004"]["Value"][0], "rows": rows, "columns": columns,
+                               "frame_bytes_at_least": len(body) >= rows * columns * 3}
+        return reads
 
     def get(self, path: str, accept: str = "application/json") -> Any:
         return self.request(path, accept=accept)
@@ -360,6 +391,7 @@ def scenario_forward(args: dict, workdir: Path, orthanc: Orthanc, log: logging.L
             time.sleep(3)
         result["node_jobs"] = node_jobs(config)
         result["qido_series"] = orthanc.qido_series(study_uid)
+        result["viewer_reads"] = orthanc.viewer_reads(study_uid, result["qido_series"])
         result["decisions"] = orthanc.decisions(study_uid)
         result["store_jobs"] = [{"state": j["State"], "instances": j["Content"].get("InstancesCount")}
                                 for j in orthanc.store_jobs()]

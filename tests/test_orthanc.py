@@ -350,6 +350,10 @@ def test_real_application_seg_lands_in_the_same_study_in_orthanc(tmp_path):
     assert classes["DOC"] == [ENCAPSULATED_PDF_STORAGE], classes
     assert classes["OT"] == [SecondaryCaptureImageStorage], classes
     assert classes["SR"] == [Comprehensive3DSRStorage], classes
+    # What OHIF fetches over DICOMweb to show them: the PDF document and the SC's RGB frame.
+    reads = result["viewer_reads"]
+    assert reads["pdf"] == {"mime": "application/pdf", "found": True, "ends_with_eof": True}, reads
+    assert reads["sc"]["photometric"] == "RGB" and reads["sc"]["frame_bytes_at_least"], reads
 
 
 @needs_orthanc
