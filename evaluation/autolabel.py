@@ -6,7 +6,7 @@ image alone (a folder whose only files are ``.nii``/``.nii.gz``). DICOM studies 
 node writes (``seg-*.dcm``, ``sr-*.dcm``, ``report.json``, measurement tables); ``--nifti``
 adds ``labels-<SeriesInstanceUID>.nii.gz`` per SEG on the series' grid. A NIfTI study has no
 headers to select a series by, so its anatomy is given (``--anatomy``); it is detected,
-segmented and post-processed by the pipeline's own steps and written as ``labels.nii.gz``
+segmented, post-processed and checked for plausibility by the pipeline's own steps and written as ``labels.nii.gz``
 on the image's grid.
 
 Each worker (a local process or a Ray actor) loads the models once and takes one study at
@@ -212,8 +212,8 @@ class StudyLabeler:
         from msk_node import __version__
         from msk_node.dicom_input import Series
         from msk_node.intensity import normalise_volume
-        from msk_node.pipeline import (NormalisedVolume, NothingFound, StageTimes, detect_anatomy, postprocess,
-                                       segment_boxes)
+        from msk_node.pipeline import (NormalisedVolume, NothingFound, StageTimes, check_plausibility,
+                                       detect_anatomy, postprocess, segment_boxes)
         from msk_node.selection import SelectedSeries, SeriesRule
         from msk_node.status import Outcome
         from msk_node.volume import SeriesVolume
@@ -236,12 +236,14 @@ class StudyLabeler:
             detections = detect_anatomy(selected, normalised, models=self.models)
             segmentation = segment_boxes(selected, normalised, detections, models=self.models, times=StageTimes())
             label_volume, _ = postprocess(series_volume, segmentation, label_map=self.models.label_map)
+            label_volume, findings = check_plausibility(selected, label_volume, label_map=self.models.label_map)
         except NothingFound as found:
             raise StudyFailed(f"{Outcome.NOTHING_FOUND}: {found.reason}") from None
         output = self._write_labels(volume, label_volume.labels, study.output_dir / "labels.nii.gz", source)
         present = [int(value) for value in np.unique(label_volume.labels) if value]
         report = {"software": f"msk-node {__version__}", "image": image_path.name, "anatomy": anatomy,
                   "outcome": "segmented", "labels": [self.models.label_map.by_value(v).name for v in present],
+                  "plausibility": [finding.as_dict() for finding in findings],
                   "output": output.name, "models": self.models.provenance()}
         (study.output_dir / "report.json").write_text(json.dumps(report, indent=2))
         return [output.name, "report.json"]

@@ -115,6 +115,10 @@ def test_local_run_labels_every_good_study_and_reports_the_corrupt_one(cohort, l
                              0, sitk.sitkUInt8)
     assert np.count_nonzero(sitk.GetArrayViewFromImage(labels))
     assert (sitk.GetArrayFromImage(labels) == sitk.GetArrayFromImage(on_image)).all()
+    # ... after the same plausibility checks, whose findings its report names as the SEG's report.json does
+    nifti_report = json.loads((out / NIFTI_STUDY / "report.json").read_text())
+    (dicom_series,) = json.loads((out / DICOM_STUDIES[0] / "report.json").read_text())["series"]
+    assert nifti_report["plausibility"] == dicom_series["plausibility"]
 
 
 def test_second_run_skips_the_done_studies_and_redoes_the_rest(cohort, local_run):
