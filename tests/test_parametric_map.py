@@ -201,9 +201,11 @@ def test_pipeline_writes_a_parametric_map_per_fitted_map_and_names_it_in_the_rep
     femoral = next(m for m in measurements.by_segment["femoral_cartilage"] if m.name == "t1rho_mean")
     assert femoral.value == pytest.approx(truth["biomarkers"]["t1rho_ms"]["femoral_cartilage"], rel=0.05)
 
-    # The service sends every result of the job: the map goes to PACS with the SEG and the SR.
+    # The service sends every result of the job: the map goes to PACS with the SEG, the SR and the clinician report.
     results, problems = read_results(output_dir)
-    assert problems == [] and {r.path.name for r in results} == {entry["seg"], entry["sr"], name}
+    assert problems == [] and {r.path.name for r in results} == {entry["seg"], entry["sr"], name,
+                                                                 *report["clinical_reports"]}
+    assert len(report["clinical_reports"]) == 2
     pacs = StoreSCP()
     try:
         confirmed: list[str] = []

@@ -494,8 +494,13 @@ def test_crashing_app_is_retried_then_dead_and_the_operator_can_retry_it(tmp_pat
     assert "stable" in capsys.readouterr().out
     wait_for(lambda: states(config) == ["delivered", "delivered"], 30, what="retried job delivered")
     assert sorted(dest.study_uids) == sorted([study_uid_of(crashing), study_uid_of(healthy)])
-    with pytest.raises(SystemExit, match="delivered"):
-        cli.main(["retry", str(job["id"]), "--config", str(config_path)])
+    # A delivered job runs again when asked (new results, delivered anew); an unknown job is refused.
+    assert cli.main(["retry", str(job["id"]), "--config", str(config_path)]) == 0
+    assert "stable" in capsys.readouterr().out
+    wait_for(lambda: states(config) == ["delivered", "delivered"] and len(dest.study_uids) == 3, 30,
+             what="delivered job run again")
+    with pytest.raises(SystemExit, match="no job 99"):
+        cli.main(["retry", "99", "--config", str(config_path)])
 
 
 def test_app_that_hangs_is_killed_at_the_job_timeout(tmp_path, nodes, dest):
@@ -1254,7 +1259,8 @@ def test_real_application_end_to_end_to_a_dcmtk_storescp(tmp_path, nodes):
         assert job["input_instances"] == len(files) + 1
         assert "series: segmented 1" in job["reason"] and "1 input(s) skipped" in job["reason"]
         by_modality = {pydicom.dcmread(path).Modality: path for path in received.iterdir()}
-        assert sorted(by_modality) == ["SEG", "SR"] and len(list(received.iterdir())) == 2
+        # SEG, SR and the clinician report as Encapsulated PDF (DOC) and Secondary Capture (OT)
+        assert sorted(by_modality) == ["DOC", "OT", "SEG", "SR"] and len(list(received.iterdir())) == 4
         for path in by_modality.values():
             assert dciodvfy_errors(path) == []
         assert sr_validator_errors(by_modality["SR"]) == []
@@ -1298,9 +1304,14 @@ def test_real_knee_study_sent_by_storescu_becomes_one_job_with_a_valid_seg(tmp_p
     for path in results:
         by_modality.setdefault(pydicom.dcmread(path, stop_before_pixels=True).Modality, []).append(path)
     # Each DESS echo is a sagittal knee series of its own: one SEG and one SR each. The T1rho map and the DESS T2
-    # map are one Parametric Map (modality OT) each, shared by both.
-    assert set(by_modality) == {"SEG", "SR", "OT"} and len(by_modality["SEG"]) == len(by_modality["SR"]) == 2
-    maps = [pydicom.dcmread(path, stop_before_pixels=True) for path in by_modality["OT"]]
+    # map are one Parametric Map (modality OT) each, shared by both; the study's clinician report is one
+    # Encapsulated PDF (DOC) and one Secondary Capture (OT).
+    assert set(by_modality) == {"SEG", "SR", "OT", "DOC"} and len(by_modality["SEG"]) == len(by_modality["SR"]) == 2
+    assert len(by_modality["DOC"]) == 1
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in by_modality["OT"]]
+    assert sorted(h.SOPClassUID for h in headers if h.SOPClassUID != "1.2.840.10008.5.1.4.1.1.30") == [
+        "1.2.840.10008.5.1.4.1.1.7"]  # the report page
+    maps = [h for h in headers if h.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"]
     assert all(m.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30" for m in maps)
     assert sorted(m.ContentLabel for m in maps) == ["DESS_T2", "T1RHO"]
     for path in by_modality["SEG"]:
