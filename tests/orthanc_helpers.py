@@ -47,6 +47,8 @@ PLUGIN_FILES = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
 SCANNER_AE = "SCANNER"
 ORTHANC_AE = "ORTHANC"
 NAMESPACE = ["unshare", "--net", "--pid", "--mount-proc", "--fork", "--kill-child", "--"]
+#: SOP classes of the clinician report: its PDF and its page as an image.
+ENCAPSULATED_PDF, SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.104.1", "1.2.840.10008.5.1.4.1.1.7"
 
 #: A fast stand-in for the application that still writes a genuine msk-node DICOM-SEG
 #: (msk_node.seg_writer, Manufacturer "msk-node") of the largest MR series, from a
@@ -220,12 +222,12 @@ class Orthanc:
         multipart = 'multipart/related; type="application/octet-stream"'
         reads: dict[str, Any] = {}
         for entry in series:
-            if entry["modality"] not in ("DOC", "OT"):
+            if entry["sop_classes"] not in ([ENCAPSULATED_PDF], [SECONDARY_CAPTURE]):
                 continue
             root = f"/dicom-web/studies/{study_uid}/series/{entry['series_uid']}"
             (metadata,) = self.get(f"{root}/metadata", accept="application/dicom+json")
             instance = f"{root}/instances/{metadata['00080018']['Value'][0]}"
-            if entry["modality"] == "DOC":
+            if entry["sop_classes"] == [ENCAPSULATED_PDF]:
                 document = metadata["00420011"]
                 body = (base64.b64decode(document["InlineBinary"]) if "InlineBinary" in document
                         else self.raw(document["BulkDataURI"], accept=multipart))
@@ -350,8 +352,12 @@ def scenario_forward(args: dict, workdir: Path, orthanc: Orthanc, log: logging.L
     from msk_node_phantoms import write_phantom
     from msk_node_service import Node
 
-    case = write_phantom("knee", workdir / "knee", seed=args.get("seed", 7), n_slices=args.get("n_slices", 16))
-    files = sorted((case / "dicom").rglob("*.dcm"))
+    if args.get("study_dir"):  # a study prepared by the test (the real knee), else a knee phantom
+        study_dir = Path(args["study_dir"])
+    else:
+        study_dir = write_phantom("knee", workdir / "knee", seed=args.get("seed", 7),
+                                  n_slices=args.get("n_slices", 16)) / "dicom"
+    files = sorted(study_dir.rglob("*.dcm"))
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     study_uid = str(first.StudyInstanceUID)
     identifiers = [str(v) for v in (first.get("PatientName"), first.get("PatientID")) if v]
@@ -362,7 +368,7 @@ def scenario_forward(args: dict, workdir: Path, orthanc: Orthanc, log: logging.L
                               "times": times}
     try:
         t0 = time.monotonic()
-        storescu(orthanc.dicom_port, [case / "dicom"])
+        storescu(orthanc.dicom_port, [study_dir])
         times["stored"] = time.monotonic() - t0
         log.info("study stored in Orthanc: %d instance(s)", len(files))
         wait_for(lambda: any(d["action"] == "forwarded" for d in orthanc.decisions(study_uid)), 30, interval=0.25, what="forwarded")

@@ -17,16 +17,19 @@ import re
 import signal
 import sys
 import types
+from collections import Counter
 from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
+from pydicom.uid import (Comprehensive3DSRStorage, ParametricMapStorage, SecondaryCaptureImageStorage,
+                        SegmentationStorage)
 
 from msk_node.dicom_input import Series
 from msk_node.report_writer import ENCAPSULATED_PDF_STORAGE
 from msk_node.selection import load_rules, rules_json, select_series
 from msk_node_service import NodeConfig
+from tests.conftest import REAL_KNEE, real_knee_as_one_study
 from tests.orthanc_helpers import ORTHANC_DIR, REPO, run_scenario, skip_reason
 
 MODELS = Path(os.environ.get("MSK_NODE_MODELS", REPO / "models"))
@@ -351,6 +354,26 @@ def test_real_application_seg_lands_in_the_same_study_in_orthanc(tmp_path):
     assert classes["OT"] == [SecondaryCaptureImageStorage], classes
     assert classes["SR"] == [Comprehensive3DSRStorage], classes
     # What OHIF fetches over DICOMweb to show them: the PDF document and the SC's RGB frame.
+    reads = result["viewer_reads"]
+    assert reads["pdf"] == {"mime": "application/pdf", "found": True, "ends_with_eof": True}, reads
+    assert reads["sc"]["photometric"] == "RGB" and reads["sc"]["frame_bytes_at_least"], reads
+
+
+@needs_orthanc
+@pytest.mark.skipif(not (MODELS / "detector" / "manifest.yaml").is_file(), reason=f"default models not found under {MODELS}")
+@pytest.mark.skipif(not (REAL_KNEE / "dess-echo1").is_dir(), reason=f"real knee data not found at {REAL_KNEE}")
+def test_real_knee_results_and_clinician_report_land_in_its_study_in_orthanc(tmp_path):
+    study = real_knee_as_one_study(tmp_path / "real-knee")
+    result = run_scenario(tmp_path / "run", {"scenario": "forward", "app": "real", "destination": "cstore",
+                                             "models_dir": str(MODELS), "study_dir": str(study), "job_timeout": 900},
+                          timeout=1200)
+    assert "error" not in result, result["error"]
+    (job,) = result["node_jobs"]
+    assert job["state"] == "delivered" and job["input_instances"] == result["instances"] == 240, job["reason"]
+    classes = Counter(cls for s in result["qido_series"] if s["manufacturer"] == "msk-node" for cls in s["sop_classes"])
+    # per DESS echo a SEG and an SR; the T1rho and DESS T2 Parametric Maps; the report's PDF and page
+    assert classes == {SegmentationStorage: 2, Comprehensive3DSRStorage: 2, ParametricMapStorage: 2,
+                       ENCAPSULATED_PDF_STORAGE: 1, SecondaryCaptureImageStorage: 1}, result["qido_series"]
     reads = result["viewer_reads"]
     assert reads["pdf"] == {"mime": "application/pdf", "found": True, "ends_with_eof": True}, reads
     assert reads["sc"]["photometric"] == "RGB" and reads["sc"]["frame_bytes_at_least"], reads
