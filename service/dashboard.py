@@ -20,10 +20,10 @@ from urllib.parse import quote, urlsplit
 
 import pydicom
 import uvicorn
-from pydicom.uid import EncapsulatedPDFStorage
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydicom.uid import EncapsulatedPDFStorage
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware

@@ -360,7 +360,8 @@ def test_real_application_seg_lands_in_the_same_study_in_orthanc(tmp_path):
 
 
 @needs_orthanc
-@pytest.mark.skipif(not (MODELS / "detector" / "manifest.yaml").is_file(), reason=f"default models not found under {MODELS}")
+@pytest.mark.skipif(not (MODELS / "detector" / "manifest.yaml").is_file(),
+                    reason=f"default models not found under {MODELS}")
 @pytest.mark.skipif(not (REAL_KNEE / "dess-echo1").is_dir(), reason=f"real knee data not found at {REAL_KNEE}")
 def test_real_knee_results_and_clinician_report_land_in_its_study_in_orthanc(tmp_path):
     study = real_knee_as_one_study(tmp_path / "real-knee")
