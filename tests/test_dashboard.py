@@ -263,6 +263,10 @@ def test_browser_follows_a_knee_study_to_delivered_sees_its_overlays_and_requeue
         structures = set(page.locator("#measurements tbody tr td:first-child").all_inner_texts())
         assert "femoral_cartilage" in structures, structures
         assert page.locator("#reports a", has_text="report.json").count() == 1
+        # the clinician report, downloadable as the PDF it holds
+        (pdf_link,) = [t for t in page.locator("#reports a").all_inner_texts() if t.startswith("report-")]
+        assert pdf_link.endswith(".pdf") and not pdf_link.endswith(".pdf.pdf"), pdf_link
+        assert httpx.get(f"{base}/jobs/1/files/{pdf_link}").content.startswith(b"%PDF-")
         _save_shot(page, tmp_path / "dashboard-study.png")
 
         page.locator("button", has_text="requeue").click()
