@@ -7,7 +7,6 @@ request needs it (``Authorization: Bearer``, or the cookie the login form sets).
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
 import shutil
@@ -34,7 +33,7 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
 from msk_node.overlay import render_seg_overlays
-from msk_node_service.config import DashboardConfig
+from msk_node_service.config import DashboardConfig, is_loopback_name
 from msk_node_service.jobs import CANCELLABLE_STATES, FINISHED_STATES, OPEN_STATES, RETRYABLE_STATES, STATES, JobStore
 
 if TYPE_CHECKING:
@@ -84,13 +83,7 @@ def pdf_reports(output_dir: Path) -> dict[str, Path]:
 
 def loopback_host(host_header: str) -> bool:
     """The Host a browser sent names this machine (a page of another site rebound to 127.0.0.1 does not)."""
-    host = urlsplit(f"//{host_header}").hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_name(urlsplit(f"//{host_header}").hostname or "")
 
 
 def _when(epoch: float | None) -> str:

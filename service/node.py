@@ -4,7 +4,9 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, TypeVar
 
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -19,6 +21,8 @@ if TYPE_CHECKING:
     from msk_node_service.dashboard import DashboardServer
 
 logger = logging.getLogger(__name__)
+#: What an operator command on a job returns.
+T = TypeVar("T")
 
 
 class Node:
@@ -164,13 +168,8 @@ def status(config: NodeConfig) -> list[dict]:
         ``updated``, ``started``, ``finished``, ``output_dir``, ``delivery_tries``, ``history``
         (list of str: what happened to the job besides its state, e.g. a node restart).
     """
-    if not config.database.exists():
-        return []
-    store = JobStore(config.database)
-    try:
-        return store.status_rows()
-    finally:
-        store.close()
+    with _existing_job_store(config) as store:
+        return store.status_rows() if store is not None else []
 
 
 def association_health(config: NodeConfig) -> dict | None:
@@ -185,13 +184,8 @@ def association_health(config: NodeConfig) -> dict | None:
         wrong with a dropped connection; ``""`` for none) to count. None before any node
         ran on this job store.
     """
-    if not config.database.exists():
-        return None
-    store = JobStore(config.database)
-    try:
-        return store.association_health()
-    finally:
-        store.close()
+    with _existing_job_store(config) as store:
+        return store.association_health() if store is not None else None
 
 
 def release(config: NodeConfig, job_id: int) -> int:
@@ -209,13 +203,7 @@ def release(config: NodeConfig, job_id: int) -> int:
     ValueError
         If the job is not held.
     """
-    if not config.database.exists():
-        raise KeyError(f"no job {job_id} (no job store at {config.database})")
-    store = JobStore(config.database)
-    try:
-        return store.release(int(job_id))
-    finally:
-        store.close()
+    return _on_job(config, job_id, JobStore.release)
 
 
 def retry(config: NodeConfig, job_id: int) -> str:
@@ -234,13 +222,7 @@ def retry(config: NodeConfig, job_id: int) -> str:
     ValueError
         If the job cannot be retried in its state.
     """
-    if not config.database.exists():
-        raise KeyError(f"no job {job_id} (no job store at {config.database})")
-    store = JobStore(config.database)
-    try:
-        return store.requeue(int(job_id))
-    finally:
-        store.close()
+    return _on_job(config, job_id, JobStore.requeue)
 
 
 def cancel(config: NodeConfig, job_id: int) -> str:
@@ -258,11 +240,26 @@ def cancel(config: NodeConfig, job_id: int) -> str:
     ValueError
         If the job cannot be cancelled in its state.
     """
+    _on_job(config, job_id, JobStore.cancel)
+    return "cancelled"
+
+
+@contextmanager
+def _existing_job_store(config: NodeConfig) -> Iterator[JobStore | None]:
+    """The node's job store, closed on leaving; None when no node has made one yet (none is created here)."""
     if not config.database.exists():
-        raise KeyError(f"no job {job_id} (no job store at {config.database})")
+        yield None
+        return
     store = JobStore(config.database)
     try:
-        store.cancel(int(job_id))
-        return "cancelled"
+        yield store
     finally:
         store.close()
+
+
+def _on_job(config: NodeConfig, job_id: int, operation: Callable[[JobStore, int], T]) -> T:
+    """An operator's ``operation`` on job ``job_id``; KeyError when there is no job store, hence no job."""
+    with _existing_job_store(config) as store:
+        if store is None:
+            raise KeyError(f"no job {job_id} (no job store at {config.database})")
+        return operation(store, int(job_id))

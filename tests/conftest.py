@@ -1,4 +1,5 @@
-"""Runs of the default pipeline shared by the test modules that check their outputs (each run costs minutes)."""
+"""Runs of the default pipeline shared by the test modules that check their outputs (each run costs minutes),
+and the node fixtures of the service and dashboard tests."""
 from __future__ import annotations
 
 import os
@@ -74,3 +75,30 @@ def real_knee_run(tmp_path_factory, models) -> tuple[Path, StudyRun]:
     root = tmp_path_factory.mktemp("real-knee")
     study = real_knee_as_one_study(root / "study")
     return root / "out", run_pipeline(study, root / "out", models)
+
+
+@pytest.fixture
+def dest():
+    """A pynetdicom storage SCP ("DEST") on loopback that keeps what it receives."""
+    from tests.service_helpers import StoreSCP
+
+    scp = StoreSCP("DEST")
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture
+def nodes():
+    """Start nodes through this function; every one is stopped at the end."""
+    from msk_node_service import Node, NodeConfig
+
+    started: list[Node] = []
+
+    def start(config: NodeConfig) -> Node:
+        node = Node(config).start()
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.stop()

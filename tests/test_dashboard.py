@@ -19,7 +19,7 @@ from msk_node import cli
 from msk_node.bench import send_files
 from msk_node_service import ConfigError, DashboardConfig, JobStore, Node, NodeConfig, status
 from msk_node_service.dashboard import create_app
-from tests.service_helpers import StoreSCP, make_study, node_config, node_config_file, stub_app, wait_for
+from tests.service_helpers import make_study, node_config, node_config_file, stub_app, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("MSK_NODE_MODELS", REPO / "models"))
@@ -30,26 +30,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
 LOOPBACK_DASHBOARD = {"enabled": True, "host": "127.0.0.1", "port": 0, "refresh_s": 1}
-
-
-@pytest.fixture
-def dest():
-    scp = StoreSCP("DEST")
-    yield scp
-    scp.stop()
-
-
-@pytest.fixture
-def nodes():
-    started: list[Node] = []
-
-    def start(config: NodeConfig) -> Node:
-        started.append(Node(config).start())
-        return started[-1]
-
-    yield start
-    for node in started:
-        node.stop()
 
 
 def job_rows(config: NodeConfig) -> list[dict]:

@@ -42,7 +42,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from msk_node import cli
-from msk_node_service import ConfigError, JobStore, Node, NodeConfig, association_health, status
+from msk_node_service import ConfigError, JobStore, NodeConfig, association_health, status
 from msk_node_service.app_worker import AppPidFile, process_start
 from msk_node_service.delivery import read_results, send_cstore, stored_path
 from msk_node_service.listener import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
@@ -74,28 +74,6 @@ REPO = Path(__file__).resolve().parent.parent
 MODELS = Path(os.environ.get("MSK_NODE_MODELS", REPO / "models"))
 
 pytestmark = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk (storescu, echoscu) not on PATH")
-
-
-@pytest.fixture
-def dest():
-    scp = StoreSCP("DEST")
-    yield scp
-    scp.stop()
-
-
-@pytest.fixture
-def nodes():
-    """Start nodes through this list; every one is stopped at the end."""
-    started: list[Node] = []
-
-    def start(config: NodeConfig) -> Node:
-        node = Node(config).start()
-        started.append(node)
-        return node
-
-    yield start
-    for node in started:
-        node.stop()
 
 
 def jobs_of(config: NodeConfig) -> list[dict]:
